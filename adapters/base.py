@@ -1,0 +1,46 @@
+"""The adapter interface every platform implements, and the shared way to stream a reply."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from bot.messages import OutgoingReply
+
+
+@dataclass(frozen=True, slots=True)
+class SentMessage:
+    """A platform message the adapter sent and may edit later."""
+
+    conversation_key: str
+    message_id: str
+    text: str
+
+
+class Adapter(Protocol):
+    """A platform connection: ``start`` runs until ``stop``; ``send``/``edit`` deliver replies.
+
+    Each implementation names its platform limits as class constants (``MAX_MESSAGE_CHARS``).
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(self, reply: OutgoingReply) -> SentMessage: ...
+
+    async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage: ...
+
+
+async def deliver(adapter: Adapter, replies: AsyncIterator[OutgoingReply]) -> SentMessage | None:
+    """Send the first snapshot of a reply and edit it with each later one."""
+    sent: SentMessage | None = None
+    async for reply in replies:
+        if sent is None:
+            sent = await adapter.send(reply)
+        else:
+            sent = await adapter.edit(sent, reply)
+    return sent

@@ -1,0 +1,117 @@
+"""A terminal chat with the bot: streamed replies, /mode, /reset, /help, /quit."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+from typing import TextIO
+
+from adapters.base import SentMessage, deliver
+from bot.core import ConversationCore
+from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from bot.settings import ROLE_FOR_MODE, parse_mode
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "console"
+PROMPT = "you> "
+
+
+class ConsoleAdapter:
+    """Reads lines from ``stdin`` and prints streamed replies to ``stdout``.
+
+    A terminal has no message size limit, and printing the new text of each snapshot is the
+    console's "edit".
+    """
+
+    name = PLATFORM
+    MAX_MESSAGE_CHARS: int | None = None
+
+    def __init__(
+        self, core: ConversationCore, stdin: TextIO, stdout: TextIO, user: str | None = None
+    ) -> None:
+        self.core = core
+        self.stdin = stdin
+        self.stdout = stdout
+        self.user = user or _local_user()
+        self.key = f"{PLATFORM}:{self.user}"
+        self._stopped = asyncio.Event()
+
+    def _write(self, text: str) -> None:
+        self.stdout.write(text)
+        self.stdout.flush()
+
+    async def start(self) -> None:
+        self._write(f"Chatting as {self.user}. Type /help for commands, /quit to leave.\n")
+        while not self._stopped.is_set():
+            self._write(PROMPT)
+            line = await asyncio.to_thread(self.stdin.readline)
+            if not line:  # end of input
+                self._write("\n")
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if not await self._command(text):
+                    break
+                continue
+            msg = IncomingMessage(
+                platform=PLATFORM,
+                conversation_key=self.key,
+                author_id=self.user,
+                author_name=self.user,
+                text=text,
+                mentions_bot=True,
+                is_dm=True,
+            )
+            await deliver(self, self.core.respond(msg))
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    async def send(self, reply: OutgoingReply) -> SentMessage:
+        self._write(f"{reply.speaker or 'bot'}> ")
+        return await self.edit(SentMessage(self.key, "console", ""), reply)
+
+    async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
+        if reply.kind is not ReplyKind.ANSWER:
+            # Notices and apologies replace whatever was streamed so far.
+            self._write(("\n" if sent.text else "") + reply.text + "\n")
+            return SentMessage(sent.conversation_key, sent.message_id, reply.text)
+        new = reply.text[len(sent.text) :] if reply.text.startswith(sent.text) else reply.delta
+        self._write(new + ("\n" if reply.final else ""))
+        return SentMessage(sent.conversation_key, sent.message_id, reply.text)
+
+    async def _command(self, text: str) -> bool:
+        """Run a slash command; return False when the chat should end."""
+        name, _, arg = text.partition(" ")
+        name = name.lower()
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/help":
+            self._write(
+                await self.core.help_text(PLATFORM, self.key, is_dm=True) + "\n"
+                "  /quit                leave the chat\n"
+            )
+        elif name == "/reset":
+            await self.core.reset(PLATFORM, self.key)
+            self._write("Started a fresh conversation. Earlier messages stay stored.\n")
+        elif name == "/mode":
+            mode = parse_mode(arg)
+            if mode is None:
+                self._write("Usage: /mode roleplay|work\n")
+            else:
+                await self.core.set_mode(PLATFORM, self.key, mode)
+                self._write(f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers now.\n")
+        else:
+            self._write(f"Unknown command {name}. Type /help for the list.\n")
+        return True
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "you"

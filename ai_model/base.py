@@ -1,0 +1,40 @@
+"""The generation interface the conversation core talks to, and the errors it may see."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+from ai_model.config import SamplingSettings
+from ai_model.templates import ChatTemplate
+
+
+class ModelError(Exception):
+    """A model could not be loaded or used; the message is meant for the user."""
+
+
+class ModelFileMissing(ModelError):
+    """A configured GGUF file does not exist."""
+
+
+class GenerationError(ModelError):
+    """llama.cpp failed while generating a reply."""
+
+
+class ChatModel(Protocol):
+    """A loaded model: its tokenizer, chat template and a streaming generator.
+
+    ``stream`` is an async iterator of text pieces; implementations serve one generation at a
+    time and queue the rest fairly (first come, first served).
+    """
+
+    name: str
+    template: ChatTemplate
+    n_ctx: int
+    bos: tuple[int, ...]
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
+
+    def stream(
+        self, tokens: Sequence[int], sampling: SamplingSettings, stop: Sequence[str] = ()
+    ) -> AsyncIterator[str]: ...

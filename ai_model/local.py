@@ -1,0 +1,175 @@
+"""A GGUF model loaded with llama-cpp-python, streaming replies without blocking the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ai_model.base import GenerationError, ModelError
+from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.templates import ChatTemplate, UnknownTemplateError, template_by_name
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+def _llama_kwargs(settings: ModelSettings, path: Path) -> dict[str, Any]:
+    """Translate our settings into ``llama_cpp.Llama`` keyword arguments."""
+    import llama_cpp
+
+    kv_type = getattr(llama_cpp, f"GGML_TYPE_{settings.kv_cache_type.upper()}")
+    rope = {
+        "auto": llama_cpp.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+        "none": llama_cpp.LLAMA_ROPE_SCALING_TYPE_NONE,
+        "linear": llama_cpp.LLAMA_ROPE_SCALING_TYPE_LINEAR,
+        "yarn": llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN,
+    }[settings.rope_scaling_type]
+    split = {
+        "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+        "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+        "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+    }[settings.split_mode]
+    threads = settings.threads or max(1, os.cpu_count() or 1)
+    kwargs: dict[str, Any] = dict(
+        model_path=str(path),
+        n_ctx=settings.n_ctx,
+        n_batch=settings.n_batch,
+        n_ubatch=min(settings.n_batch, 512),
+        n_gpu_layers=settings.n_gpu_layers,
+        main_gpu=settings.main_gpu,
+        split_mode=split,
+        flash_attn=settings.flash_attn,
+        type_k=kv_type,
+        type_v=kv_type,
+        rope_scaling_type=rope,
+        n_threads=threads,
+        n_threads_batch=settings.threads_batch or threads,
+        verbose=False,
+    )
+    if settings.rope_scaling_type != "auto" and settings.rope_scaling_factor != 1.0:
+        # llama.cpp takes the inverse: linear scaling by 2 means positions advance at 0.5.
+        kwargs["rope_freq_scale"] = 1.0 / settings.rope_scaling_factor
+    return kwargs
+
+
+class LocalModel:
+    """One loaded GGUF file.  Implements :class:`ai_model.base.ChatModel`.
+
+    llama.cpp holds one KV cache per loaded model, so generations run one at a time on a
+    dedicated thread; :class:`asyncio.Lock` wakes waiters in arrival order, which makes the queue
+    fair.
+    """
+
+    def __init__(self, llm: Any, name: str, template: ChatTemplate, n_ctx: int) -> None:
+        self._llm = llm
+        self.name = name
+        self.template = template
+        # llama.cpp rounds the context up (8191 -> 8192); the configured size is the promise.
+        self.n_ctx: int = min(n_ctx, int(llm.n_ctx()))
+        # add_bos=True yields [BOS] only when the model's vocabulary asks for one.
+        self.bos: tuple[int, ...] = tuple(llm.tokenize(b"", add_bos=True, special=True))
+        self._turn = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+
+    @classmethod
+    def load(cls, settings: ModelSettings, path: Path, name: str) -> LocalModel:
+        """Load the file (blocking: call it off the event loop)."""
+        from llama_cpp import Llama
+
+        try:
+            llm = Llama(**_llama_kwargs(settings, path))
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"could not load model {path}: {exc}") from exc
+        try:
+            template = template_by_name(
+                settings.chat_template, llm.metadata.get("tokenizer.chat_template")
+            )
+        except UnknownTemplateError as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+        return cls(llm, name, template, settings.n_ctx)
+
+    @property
+    def llama(self) -> Any:
+        """The underlying ``llama_cpp.Llama`` (for benchmarks comparing against raw use)."""
+        return self._llm
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return list(self._llm.tokenize(text, add_bos=add_bos, special=special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return bytes(self._llm.detokenize(list(tokens))).decode("utf-8", errors="replace")
+
+    async def stream(
+        self, tokens: Sequence[int], sampling: SamplingSettings, stop: Sequence[str] = ()
+    ) -> AsyncIterator[str]:
+        """Yield reply text pieces for the prompt ``tokens``, waiting for our turn first."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+        prompt = list(tokens)
+        stops = list(dict.fromkeys([*self.template.stop, *sampling.stop, *stop]))
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop closed while we generated: nobody is listening
+                cancel.set()
+
+        def work() -> None:
+            try:
+                chunks = self._llm.create_completion(
+                    prompt=prompt,
+                    max_tokens=sampling.max_tokens,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    min_p=sampling.min_p,
+                    repeat_penalty=sampling.repeat_penalty,
+                    stop=stops,
+                    seed=None if sampling.seed < 0 else sampling.seed,
+                    stream=True,
+                )
+                for chunk in chunks:
+                    if cancel.is_set():
+                        break
+                    text = chunk["choices"][0]["text"]
+                    if text:
+                        emit(text)
+            except Exception as exc:  # reported to the awaiting coroutine, not lost
+                emit(exc)
+            finally:
+                emit(_DONE)
+
+        await self._turn.acquire()
+        try:
+            job = loop.run_in_executor(self._executor, work)
+        except BaseException:
+            self._turn.release()
+            raise
+        # The turn ends when the thread does, not when the consumer stops listening: a cancelled
+        # consumer must not let the next request race this one on the KV cache.
+        job.add_done_callback(lambda _: self._turn.release())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, Exception):
+                    raise GenerationError(f"generation failed: {item}") from item
+                assert isinstance(item, str)
+                yield item
+        finally:
+            cancel.set()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        close = getattr(self._llm, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,116 @@
+"""Model roles → loaded models: checked at start-up, loaded lazily once, shared when identical."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ai_model.base import ChatModel, ModelError, ModelFileMissing
+from ai_model.config import ModelSettings
+from ai_model.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_model_path
+from ai_model.local import LocalModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A role's settings with its file located."""
+
+    role: str
+    settings: ModelSettings
+    path: Path
+    embedded: bool
+
+    @property
+    def display_name(self) -> str:
+        return EMBEDDED_NAME if self.embedded else self.path.name
+
+
+def resolve(role: str, settings: ModelSettings, base_dir: Path | None = None) -> ResolvedModel:
+    """Locate the GGUF file of ``role``; raise :class:`ModelFileMissing` with advice if absent.
+
+    Relative paths are taken from ``base_dir`` (the current directory by default).
+    """
+    if not settings.path:
+        try:
+            return ResolvedModel(role, settings, embedded_model_path(), True)
+        except EmbeddedModelMissing as exc:
+            raise ModelFileMissing(f"{role} model: {exc}") from exc
+    path = Path(settings.path).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    if not path.is_file():
+        where = (
+            f"download it from {settings.download_url}"
+            if settings.download_url
+            else "download the GGUF file"
+        )
+        raise ModelFileMissing(
+            f"model file for the {role} role not found: {path}\n"
+            f'  {where} and save it at that path, or set [models.{role}] path = "" '
+            "to use the embedded SmolLM2 model."
+        )
+    return ResolvedModel(role, settings, path.resolve(), False)
+
+
+class ModelRegistry:
+    """Serves a :class:`ChatModel` per role; roles with the same file and settings share one."""
+
+    def __init__(self, models: Mapping[str, ModelSettings], base_dir: Path | None = None) -> None:
+        # Resolving first makes a missing file stop start-up, before any platform connects.
+        self.resolved = {role: resolve(role, s, base_dir) for role, s in models.items()}
+        self._loaded: dict[tuple[object, ...], LocalModel] = {}
+        self._locks: dict[tuple[object, ...], asyncio.Lock] = {}
+
+    def _key(self, role: str) -> tuple[object, ...]:
+        r = self.resolved[role]
+        return (str(r.path), *r.settings.load_key()[1:])
+
+    def shares_model(self, role_a: str, role_b: str) -> bool:
+        return self._key(role_a) == self._key(role_b)
+
+    def describe(self) -> list[str]:
+        """One line per role: which file serves it, and how (for the start-up log)."""
+        lines = []
+        for role, r in self.resolved.items():
+            s = r.settings
+            shared = [o for o in self.resolved if o != role and self.shares_model(role, o)]
+            lines.append(
+                f"{role} role -> {r.display_name} ({r.path}), ctx {s.n_ctx}, "
+                f"gpu layers {s.n_gpu_layers} on gpu {s.main_gpu}, template {s.chat_template}"
+                + (f", shared with {', '.join(shared)}" if shared else "")
+            )
+        return lines
+
+    async def get(self, role: str) -> ChatModel:
+        """The loaded model for ``role``, loading it (off the event loop) on first use."""
+        if role not in self.resolved:
+            raise ModelError(f"no model configured for role {role!r}")
+        key = self._key(role)
+        model = self._loaded.get(key)
+        if model is not None:
+            return model
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            model = self._loaded.get(key)
+            if model is None:
+                r = self.resolved[role]
+                log.info("loading %s for the %s role ...", r.display_name, role)
+                model = await asyncio.to_thread(LocalModel.load, r.settings, r.path, r.display_name)
+                log.info(
+                    "%s loaded (template %s, ctx %d)",
+                    r.display_name,
+                    model.template.name,
+                    model.n_ctx,
+                )
+                self._loaded[key] = model
+        return model
+
+    def close(self) -> None:
+        for model in self._loaded.values():
+            model.close()
+        self._loaded.clear()

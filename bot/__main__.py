@@ -1,0 +1,70 @@
+"""Command line: ``python -m bot [--config PATH] {run,console,check}``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from ai_model.base import ModelError
+from bot.settings import Settings, SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bot",
+        description="Self-hosted Discord/Telegram chatbot on local GGUF models.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="settings file (default: $BOT_CONFIG, else ./bot.toml if present, else built-ins)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the platforms that have a token; the console if none (default)")
+    sub.add_parser("console", help="chat with the bot in this terminal")
+    sub.add_parser("check", help="check the settings and model files, then exit")
+    return parser
+
+
+def _dispatch(command: str, settings: Settings) -> int:
+    from ai_model.registry import ModelRegistry
+    from bot import app
+
+    if command == "check":
+        for line in ModelRegistry(settings.models).describe():
+            print(line)
+        print(f"database: {settings.database_url}")
+        return 0
+    if command == "console":
+        asyncio.run(app.run_console(settings))
+    else:
+        asyncio.run(app.run_platforms(settings))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = load_settings(args.config)
+        return _dispatch(args.command or "run", settings)
+    except SettingsError as exc:
+        print(f"error: settings: {exc}", file=sys.stderr)
+        return 2
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

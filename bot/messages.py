@@ -1,0 +1,58 @@
+"""The two value types that cross between adapters and the core.
+
+Adapters build an :class:`IncomingMessage` from a platform event (no platform object crosses into
+``bot/``) and render each :class:`OutgoingReply` the core yields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """One user message, normalised by an adapter.
+
+    ``conversation_key`` is computed by the adapter (``discord:<channel>``, ``telegram:<chat>``,
+    ``console:<user>``); ``mentions_bot`` is true when the message addresses the bot (mention,
+    reply to the bot, command); in DMs every message addresses the bot.
+    """
+
+    platform: str
+    conversation_key: str
+    author_id: str
+    author_name: str
+    text: str
+    mentions_bot: bool = True
+    is_dm: bool = False
+    platform_message_id: str | None = None
+
+    @property
+    def addresses_bot(self) -> bool:
+        return self.is_dm or self.mentions_bot
+
+
+class ReplyKind(Enum):
+    """What an outgoing reply is, so adapters can style notices and apologies differently."""
+
+    ANSWER = "answer"
+    NOTICE = "notice"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingReply:
+    """A snapshot of the bot's reply: the full text so far, and whether it is the final one.
+
+    Streaming yields several snapshots with growing ``text``; the last has ``final=True``.
+    ``delta`` is what was added since the previous snapshot (for terminals that append).
+    """
+
+    conversation_key: str
+    text: str
+    delta: str = ""
+    final: bool = False
+    kind: ReplyKind = ReplyKind.ANSWER
+    speaker: str | None = None
+    reply_to: str | None = None

@@ -1,0 +1,126 @@
+"""Prompt building and the context window: turns as token ids, trimmed in chunks.
+
+The prompt is ``BOS + system + turns + reply cue``.  Each turn is encoded on its own (template
+markup with special tokens, text as plain text) and cached, so earlier turns keep exactly the
+same tokens from one request to the next and llama.cpp can reuse the evaluated prefix.
+
+When the history no longer fits, the window start moves forward by a *chunk* (a quarter of the
+history budget by default) rather than by one message, so the front of the prompt stays the same
+for many turns after each trim.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ai_model.templates import ChatTemplate, Piece, Tokenizer, encode
+from storage.store import ASSISTANT, StoredMessage
+
+MAX_NAME_CHARS = 64
+_NAME_JUNK = re.compile(r"[\s:]+")
+
+
+def clean_name(name: str | None) -> str:
+    """A display name safe to put in front of a turn: one line, no colon, bounded length."""
+    cleaned = _NAME_JUNK.sub(" ", name or "").strip()[:MAX_NAME_CHARS].strip()
+    return cleaned or "User"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One history message as the model sees it."""
+
+    position: int  # conversation order: the answered message's id for replies, else own id
+    message_id: int
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The turns that fit, and the window start to remember for the next request."""
+
+    turns: tuple[Turn, ...]
+    start: int
+    trimmed: bool
+
+
+class PromptTooLong(Exception):
+    """The newest message alone does not fit in the context next to the pinned part."""
+
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(f"message needs {needed} tokens, {available} available")
+        self.needed = needed
+        self.available = available
+
+
+class TurnEncoder:
+    """Encodes system text and history turns for one model, caching per message."""
+
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, cache_size: int = 50_000):
+        self.tokenizer = tokenizer
+        self.template = template
+        self._cache: OrderedDict[tuple[int, str, str], tuple[int, ...]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def pieces(self, message: StoredMessage) -> tuple[Piece, ...]:
+        if message.role == ASSISTANT:
+            return self.template.turn("assistant", message.text)
+        return self.template.turn("user", f"{clean_name(message.author_name)}: {message.text}")
+
+    def turn(self, message: StoredMessage) -> Turn:
+        key = (message.id, message.author_name or "", message.text)
+        tokens = self._cache.get(key)
+        if tokens is None:
+            tokens = tuple(encode(self.pieces(message), self.tokenizer))
+            self._cache[key] = tokens
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        position = message.reply_to_id if message.reply_to_id is not None else message.id
+        return Turn(position=position, message_id=message.id, tokens=tokens)
+
+    def system(self, text: str) -> list[int]:
+        return encode(self.template.turn("system", text), self.tokenizer)
+
+    def cue(self) -> list[int]:
+        return encode(self.template.generation_prompt(), self.tokenizer)
+
+
+def fit_window(
+    turns: Sequence[Turn],
+    *,
+    budget: int,
+    start: int,
+    chunk_fraction: float = 0.25,
+) -> Window:
+    """Choose the turns to send, oldest first, so that their tokens fit in ``budget``.
+
+    ``start`` is the window start remembered from the previous request (a turn position).  While
+    everything from there fits, it is kept unchanged, so the prompt's front does not move.  When
+    it no longer fits, the oldest turns are dropped until the rest uses at most
+    ``budget * (1 - chunk_fraction)``, leaving room for the next several turns.
+    """
+    if not turns:
+        return Window((), start, False)
+    newest = len(turns[-1].tokens)
+    if newest > budget:
+        raise PromptTooLong(newest, budget)
+    kept = [t for t in turns if t.position >= start] or [turns[-1]]
+    total = sum(len(t.tokens) for t in kept)
+    if total <= budget:
+        return Window(tuple(kept), start, False)
+    target = max(newest, int(budget * (1.0 - chunk_fraction)))
+    first = 0
+    while total > target and first < len(kept) - 1:
+        total -= len(kept[first].tokens)
+        first += 1
+    # Never open the window on a bot reply whose question was cut off.
+    while first < len(kept) - 1 and kept[first].position != kept[first].message_id:
+        total -= len(kept[first].tokens)
+        first += 1
+    kept = kept[first:]
+    return Window(tuple(kept), kept[0].position, True)

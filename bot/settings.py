@@ -1,0 +1,237 @@
+"""Typed, frozen settings: one TOML file plus environment variables, loaded once at start-up.
+
+Secrets (platform tokens) come only from the environment. ``BOT_DATABASE_URL`` overrides the
+database, ``BOT_CONFIG`` selects the file when ``--config`` is not given.  Nothing here is a module
+global: :func:`load_settings` returns a :class:`Settings` that callers pass explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from ai_model.config import ModelSettings, SamplingSettings
+
+Mode = Literal["roleplay", "work"]
+MODES: tuple[Mode, ...] = ("roleplay", "work")
+ROLES = ("character", "office")
+# Which model role answers in which channel mode.
+ROLE_FOR_MODE: dict[Mode, str] = {"roleplay": "character", "work": "office"}
+
+DEFAULT_CONFIG_FILE = "bot.toml"
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///data/bot.db"
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, concise office assistant in a team chat. Answer clearly and politely. "
+    "Several people may talk to you; each of their messages starts with their name."
+)
+
+
+def parse_mode(value: str) -> Mode | None:
+    """The mode named by ``value`` (case-insensitive), or None if it names none."""
+    for mode in MODES:
+        if value.strip().lower() == mode:
+            return mode
+    return None
+
+
+class SettingsError(Exception):
+    """The settings file or environment is invalid; the message is meant for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Character:
+    """A roleplay persona the character model speaks as."""
+
+    name: str
+    description: str
+    greeting: str = ""
+
+
+DEFAULT_CHARACTER = Character(
+    name="Mira",
+    description=(
+        "Mira is the keeper of the Lantern Inn, a warm, quick-witted innkeeper in a small "
+        "fantasy town. She speaks in the first person, describes her actions briefly in "
+        "asterisks, stays in character, and never speaks or acts for the players."
+    ),
+    greeting="*Mira looks up from polishing a mug.* Welcome to the Lantern Inn, traveller!",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformSettings:
+    """Per-platform behaviour: the mode a new channel gets and where the API lives."""
+
+    default_mode: Mode = "work"
+    dm_mode: Mode = "work"
+    api_base_url: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the bot needs, resolved from file, environment and defaults."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    default_character: str = DEFAULT_CHARACTER.name
+    characters: Mapping[str, Character] = field(
+        default_factory=lambda: {DEFAULT_CHARACTER.name.lower(): DEFAULT_CHARACTER}
+    )
+    models: Mapping[str, ModelSettings] = field(
+        default_factory=lambda: {role: ModelSettings() for role in ROLES}
+    )
+    platforms: Mapping[str, PlatformSettings] = field(
+        default_factory=lambda: {
+            name: PlatformSettings() for name in ("console", "discord", "telegram")
+        }
+    )
+    config_path: Path | None = None
+
+    def platform(self, name: str) -> PlatformSettings:
+        return self.platforms.get(name, PlatformSettings())
+
+    def character(self, name: str | None) -> Character:
+        """The named character, or the default one when the name is unknown or empty."""
+        key = (name or self.default_character).lower()
+        found = self.characters.get(key) or self.characters.get(self.default_character.lower())
+        return found or DEFAULT_CHARACTER
+
+
+def _expect_table(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SettingsError(f"[{where}] must be a table")
+    return value
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], where: str, **extra: Any) -> Any:
+    """Build a frozen dataclass from a TOML table, rejecting unknown keys with a clear message."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) in [{where}]: {', '.join(unknown)}")
+    try:
+        obj = cls(**data, **extra)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"invalid value in [{where}]: {exc}") from exc
+    return obj
+
+
+def _mode(value: object, where: str) -> Mode:
+    mode = parse_mode(value) if isinstance(value, str) else None
+    if mode is None:
+        raise SettingsError(f"{where} must be 'roleplay' or 'work', not {value!r}")
+    return mode
+
+
+def _model_settings(data: Mapping[str, Any], where: str) -> ModelSettings:
+    data = dict(data)
+    sampling = SamplingSettings()
+    if "sampling" in data:
+        sampling = _build(
+            SamplingSettings,
+            _expect_table(data.pop("sampling"), f"{where}.sampling"),
+            f"{where}.sampling",
+        )
+    # TOML arrays arrive as lists; the frozen settings keep tuples so they stay hashable.
+    sampling = replace(sampling, stop=tuple(sampling.stop))
+    model = _build(ModelSettings, data, where, sampling=sampling)
+    try:
+        model.validate()
+    except ValueError as exc:
+        raise SettingsError(f"invalid value in [{where}]: {exc}") from exc
+    return cast(ModelSettings, model)
+
+
+def parse_settings(
+    raw: Mapping[str, Any], env: Mapping[str, str], config_path: Path | None = None
+) -> Settings:
+    """Turn a parsed TOML document plus environment into :class:`Settings`."""
+    raw = dict(raw)
+    bot = _expect_table(raw.pop("bot", {}), "bot")
+    models_raw = _expect_table(raw.pop("models", {}), "models")
+    platforms_raw = _expect_table(raw.pop("platforms", {}), "platforms")
+    chars_raw = _expect_table(raw.pop("characters", {}), "characters")
+    if raw:
+        raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
+
+    known_bot = {"database_url", "system_prompt", "default_character"}
+    if unknown := sorted(set(bot) - known_bot):
+        raise SettingsError(f"unknown setting(s) in [bot]: {', '.join(unknown)}")
+
+    models: dict[str, ModelSettings] = {}
+    for role in ROLES:
+        models[role] = _model_settings(
+            _expect_table(models_raw.pop(role, {}), f"models.{role}"), f"models.{role}"
+        )
+    if models_raw:
+        raise SettingsError(
+            f"unknown model role(s): {', '.join(sorted(models_raw))} (use character, office)"
+        )
+
+    characters = {DEFAULT_CHARACTER.name.lower(): DEFAULT_CHARACTER}
+    for key, table in chars_raw.items():
+        table = dict(_expect_table(table, f"characters.{key}"))
+        table.setdefault("name", key)
+        char = _build(Character, table, f"characters.{key}")
+        characters[char.name.lower()] = char
+
+    token_env = {"discord": "DISCORD_TOKEN", "telegram": "TELEGRAM_BOT_TOKEN"}
+    base_url_env = {"discord": "DISCORD_API_BASE_URL", "telegram": "TELEGRAM_BASE_URL"}
+    platforms: dict[str, PlatformSettings] = {}
+    for name in ("console", "discord", "telegram"):
+        table = dict(_expect_table(platforms_raw.pop(name, {}), f"platforms.{name}"))
+        if "token" in table:
+            raise SettingsError(
+                f"[platforms.{name}] token: tokens are read from the environment only "
+                f"({token_env.get(name, 'not applicable')}), remove it from the file"
+            )
+        for key in ("default_mode", "dm_mode"):
+            if key in table:
+                table[key] = _mode(table[key], f"platforms.{name}.{key}")
+        if name in base_url_env and env.get(base_url_env[name]):
+            table["api_base_url"] = env[base_url_env[name]]
+        token = (env.get(token_env[name], "").strip() or None) if name in token_env else None
+        platforms[name] = _build(PlatformSettings, table, f"platforms.{name}", token=token)
+    if platforms_raw:
+        raise SettingsError(f"unknown platform(s): {', '.join(sorted(platforms_raw))}")
+
+    database_url = env.get("BOT_DATABASE_URL") or bot.get("database_url", DEFAULT_DATABASE_URL)
+    default_character = str(bot.get("default_character", DEFAULT_CHARACTER.name))
+    if default_character.lower() not in characters:
+        raise SettingsError(f"[bot] default_character {default_character!r} is not defined")
+    return Settings(
+        database_url=str(database_url),
+        system_prompt=str(bot.get("system_prompt", DEFAULT_SYSTEM_PROMPT)),
+        default_character=default_character,
+        characters=characters,
+        models=models,
+        platforms=platforms,
+        config_path=config_path,
+    )
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Load settings from ``path`` (or ``BOT_CONFIG``, or ``./bot.toml`` if present) and env."""
+    env = os.environ if env is None else env
+    chosen = path or env.get("BOT_CONFIG")
+    if chosen:
+        config_path: Path | None = Path(chosen)
+        if not Path(chosen).is_file():
+            raise SettingsError(f"settings file not found: {chosen}")
+    else:
+        default = Path(DEFAULT_CONFIG_FILE)
+        config_path = default if default.is_file() else None
+    raw: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{config_path} is not valid TOML: {exc}") from exc
+    return parse_settings(raw, env, config_path)

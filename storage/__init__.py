@@ -1,0 +1,6 @@
+"""Persistence: schema, ordered migrations and every query the bot makes."""
+
+from storage.database import create_engine, open_database
+from storage.store import Conversation, Store, StoredMessage
+
+__all__ = ["Conversation", "Store", "StoredMessage", "create_engine", "open_database"]

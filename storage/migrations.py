@@ -1,0 +1,118 @@
+"""Ordered, named schema migrations, applied at start-up inside one transaction each.
+
+Each migration describes its own tables rather than importing :mod:`storage.schema`, so that a
+later change to the current schema never rewrites what an old migration did.  Add new ones at the
+end; never edit or reorder applied ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    inspect,
+    select,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    apply: Callable[[Connection], None]
+
+
+_meta = MetaData()
+schema_migrations = Table(
+    "schema_migrations",
+    _meta,
+    Column("version", Integer, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("applied_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def _create_conversations_and_messages(conn: Connection) -> None:
+    meta = MetaData()
+    Table(
+        "conversations",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("platform", String(32), nullable=False),
+        Column("key", String(255), nullable=False, unique=True),
+        Column("mode", String(16), nullable=True),
+        Column("character", String(255), nullable=True),
+        Column("settings", Text, nullable=False),
+        Column("reset_after_id", Integer, nullable=False),
+        Column("window_start_id", Integer, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    Table(
+        "messages",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(
+            "conversation_id",
+            Integer,
+            ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("role", String(16), nullable=False),
+        Column("author_id", String(64), nullable=True),
+        Column("author_name", String(255), nullable=True),
+        Column("text", Text, nullable=False),
+        Column("token_count", Integer, nullable=True),
+        Column("platform_message_id", String(64), nullable=True),
+        Column("reply_to_id", Integer, nullable=True),
+        Column("in_context", Boolean, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+    )
+    meta.create_all(conn)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
+)
+
+
+def applied_versions(conn: Connection) -> set[int]:
+    if not inspect(conn).has_table("schema_migrations"):
+        return set()
+    return set(conn.execute(select(schema_migrations.c.version)).scalars())
+
+
+def migrate(conn: Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[str]:
+    """Apply the migrations not yet recorded, in order; return the names applied."""
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise RuntimeError("migrations must have unique, increasing versions")
+    _meta.create_all(conn, tables=[schema_migrations])
+    done = applied_versions(conn)
+    applied: list[str] = []
+    for migration in migrations:
+        if migration.version in done:
+            continue
+        with conn.begin_nested():
+            migration.apply(conn)
+            conn.execute(
+                schema_migrations.insert().values(
+                    version=migration.version, name=migration.name, applied_at=datetime.now(UTC)
+                )
+            )
+        applied.append(migration.name)
+    return applied

@@ -1,0 +1,63 @@
+"""The current schema as SQLAlchemy Core tables, used by every query in :mod:`storage.store`.
+
+The tables are created and changed only by the ordered migrations in :mod:`storage.migrations`;
+keep this file in step with them.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("platform", String(32), nullable=False),
+    Column("key", String(255), nullable=False, unique=True),
+    Column("mode", String(16), nullable=True),
+    Column("character", String(255), nullable=True),
+    Column("settings", Text, nullable=False, default="{}"),
+    # Messages with id <= reset_after_id belong to conversations before a /reset.
+    Column("reset_after_id", Integer, nullable=False, default=0),
+    # First message id the prompt window may include (moved forward in chunks when trimming).
+    Column("window_start_id", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        Integer,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("role", String(16), nullable=False),
+    Column("author_id", String(64), nullable=True),
+    Column("author_name", String(255), nullable=True),
+    Column("text", Text, nullable=False),
+    Column("token_count", Integer, nullable=True),
+    Column("platform_message_id", String(64), nullable=True),
+    # For bot replies: the user message answered; orders a reply right after its question.
+    Column("reply_to_id", Integer, nullable=True),
+    # False for notices (e.g. "message too long") and messages that can never fit the window.
+    Column("in_context", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+)

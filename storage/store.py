@@ -1,0 +1,229 @@
+"""Every query the bot makes: conversations and their messages."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from storage.schema import conversations, messages
+
+USER = "user"
+ASSISTANT = "assistant"
+NOTICE = "notice"
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A channel, chat or console session, identified by its adapter-made ``key``."""
+
+    id: int
+    platform: str
+    key: str
+    mode: str | None
+    character: str | None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    reset_after_id: int = 0
+    window_start_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    role: str
+    text: str
+    author_id: str | None = None
+    author_name: str | None = None
+    token_count: int | None = None
+    reply_to_id: int | None = None
+    in_context: bool = True
+    platform_message_id: str | None = None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _conversation(row: Row[Any]) -> Conversation:
+    return Conversation(
+        id=row.id,
+        platform=row.platform,
+        key=row.key,
+        mode=row.mode,
+        character=row.character,
+        settings=json.loads(row.settings or "{}"),
+        reset_after_id=row.reset_after_id,
+        window_start_id=row.window_start_id,
+    )
+
+
+class Store:
+    """Queries over one database engine; safe to share between tasks."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- conversations ----------------------------------------------------------------------
+
+    async def get_conversation(self, key: str) -> Conversation | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(conversations).where(conversations.c.key == key))
+            ).first()
+        return _conversation(row) if row else None
+
+    async def conversation(self, platform: str, key: str) -> Conversation:
+        """The conversation for ``key``, created (with no explicit mode) on first use."""
+        found = await self.get_conversation(key)
+        if found:
+            return found
+        now = _now()
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    conversations.insert().values(
+                        platform=platform,
+                        key=key,
+                        mode=None,
+                        character=None,
+                        settings="{}",
+                        reset_after_id=0,
+                        window_start_id=0,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+        except IntegrityError:
+            pass  # created concurrently by another task: read it below
+        created = await self.get_conversation(key)
+        assert created is not None
+        return created
+
+    async def _update_conversation(self, conversation_id: int, **values: Any) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(conversations)
+                .where(conversations.c.id == conversation_id)
+                .values(**values, updated_at=_now())
+            )
+
+    async def set_mode(self, conversation_id: int, mode: str | None) -> None:
+        await self._update_conversation(conversation_id, mode=mode)
+
+    async def set_character(self, conversation_id: int, character: str | None) -> None:
+        await self._update_conversation(conversation_id, character=character)
+
+    async def set_window_start(self, conversation_id: int, message_id: int) -> None:
+        await self._update_conversation(conversation_id, window_start_id=message_id)
+
+    async def reset(self, conversation_id: int) -> int:
+        """Start a new conversation after the newest stored message; nothing is deleted."""
+        async with self.engine.begin() as conn:
+            last = (
+                await conn.execute(
+                    select(func.coalesce(func.max(messages.c.id), 0)).where(
+                        messages.c.conversation_id == conversation_id
+                    )
+                )
+            ).scalar_one()
+            await conn.execute(
+                update(conversations)
+                .where(conversations.c.id == conversation_id)
+                .values(reset_after_id=last, window_start_id=0, updated_at=_now())
+            )
+        return int(last)
+
+    # -- messages -----------------------------------------------------------------------------
+
+    async def add_message(
+        self,
+        conversation_id: int,
+        role: str,
+        text: str,
+        *,
+        author_id: str | None = None,
+        author_name: str | None = None,
+        token_count: int | None = None,
+        platform_message_id: str | None = None,
+        reply_to_id: int | None = None,
+        in_context: bool = True,
+    ) -> int:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                messages.insert().values(
+                    conversation_id=conversation_id,
+                    role=role,
+                    text=text,
+                    author_id=author_id,
+                    author_name=author_name,
+                    token_count=token_count,
+                    platform_message_id=platform_message_id,
+                    reply_to_id=reply_to_id,
+                    in_context=in_context,
+                    created_at=_now(),
+                )
+            )
+            pk = result.inserted_primary_key
+        assert pk is not None
+        return int(pk[0])
+
+    async def update_message(self, message_id: int, **values: Any) -> None:
+        allowed = {"token_count", "in_context", "platform_message_id", "text"}
+        if unknown := set(values) - allowed:
+            raise ValueError(f"cannot update message field(s): {sorted(unknown)}")
+        async with self.engine.begin() as conn:
+            await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+
+    async def history(
+        self, conversation_id: int, *, after_id: int = 0, upto_id: int | None = None
+    ) -> list[StoredMessage]:
+        """Messages the model may see, in conversation order.
+
+        A reply sorts right after the message it answers, even when other messages arrived
+        (and were stored) while it was being generated.  ``upto_id`` limits the history to what
+        existed when the message being answered arrived.
+        """
+        position = func.coalesce(messages.c.reply_to_id, messages.c.id)
+        query = select(messages).where(
+            messages.c.conversation_id == conversation_id,
+            messages.c.in_context.is_(True),
+            messages.c.id > after_id,
+        )
+        if upto_id is not None:
+            query = query.where(position <= upto_id)
+        query = query.order_by(position, messages.c.id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            StoredMessage(
+                id=r.id,
+                role=r.role,
+                text=r.text,
+                author_id=r.author_id,
+                author_name=r.author_name,
+                token_count=r.token_count,
+                reply_to_id=r.reply_to_id,
+                in_context=r.in_context,
+                platform_message_id=r.platform_message_id,
+            )
+            for r in rows
+        ]
+
+    async def count_messages(self, conversation_id: int) -> int:
+        async with self.engine.connect() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.count()).where(messages.c.conversation_id == conversation_id)
+                    )
+                ).scalar_one()
+            )

@@ -1,0 +1,78 @@
+"""Shared fixtures: settings on a temporary SQLite file, the real embedded model, providers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai_model.base import ChatModel
+from ai_model.config import ModelSettings
+from ai_model.embedded import embedded_model_path
+from ai_model.local import LocalModel
+from bot.core import ConversationCore
+from bot.settings import Settings, parse_settings
+from storage import Store, open_database
+
+
+def make_settings(tmp_path: Path, raw: Mapping[str, Any] | None = None, **changes: Any) -> Settings:
+    settings = parse_settings(raw or {}, env={})
+    return replace(settings, database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", **changes)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    store = Store(await open_database(settings.database_url))
+    yield store
+    await store.close()
+
+
+class FixedModels:
+    """A model provider that serves given models per role and records what was asked."""
+
+    def __init__(self, models: Mapping[str, ChatModel]) -> None:
+        self.models = dict(models)
+        self.requested: list[str] = []
+
+    async def get(self, role: str) -> ChatModel:
+        self.requested.append(role)
+        return self.models[role]
+
+
+@pytest.fixture
+def make_core(settings: Settings, store: Store):  # type: ignore[no-untyped-def]
+    def make(served: Mapping[str, ChatModel], **changes: Any) -> ConversationCore:
+        return ConversationCore(replace(settings, **changes), store, FixedModels(served))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm_llama() -> Iterator[Any]:
+    """One real llama.cpp instance of the embedded model for the whole session."""
+    from llama_cpp import Llama
+
+    from ai_model.local import _llama_kwargs
+
+    llm = Llama(**_llama_kwargs(ModelSettings(), embedded_model_path()))
+    yield llm
+    llm.close()
+
+
+@pytest.fixture
+def smollm(smollm_llama: Any) -> Iterator[LocalModel]:
+    """The embedded SmolLM2 model behind the real :class:`LocalModel` (per-test event loop)."""
+    from ai_model.templates import template_by_name
+
+    template = template_by_name("auto", smollm_llama.metadata.get("tokenizer.chat_template"))
+    model = LocalModel(smollm_llama, "SmolLM2-135M-Instruct", template, ModelSettings().n_ctx)
+    yield model
+    model._executor.shutdown(wait=True)

@@ -1,0 +1,105 @@
+"""The program as a user runs it: console chat through stdin, and start-up errors."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bot(
+    args: list[str], tmp_path: Path, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"DISCORD_TOKEN", "TELEGRAM_BOT_TOKEN", "BOT_CONFIG"}
+    }
+    environ.update(
+        BOT_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", USER="tester", **env
+    )
+    environ["PYTHONPATH"] = str(ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=environ,
+        timeout=300,
+    )
+
+
+def test_console_exchange_with_commands_and_history_across_restarts(tmp_path: Path) -> None:
+    script = "\n".join(
+        [
+            "/help",
+            "Hello! What can you do?",
+            "/mode roleplay",
+            "Good evening, innkeeper.",
+            "/mode dance",
+            "/bogus",
+            "/quit",
+            "",
+        ]
+    )
+    first = run_bot(["console"], tmp_path, script)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout
+    assert "/mode roleplay|work" in out and "/reset" in out  # help
+    assert "you> bot> " in out  # the office assistant answered
+    assert "Mode set to roleplay" in out
+    assert "Mira> " in out  # the character answered after the switch
+    assert "Usage: /mode roleplay|work" in out and "Unknown command /bogus" in out
+    # The start-up log names the model serving each role.
+    assert "character role -> SmolLM2-135M-Instruct" in first.stderr
+    assert "office role -> SmolLM2-135M-Instruct" in first.stderr
+    assert "Traceback" not in first.stderr
+
+    second = run_bot(["run"], tmp_path, "Do you remember me?\n/reset\n")
+    assert second.returncode == 0, second.stderr
+    assert "Mira> " in second.stdout  # the mode survived the restart
+    assert "Started a fresh conversation" in second.stdout
+    with sqlite3.connect(tmp_path / "bot.db") as db:
+        rows = db.execute(
+            "SELECT m.role, m.text FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE c.key = 'console:tester' ORDER BY m.id"
+        ).fetchall()
+        reset_after = db.execute(
+            "SELECT reset_after_id FROM conversations WHERE key = 'console:tester'"
+        ).fetchone()[0]
+    assert [r[1] for r in rows if r[0] == "user"] == [
+        "Hello! What can you do?",
+        "Good evening, innkeeper.",
+        "Do you remember me?",
+    ]
+    assert sum(1 for r in rows if r[0] == "assistant") == 3
+    assert reset_after == len(rows)
+
+
+def test_missing_model_file_stops_start_up_with_one_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "bot.toml"
+    config.write_text(
+        '[models.office]\npath = "models/absent.gguf"\n'
+        'download_url = "https://example.invalid/absent.gguf"\n'
+    )
+    for command in ("run", "check"):
+        result = run_bot(["--config", str(config), command], tmp_path)
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr
+        assert str(tmp_path / "models" / "absent.gguf") in result.stderr
+        assert "https://example.invalid/absent.gguf" in result.stderr
+        assert "office role" in result.stderr
+    assert not (tmp_path / "bot.db").exists()  # nothing started
+
+
+def test_bad_settings_file_is_reported_without_a_traceback(tmp_path: Path) -> None:
+    config = tmp_path / "bot.toml"
+    config.write_text('[platforms.discord]\ntoken = "oops"\n')
+    result = run_bot(["--config", str(config), "check"], tmp_path)
+    assert result.returncode == 2
+    assert "environment only" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,103 @@
+"""Settings: TOML plus environment, defaults, the shipped profiles and clear errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bot.settings import SettingsError, load_settings, parse_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_use_the_embedded_model_with_the_documented_parameters() -> None:
+    settings = parse_settings({}, env={})
+    for role in ("character", "office"):
+        model = settings.models[role]
+        assert model.path == ""  # embedded SmolLM2
+        assert (model.n_ctx, model.n_batch, model.kv_cache_type) == (8191, 2048, "f16")
+        assert (model.sampling.temperature, model.sampling.top_p) == (0.6, 0.9)
+        assert model.chat_template == "auto"
+    assert settings.platform("discord").dm_mode == "work"
+    assert settings.platform("telegram").token is None
+
+
+def test_environment_supplies_secrets_database_and_api_urls() -> None:
+    env = {
+        "DISCORD_TOKEN": "d-secret",
+        "TELEGRAM_BOT_TOKEN": "t-secret",
+        "BOT_DATABASE_URL": "sqlite+aiosqlite:///elsewhere.db",
+        "TELEGRAM_BASE_URL": "http://127.0.0.1:8081/bot",
+    }
+    raw = {"bot": {"database_url": "sqlite+aiosqlite:///file.db"}}
+    settings = parse_settings(raw, env=env)
+    assert settings.platform("discord").token == "d-secret"
+    assert settings.platform("telegram").token == "t-secret"
+    assert settings.database_url == "sqlite+aiosqlite:///elsewhere.db"
+    assert settings.platform("telegram").api_base_url == "http://127.0.0.1:8081/bot"
+    assert "d-secret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"platforms": {"discord": {"token": "x"}}}, "environment only"),
+        ({"models": {"office": {"n_ctxx": 4096}}}, "n_ctxx"),
+        ({"models": {"writer": {}}}, "unknown model role"),
+        ({"platforms": {"telegram": {"default_mode": "party"}}}, "roleplay' or 'work'"),
+        ({"models": {"office": {"kv_cache_type": "f8"}}}, "kv_cache_type"),
+        ({"bot": {"default_character": "Nobody"}}, "Nobody"),
+    ],
+)
+def test_invalid_settings_are_reported_clearly(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        parse_settings(raw, env={})
+
+
+def test_shipped_example_parses_to_the_defaults() -> None:
+    settings = load_settings(ROOT / "config" / "example.toml", env={})
+    assert settings.models["character"] == parse_settings({}, env={}).models["character"]
+    assert settings.models["office"].load_key() == settings.models["character"].load_key()
+
+
+def test_seed_profile_matches_the_seed_deployment() -> None:
+    settings = load_settings(ROOT / "config" / "seed-llama31-8b-claude.toml", env={})
+    char, office = settings.models["character"], settings.models["office"]
+    assert char.path.endswith("QuantFactory/Meta-Llama-3.1-8B-Claude.Q4_0.gguf")
+    assert office.path.endswith("QuantFactory/Meta-Llama-3.1-8B-Claude.Q4_1.gguf")
+    assert (char.main_gpu, char.n_gpu_layers) == (0, 50)
+    assert (office.main_gpu, office.n_gpu_layers) == (1, -1)
+    for model in (char, office):
+        assert (model.n_ctx, model.n_batch, model.kv_cache_type) == (8191, 2048, "f16")
+        assert model.flash_attn and model.split_mode == "none"
+        assert (model.rope_scaling_type, model.rope_scaling_factor) == ("linear", 2.0)
+        assert model.download_url.startswith("https://huggingface.co/QuantFactory/")
+
+
+def test_config_file_is_chosen_by_argument_then_bot_config(tmp_path: Path) -> None:
+    first = tmp_path / "a.toml"
+    first.write_text('[bot]\nsystem_prompt = "from a"\n')
+    second = tmp_path / "b.toml"
+    second.write_text('[bot]\nsystem_prompt = "from b"\n')
+    assert load_settings(first, env={"BOT_CONFIG": str(second)}).system_prompt == "from a"
+    assert load_settings(None, env={"BOT_CONFIG": str(second)}).system_prompt == "from b"
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "missing.toml", env={})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[bot\n")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings(broken, env={})
+
+
+def test_example_documents_every_model_setting() -> None:
+    from dataclasses import fields
+
+    from ai_model.config import ModelSettings, SamplingSettings
+
+    raw = tomllib.loads((ROOT / "config" / "example.toml").read_text())
+    character = raw["models"]["character"]
+    documented = set(character) | {"sampling"}
+    assert {f.name for f in fields(ModelSettings)} <= documented
+    assert {f.name for f in fields(SamplingSettings)} <= set(character["sampling"])

@@ -1,0 +1,177 @@
+"""The context window: never overflowed, trimmed oldest-first in chunks, system part pinned."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+from ai_model.local import LocalModel
+from ai_model.scripted import ScriptedModel
+from bot.core import ConversationCore
+from bot.messages import IncomingMessage, ReplyKind
+from bot.prompt import PromptTooLong, Turn, fit_window
+from storage.store import NOTICE
+
+WORDS = [
+    "budget",
+    "report",
+    "meeting",
+    "lantern",
+    "dragon",
+    "quarterly",
+    "river",
+    "invoice",
+    "castle",
+    "spreadsheet",
+    "tavern",
+    "deadline",
+    "sword",
+    "client",
+    "harbor",
+    "agenda",
+    "potion",
+    "schedule",
+    "merchant",
+    "forecast",
+]
+
+
+def sentence(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
+
+
+def turns(sizes: list[int]) -> list[Turn]:
+    return [Turn(position=i + 1, message_id=i + 1, tokens=(0,) * n) for i, n in enumerate(sizes)]
+
+
+def test_window_keeps_its_start_until_it_overflows_then_drops_a_chunk() -> None:
+    history = turns([100] * 10)
+    window = fit_window(history, budget=1000, start=0)
+    assert (window.start, window.trimmed, len(window.turns)) == (0, False, 10)
+    grown = turns([100] * 11)
+    window = fit_window(grown, budget=1000, start=0)
+    assert window.trimmed
+    assert sum(len(t.tokens) for t in window.turns) <= 750  # a quarter freed, not one message
+    # The following turns keep the new start: the prompt's front does not move.
+    for extra in range(12, 14):
+        later = fit_window(turns([100] * extra), budget=1000, start=window.start)
+        assert later.start == window.start and not later.trimmed
+
+
+def test_window_rejects_a_single_message_larger_than_the_budget() -> None:
+    try:
+        fit_window(turns([10, 2000]), budget=1000, start=0)
+    except PromptTooLong as exc:
+        assert (exc.needed, exc.available) == (2000, 1000)
+    else:
+        raise AssertionError("expected PromptTooLong")
+
+
+def test_window_never_opens_on_an_orphaned_reply() -> None:
+    history = [
+        Turn(1, 1, (0,) * 300),
+        Turn(1, 2, (0,) * 300),  # reply to 1
+        Turn(3, 3, (0,) * 300),
+        Turn(3, 4, (0,) * 300),  # reply to 3
+        Turn(5, 5, (0,) * 300),
+    ]
+    window = fit_window(history, budget=1000, start=0)
+    assert window.turns[0].position == window.turns[0].message_id
+
+
+async def test_a_long_conversation_never_overflows_the_window(
+    smollm: LocalModel, make_core
+) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(7)
+    scripted = ScriptedModel(
+        lambda _prompt: sentence(rng, 40),
+        tokenizer=smollm,
+        bos=smollm.bos,
+        template=smollm.template,
+    )
+    core: ConversationCore = make_core({"character": scripted, "office": scripted})
+    system = [*smollm.bos, *core._encoder(scripted).system(core.settings.system_prompt)]
+    max_tokens = core.settings.models["office"].sampling.max_tokens
+    total_tokens = 0
+    turn = 0
+    while total_tokens < 20_000:
+        turn += 1
+        text = sentence(rng, rng.randint(60, 240))
+        total_tokens += len(smollm.tokenize(text.encode(), add_bos=False))
+        msg = IncomingMessage("console", "console:long", "u1", "Ann", text, is_dm=True)
+        reply = [r async for r in core.respond(msg)][-1]
+        assert reply.final and reply.kind is ReplyKind.ANSWER
+        total_tokens += len(smollm.tokenize(reply.text.encode(), add_bos=False))
+    assert total_tokens >= 20_000
+    trims = 0
+    for before, prompt in itertools.pairwise(scripted.prompts):
+        # Checked on the actual token list handed to the model.
+        assert len(prompt) + max_tokens <= 8191
+        assert prompt[: len(system)] == system  # the system prompt is never trimmed
+        if prompt[: len(before) - 10] != before[: len(before) - 10]:
+            trims += 1
+    assert len(scripted.prompts) == turn
+    # The history outgrew the window several times, but trimming happened in chunks:
+    # most consecutive prompts share their whole front, so llama.cpp can reuse it.
+    assert 1 <= trims <= turn // 8, (trims, turn)
+    assert max(len(p) for p in scripted.prompts) > 6000
+
+
+async def test_the_real_model_answers_a_conversation_that_outgrows_its_window(
+    smollm_llama: object, make_core
+) -> None:  # type: ignore[no-untyped-def]
+    # A small window keeps this quick on a CPU: prompt evaluation costs ~3 ms a token here.
+
+    from ai_model.config import ModelSettings, SamplingSettings
+    from ai_model.embedded import embedded_model_path
+
+    small = ModelSettings(n_ctx=1024, sampling=SamplingSettings(max_tokens=32, seed=1))
+    model = await asyncio.to_thread(LocalModel.load, small, embedded_model_path(), "small")
+    prompts: list[int] = []
+    original = model.stream
+
+    def recording(tokens, sampling, stop=()):  # type: ignore[no-untyped-def]
+        prompts.append(len(tokens))
+        return original(tokens, sampling, stop)
+
+    model.stream = recording  # type: ignore[method-assign]
+    core: ConversationCore = make_core(
+        {"character": model, "office": model},
+        models={"character": small, "office": small},
+    )
+    rng = random.Random(11)
+    try:
+        for _ in range(8):
+            text = sentence(rng, 120)
+            msg = IncomingMessage("console", "console:edge", "u1", "Ann", text, is_dm=True)
+            reply = [r async for r in core.respond(msg)][-1]
+            assert reply.final and reply.kind is ReplyKind.ANSWER, reply.text
+    finally:
+        model.close()
+    assert max(prompts) + 32 <= 1024
+    conv = await core.conversation("console", "console:edge")
+    assert conv.window_start_id > 1  # the window did move
+
+
+async def test_a_message_too_long_for_the_window_gets_a_clear_reply_and_is_kept(
+    smollm: LocalModel, make_core
+) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(3)
+    scripted = ScriptedModel(["Noted."], tokenizer=smollm, bos=smollm.bos, template=smollm.template)
+    core: ConversationCore = make_core({"character": scripted, "office": scripted})
+    huge = sentence(rng, 9000)
+    msg = IncomingMessage("console", "console:big", "u1", "Ann", huge, is_dm=True)
+    replies = [r async for r in core.respond(msg)]
+    assert len(replies) == 1 and replies[0].kind is ReplyKind.NOTICE
+    assert "too long" in replies[0].text
+    assert scripted.prompts == []  # the model was never asked
+
+    conv = await core.conversation("console", "console:big")
+    assert await core.store.count_messages(conv.id) == 2  # the message and the notice
+    msg = IncomingMessage("console", "console:big", "u1", "Ann", "Short one.", is_dm=True)
+    replies = [r async for r in core.respond(msg)]
+    assert replies[-1].text == "Noted."
+    history = await core.store.history(conv.id)
+    assert [m.text for m in history] == ["Short one.", "Noted."]
+    assert all(m.role != NOTICE for m in history)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from adapters.base import Adapter
 from ai_model.registry import ModelRegistry
 from bot.core import ConversationCore
 from bot.settings import Settings
@@ -51,13 +53,24 @@ async def run_console(settings: Settings) -> None:
 
 async def run_platforms(settings: Settings) -> None:
     """Run every platform with a token in the environment; the console when there is none."""
-    wanted = [name for name in ("discord", "telegram") if settings.platform(name).token]
-    if not wanted:
+    if not any(settings.platform(name).token for name in ("discord", "telegram")):
         log.info("no DISCORD_TOKEN or TELEGRAM_BOT_TOKEN set: opening the console chat")
         await run_console(settings)
         return
-    # The Discord and Telegram adapters are not part of this build yet.
-    for name in wanted:
-        log.error("a %s token is set, but this build has no %s adapter yet", name, name)
-    log.info("opening the console chat instead")
-    await run_console(settings)
+    async with open_app(settings) as app:
+        adapters: list[Adapter] = []
+        if settings.platform("telegram").token:
+            from adapters.telegram import TelegramAdapter
+
+            adapters.append(TelegramAdapter(app.core, settings.platform("telegram")))
+        if settings.platform("discord").token:
+            log.error("DISCORD_TOKEN is set, but this build has no Discord adapter yet")
+        if not adapters:
+            return
+        try:
+            async with asyncio.TaskGroup() as group:
+                for adapter in adapters:
+                    group.create_task(adapter.start())
+        finally:
+            for adapter in adapters:
+                await adapter.stop()

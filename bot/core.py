@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -16,7 +17,7 @@ from typing import Protocol
 from ai_model.base import ChatModel, ModelError
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, TurnEncoder, clean_name, fit_window
-from bot.settings import ROLE_FOR_MODE, Mode, Settings, parse_mode
+from bot.settings import ROLE_FOR_MODE, Character, Mode, Settings, parse_mode
 from storage.store import ASSISTANT, NOTICE, USER, Conversation, Store
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,25 @@ class ModelProvider(Protocol):
     """Where the core gets the model of a role (``ai_model.registry.ModelRegistry``)."""
 
     async def get(self, role: str) -> ChatModel: ...
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """A place in a conversation's answering queue."""
+
+    channel: _Channel
+    previous: asyncio.Future[None] | None
+    mine: asyncio.Future[None]
+
+    async def wait(self) -> None:
+        if self.previous is not None and not self.previous.done():
+            await asyncio.wait({self.previous})
+
+    def release(self) -> None:
+        if not self.mine.done():
+            self.mine.set_result(None)
+        if self.channel.tail is self.mine:
+            self.channel.tail = None
 
 
 @dataclass(slots=True)
@@ -74,11 +94,32 @@ class ConversationCore:
         conv = self._conversations[key] = replace(conv, mode=mode)
         return conv
 
-    async def set_character(self, platform: str, key: str, name: str) -> Conversation:
+    async def set_character(self, platform: str, key: str, name: str) -> Character | None:
+        """Give the conversation the named character; None (and no change) if it is unknown."""
+        char = self.settings.characters.get(name.strip().lower())
+        if char is None:
+            return None
         conv = await self.conversation(platform, key)
-        await self.store.set_character(conv.id, name)
-        conv = self._conversations[key] = replace(conv, character=name)
-        return conv
+        await self.store.set_character(conv.id, char.name)
+        self._conversations[key] = replace(conv, character=char.name)
+        return char
+
+    async def character_of(self, platform: str, key: str) -> Character:
+        conv = await self.conversation(platform, key)
+        return self.settings.character(conv.character)
+
+    async def greeting(self, platform: str, key: str, is_dm: bool) -> OutgoingReply:
+        """What /start says: the character's greeting in roleplay, an introduction otherwise."""
+        conv = await self.conversation(platform, key)
+        if self.mode_of(conv, is_dm) == "roleplay":
+            char = self.settings.character(conv.character)
+            text = char.greeting or f"*{char.name} looks up and smiles.*"
+            return OutgoingReply(key, text, final=True, speaker=char.name)
+        text = (
+            "Hello! I am the office assistant. Ask me anything: drafts, summaries, plans. "
+            "Send /help for the commands."
+        )
+        return OutgoingReply(key, text, final=True)
 
     async def reset(self, platform: str, key: str) -> None:
         """Start afresh: earlier messages stay stored but no longer reach the model."""
@@ -109,16 +150,26 @@ class ConversationCore:
             channel = self._channels[key] = _Channel()
         return channel
 
+    def _ticket(self, key: str) -> _Ticket:
+        """Take the next answering turn of ``key`` (synchronously: arrival order is kept)."""
+        channel = self._channel(key)
+        ticket = _Ticket(channel, channel.tail, asyncio.get_running_loop().create_future())
+        channel.tail = ticket.mine
+        return ticket
+
     async def respond(self, msg: IncomingMessage) -> AsyncIterator[OutgoingReply]:
-        """Store ``msg`` and, if it addresses the bot, yield the streamed reply to it."""
+        """Store ``msg`` and, if it is for the bot, yield the streamed reply to it.
+
+        A message is for the bot when the adapter says it addresses the bot (DM, mention, reply,
+        command) or, in a roleplay channel, when it names the character.  The first snapshot
+        yielded is an empty "accepted" one, sent before waiting for the turn, so adapters can
+        show a typing indicator at once; nothing is yielded for messages only stored.
+        """
         channel = self._channel(msg.conversation_key)
-        previous: asyncio.Future[None] | None = None
-        mine: asyncio.Future[None] | None = None
-        if msg.addresses_bot:
-            # Taking the ticket before the first await fixes the answering order on arrival.
-            previous = channel.tail
-            mine = channel.tail = asyncio.get_running_loop().create_future()
+        ticket: _Ticket | None = None
         try:
+            # The intake lock is first come, first served: messages are stored, and their
+            # answering turns taken, in arrival order.
             async with channel.intake:
                 conv = await self.conversation(msg.platform, msg.conversation_key)
                 user_id = await self.store.add_message(
@@ -129,17 +180,48 @@ class ConversationCore:
                     author_name=msg.author_name,
                     platform_message_id=msg.platform_message_id,
                 )
-            if mine is None:
+                if msg.addresses_bot or self._names_character(conv, msg):
+                    ticket = self._ticket(msg.conversation_key)
+            if ticket is None:
                 return
-            if previous is not None and not previous.done():
-                await asyncio.wait({previous})
+            yield OutgoingReply(msg.conversation_key, "", reply_to=msg.platform_message_id)
+            await ticket.wait()
             async for reply in self._answer(msg, user_id):
                 yield reply
         finally:
-            if mine is not None and not mine.done():
-                mine.set_result(None)
-            if channel.tail is mine and mine is not None:
-                channel.tail = None
+            if ticket is not None:
+                ticket.release()
+
+    def _names_character(self, conv: Conversation, msg: IncomingMessage) -> bool:
+        if self.mode_of(conv, msg.is_dm) != "roleplay":
+            return False
+        name = self.settings.character(conv.character).name
+        return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", msg.text, re.IGNORECASE) is not None
+
+    async def regenerate(
+        self, platform: str, key: str, is_dm: bool
+    ) -> AsyncIterator[OutgoingReply]:
+        """Answer the last answered message again; the replaced reply stays stored."""
+        ticket = self._ticket(key)
+        try:
+            await ticket.wait()
+            conv = await self.conversation(platform, key)
+            last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
+            if last is None or last.reply_to_id is None:
+                yield OutgoingReply(
+                    key,
+                    "There is no reply of mine to regenerate yet.",
+                    final=True,
+                    kind=ReplyKind.NOTICE,
+                )
+                return
+            # Out of context, not deleted: earlier versions stay in the database.
+            await self.store.update_message(last.id, in_context=False)
+            question = IncomingMessage(platform, key, "", "", "", is_dm=is_dm)
+            async for reply in self._answer(question, last.reply_to_id):
+                yield reply
+        finally:
+            ticket.release()
 
     def _encoder(self, model: ChatModel) -> TurnEncoder:
         entry = self._encoders.get(id(model))

@@ -63,6 +63,14 @@ def _conversation(row: Row[Any]) -> Conversation:
     )
 
 
+def _message(r: Row[Any]) -> StoredMessage:
+    return StoredMessage(
+        id=r.id, role=r.role, text=r.text, author_id=r.author_id, author_name=r.author_name,
+        token_count=r.token_count, reply_to_id=r.reply_to_id, in_context=r.in_context,
+        platform_message_id=r.platform_message_id,
+    )
+
+
 class Store:
     """Queries over one database engine; safe to share between tasks."""
 
@@ -203,20 +211,24 @@ class Store:
         query = query.order_by(position, messages.c.id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            StoredMessage(
-                id=r.id,
-                role=r.role,
-                text=r.text,
-                author_id=r.author_id,
-                author_name=r.author_name,
-                token_count=r.token_count,
-                reply_to_id=r.reply_to_id,
-                in_context=r.in_context,
-                platform_message_id=r.platform_message_id,
+        return [_message(r) for r in rows]
+
+    async def last_reply(self, conversation_id: int, after_id: int = 0) -> StoredMessage | None:
+        """The newest bot reply still in context (what /regenerate replaces)."""
+        query = (
+            select(messages)
+            .where(
+                messages.c.conversation_id == conversation_id,
+                messages.c.role == ASSISTANT,
+                messages.c.in_context.is_(True),
+                messages.c.id > after_id,
             )
-            for r in rows
-        ]
+            .order_by(messages.c.id.desc())
+            .limit(1)
+        )
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(query)).first()
+        return _message(r) if r is not None else None
 
     async def count_messages(self, conversation_id: int) -> int:
         async with self.engine.connect() as conn:

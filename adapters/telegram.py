@@ -1,0 +1,417 @@
+"""Telegram adapter: python-telegram-bot ``Application`` with long polling.
+
+DMs are always answered; in groups the bot answers when @mentioned, replied to, or addressed by a
+command, and in roleplay groups also when the character is named.  Replies stream by editing,
+throttled for Telegram's flood limits; the final edit is HTML with a plain-text fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from telegram import BotCommand, Message, ReplyParameters, Update
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEntityType, ParseMode
+from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
+
+from adapters.base import SentMessage
+from adapters.streaming import StreamLimits, stream_reply
+from adapters.text import split_message, to_telegram_html
+from bot.core import ConversationCore
+from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+DEFAULT_BASE_URL = "https://api.telegram.org/bot"
+MAX_MESSAGE_CHARS = 4096
+# About one message per second per chat is allowed; edits count too, so stay well below it.
+EDIT_INTERVAL_S = 1.5
+MIN_NEW_CHARS = 40
+TYPING_EVERY_S = 4.5  # a chat action shows for about 5 seconds
+MAX_RETRIES = 5
+ADMIN_STATUSES = {ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER}
+
+COMMANDS = (
+    ("start", "Say hello (in roleplay: the character's greeting)"),
+    ("help", "What I do here and my commands"),
+    ("reset", "Start a fresh conversation (admins, in groups)"),
+    ("mode", "roleplay or work (admins, in groups)"),
+    ("character", "Show or choose the character (admins, in groups)"),
+    ("regenerate", "Write my last reply again"),
+)
+
+T = TypeVar("T")
+
+
+def conversation_key(chat_id: int) -> str:
+    return f"{PLATFORM}:{chat_id}"
+
+
+def _retry_after_seconds(exc: RetryAfter) -> float:
+    with warnings.catch_warnings():  # PTB 22 warns that the type will become timedelta
+        warnings.simplefilter("ignore")
+        value = exc.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+class TelegramAdapter:
+    """Connects the core to Telegram (or any Bot-API-compatible server)."""
+
+    name = PLATFORM
+    MAX_MESSAGE_CHARS = MAX_MESSAGE_CHARS
+
+    def __init__(
+        self,
+        core: ConversationCore,
+        settings: PlatformSettings,
+        *,
+        poll_timeout: float = 10.0,
+        limits: StreamLimits | None = None,
+    ) -> None:
+        if not settings.token:
+            raise ValueError("TELEGRAM_BOT_TOKEN is not set")
+        self.core = core
+        self.limits = limits or StreamLimits(MAX_MESSAGE_CHARS, EDIT_INTERVAL_S, MIN_NEW_CHARS)
+        self.poll_timeout = poll_timeout
+        base_url = settings.api_base_url or DEFAULT_BASE_URL
+        self.app = (
+            Application.builder()
+            .token(settings.token)
+            .base_url(base_url)
+            .base_file_url(base_url.replace("/bot", "/file/bot"))
+            .concurrent_updates(True)
+            .build()
+        )
+        self._stopped = asyncio.Event()
+        self._add_handlers()
+
+    def _add_handlers(self) -> None:
+        app = self.app
+        only_new = filters.UpdateType.MESSAGE
+        for name, callback in (
+            ("start", self._cmd_start),
+            ("help", self._cmd_help),
+            ("reset", self._cmd_reset),
+            ("mode", self._cmd_mode),
+            ("character", self._cmd_character),
+            ("regenerate", self._cmd_regenerate),
+        ):
+            app.add_handler(CommandHandler(name, callback, filters=only_new))
+        app.add_handler(MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, self._on_text))
+        app.add_handler(MessageHandler(only_new & filters.CAPTION, self._on_text))
+        unsupported = filters.Sticker.ALL | filters.PHOTO | filters.VOICE | filters.VIDEO
+        app.add_handler(
+            MessageHandler(only_new & (unsupported | filters.Document.ALL), self._on_other)
+        )
+        app.add_error_handler(self._on_error)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, register the command menu, poll until :meth:`stop`."""
+        await self.app.initialize()
+        try:
+            await self._retrying(
+                lambda: self.app.bot.set_my_commands([BotCommand(n, d) for n, d in COMMANDS])
+            )
+            await self.app.start()
+            assert self.app.updater is not None
+            await self.app.updater.start_polling(
+                poll_interval=0.0, timeout=int(self.poll_timeout), drop_pending_updates=False
+            )
+            log.info("telegram: polling as @%s", self.app.bot.username)
+            await self._stopped.wait()
+        finally:
+            if self.app.updater is not None and self.app.updater.running:
+                await self.app.updater.stop()
+            if self.app.running:
+                await self.app.stop()
+            await self.app.shutdown()
+
+    async def stop(self) -> None:
+        self._stopped.set()
+
+    # -- sending ------------------------------------------------------------------------------
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a Bot API call, waiting out flood-control answers instead of losing the text."""
+        for attempt in range(MAX_RETRIES):
+            try:
+                return await call()
+            except RetryAfter as exc:
+                wait = _retry_after_seconds(exc)
+                log.warning("telegram: flood control, waiting %.1fs (attempt %d)", wait, attempt)
+                await asyncio.sleep(wait)
+        return await call()
+
+    async def send(self, reply: OutgoingReply) -> SentMessage:
+        """Send a whole reply (split at Telegram's limit); returns its first message."""
+        chat_id = self._chat_id(reply.conversation_key)
+        ids = await stream_reply(
+            _chain(reply, _nothing()), _ChatSink(self, chat_id, None), self.limits
+        )
+        return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
+
+    async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
+        """Replace a sent message's text (its first chunk, if the text is too long)."""
+        chunk = (split_message(reply.text, MAX_MESSAGE_CHARS) or [reply.text])[0]
+        sink = _ChatSink(self, self._chat_id(reply.conversation_key), None)
+        await sink.edit_chunk(sent.message_id, chunk, reply, reply.final)
+        return SentMessage(sent.conversation_key, sent.message_id, chunk)
+
+    def _chat_id(self, key: str) -> int:
+        return int(key.split(":", 1)[1])
+
+    async def _stream(
+        self, chat_id: int, replies: AsyncIterator[OutgoingReply], reply_to: int | None
+    ) -> list[str]:
+        """Stream ``replies`` into the chat; nothing is sent when the core stays silent."""
+        first = await anext(replies, None)
+        if first is None:
+            return []
+        sink = _ChatSink(self, chat_id, reply_to)
+        typing = asyncio.create_task(self._typing(chat_id))
+        try:
+            return await stream_reply(_chain(first, replies), sink, self.limits)
+        finally:
+            typing.cancel()
+
+    async def _typing(self, chat_id: int) -> None:
+        while True:
+            try:
+                await self.app.bot.send_chat_action(chat_id, ChatAction.TYPING)
+            except TelegramError as exc:  # cosmetic: never let it break a reply
+                log.debug("telegram: chat action failed: %s", exc)
+            await asyncio.sleep(TYPING_EVERY_S)
+
+    async def _say(self, message: Message, text: str) -> None:
+        await self._retrying(lambda: message.reply_text(text))
+
+    # -- incoming -----------------------------------------------------------------------------
+
+    def _incoming(self, message: Message, text: str, mentions: bool) -> IncomingMessage:
+        user = message.from_user
+        assert user is not None
+        return IncomingMessage(
+            platform=PLATFORM,
+            conversation_key=conversation_key(message.chat_id),
+            author_id=str(user.id),
+            author_name=user.full_name or user.username or str(user.id),
+            text=text,
+            mentions_bot=mentions,
+            is_dm=message.chat.type == ChatType.PRIVATE,
+            platform_message_id=str(message.message_id),
+        )
+
+    def _mentions_bot(self, message: Message, text: str) -> bool:
+        """DM, reply to the bot or @mention (naming the character is the core's business)."""
+        if message.chat.type == ChatType.PRIVATE:
+            return True
+        bot = self.app.bot
+        reply = message.reply_to_message
+        if reply is not None and reply.from_user is not None and reply.from_user.id == bot.id:
+            return True
+        handle = f"@{bot.username}".lower()
+        entities = message.parse_entities([MessageEntityType.MENTION]) if message.text else {}
+        return any(value.lower() == handle for value in entities.values()) or (
+            handle in text.lower()
+        )
+
+    async def _on_text(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return
+        text = (message.text or message.caption or "").strip()
+        if not text:
+            return
+        handle = re.compile(rf"@{re.escape(self.app.bot.username or '')}\b", re.IGNORECASE)
+        clean = handle.sub("", text).strip() or text
+        msg = self._incoming(message, clean, self._mentions_bot(message, text))
+        reply_to = None if msg.is_dm else message.message_id
+        await self._stream(message.chat_id, self.core.respond(msg), reply_to)
+
+    async def _on_other(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.chat.type != ChatType.PRIVATE:
+            return  # in groups, media is none of the bot's business
+        await self._say(message, "I can only read text for now — please send it as a message.")
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("telegram: error while handling an update", exc_info=context.error)
+
+    # -- commands -----------------------------------------------------------------------------
+
+    async def _is_admin(self, message: Message) -> bool:
+        if message.chat.type == ChatType.PRIVATE:
+            return True
+        assert message.from_user is not None
+        member = await self._retrying(
+            lambda: self.app.bot.get_chat_member(message.chat_id, message.from_user.id)  # type: ignore[union-attr]
+        )
+        return member.status in ADMIN_STATUSES
+
+    @staticmethod
+    def _message(update: Update) -> Message | None:
+        message = update.effective_message
+        return message if message is not None and message.from_user is not None else None
+
+    async def _cmd_start(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        is_dm = message.chat.type == ChatType.PRIVATE
+        greeting = await self.core.greeting(PLATFORM, conversation_key(message.chat_id), is_dm)
+        await self.send(greeting)
+
+    async def _cmd_help(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        is_dm = message.chat.type == ChatType.PRIVATE
+        text = await self.core.help_text(PLATFORM, conversation_key(message.chat_id), is_dm)
+        extra = "\n".join(f"/{n} — {d}" for n, d in COMMANDS)
+        where = (
+            ""
+            if is_dm
+            else "\nIn this group I answer when mentioned, replied to, or (in roleplay) named."
+        )
+        await self._say(message, f"{text.split('Commands:')[0].strip()}{where}\n\n{extra}")
+
+    async def _refuse_unless_admin(self, message: Message, what: str) -> bool:
+        if await self._is_admin(message):
+            return False
+        await self._say(message, f"Only chat administrators can {what} in this group.")
+        return True
+
+    async def _cmd_reset(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        if await self._refuse_unless_admin(message, "reset the conversation"):
+            return
+        await self.core.reset(PLATFORM, conversation_key(message.chat_id))
+        await self._say(message, "Started a fresh conversation. Earlier messages stay stored.")
+
+    async def _cmd_mode(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        mode = parse_mode(" ".join(ctx.args or []))
+        if mode is None:
+            await self._say(message, "Usage: /mode roleplay or /mode work")
+            return
+        if await self._refuse_unless_admin(message, "change the mode"):
+            return
+        await self.core.set_mode(PLATFORM, conversation_key(message.chat_id), mode)
+        await self._say(message, f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers.")
+
+    async def _cmd_character(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        key = conversation_key(message.chat_id)
+        name = " ".join(ctx.args or []).strip()
+        names = ", ".join(c.name for c in self.core.settings.characters.values())
+        if not name:
+            current = await self.core.character_of(PLATFORM, key)
+            await self._say(message, f"Character here: {current.name}. Available: {names}.")
+            return
+        if await self._refuse_unless_admin(message, "change the character"):
+            return
+        char = await self.core.set_character(PLATFORM, key, name)
+        if char is None:
+            await self._say(message, f"I don't know a character called {name}. Try: {names}.")
+            return
+        await self._say(message, f"{char.name} takes the stage. (Used in roleplay mode.)")
+
+    async def _cmd_regenerate(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        is_dm = message.chat.type == ChatType.PRIVATE
+        key = conversation_key(message.chat_id)
+        await self._stream(message.chat_id, self.core.regenerate(PLATFORM, key, is_dm), None)
+
+
+async def _chain(
+    first: OutgoingReply, rest: AsyncIterator[OutgoingReply]
+) -> AsyncIterator[OutgoingReply]:
+    yield first
+    async for reply in rest:
+        yield reply
+
+
+async def _nothing() -> AsyncIterator[OutgoingReply]:
+    return
+    yield
+
+
+class _ChatSink:
+    """Writes one reply's messages into a chat: plain while streaming, HTML when final."""
+
+    def __init__(self, adapter: TelegramAdapter, chat_id: int, reply_to: int | None) -> None:
+        self.adapter = adapter
+        self.bot = adapter.app.bot
+        self.chat_id = chat_id
+        self.reply_to = reply_to
+
+    def _formatted(self, reply: OutgoingReply, final: bool) -> bool:
+        return final and reply.kind is ReplyKind.ANSWER
+
+    @staticmethod
+    def _html(text: str) -> str | None:
+        """The chunk as HTML, or None when markup and escapes would push it over the limit."""
+        html = to_telegram_html(text)
+        return html if len(html) <= MAX_MESSAGE_CHARS else None
+
+    async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
+        params = (
+            ReplyParameters(self.reply_to, allow_sending_without_reply=True)
+            if self.reply_to is not None
+            else None
+        )
+        self.reply_to = None  # continuation messages follow the first one
+
+        html = self._html(text) if self._formatted(reply, final) else None
+
+        async def call(formatted: bool) -> Any:
+            return await self.bot.send_message(
+                self.chat_id,
+                html if formatted and html else text,
+                parse_mode=ParseMode.HTML if formatted else None,
+                reply_parameters=params,
+            )
+
+        sent = await self._with_fallback(call, html is not None)
+        return str(sent.message_id)
+
+    async def edit_chunk(
+        self, message_id: str, text: str, reply: OutgoingReply, final: bool
+    ) -> None:
+        html = self._html(text) if self._formatted(reply, final) else None
+
+        async def call(formatted: bool) -> Any:
+            return await self.bot.edit_message_text(
+                html if formatted and html else text,
+                chat_id=self.chat_id,
+                message_id=int(message_id),
+                parse_mode=ParseMode.HTML if formatted else None,
+            )
+
+        try:
+            await self._with_fallback(call, html is not None)
+        except BadRequest as exc:
+            if "not modified" not in str(exc).lower():
+                raise
+
+    async def _with_fallback(self, call: Callable[[bool], Awaitable[Any]], html: bool) -> Any:
+        if html:
+            try:
+                return await self.adapter._retrying(lambda: call(True))
+            except BadRequest as exc:
+                if "parse entities" not in str(exc).lower():
+                    raise
+                log.info("telegram: formatting rejected (%s), sending plain text", exc)
+        return await self.adapter._retrying(lambda: call(False))

@@ -1,0 +1,254 @@
+"""The Telegram adapter end to end: real python-telegram-bot against a local Bot API server."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from adapters.streaming import StreamLimits
+from adapters.telegram import COMMANDS, TelegramAdapter
+from ai_model.scripted import ScriptedModel
+from bot.core import ConversationCore
+from bot.settings import PlatformSettings, Settings
+from storage import Store
+from tests.conftest import FixedModels
+from tests.fake_telegram import BOT, FakeTelegram
+from tests.test_core import text_of
+
+DM = 501  # a private chat's id is the user's id
+GROUP = -100200
+ANN, BOB = 501, 502
+
+
+@pytest.fixture
+async def telegram() -> AsyncIterator[FakeTelegram]:
+    server = FakeTelegram()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+Harness = tuple[FakeTelegram, ScriptedModel, ScriptedModel, ConversationCore]
+
+
+@pytest.fixture
+async def bot(
+    telegram: FakeTelegram, settings: Settings, store: Store
+) -> AsyncIterator[Callable[..., Any]]:
+    running: list[tuple[TelegramAdapter, asyncio.Task[None]]] = []
+
+    async def start(
+        office_script: Any = ("Here you go.",), character_script: Any = ("*Mira nods.*",)
+    ) -> Harness:
+        office = ScriptedModel(office_script)
+        character = ScriptedModel(character_script)
+        core = ConversationCore(
+            settings, store, FixedModels({"office": office, "character": character})
+        )
+        platform = PlatformSettings(token="123:TEST", api_base_url=telegram.base_url)
+        adapter = TelegramAdapter(
+            core, platform, poll_timeout=1, limits=StreamLimits(4096, 0.05, 10)
+        )
+        task = asyncio.create_task(adapter.start())
+        running.append((adapter, task))
+        await telegram.wait_for(lambda: "setMyCommands" in telegram.methods())
+        return telegram, office, character, core
+
+    yield start
+    for adapter, task in running:
+        await adapter.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def last_text(server: FakeTelegram, chat_id: int) -> str:
+    return server.bot_messages(chat_id)[-1].text
+
+
+async def wait_reply_count(server: FakeTelegram, chat_id: int, count: int) -> None:
+    await server.wait_for(lambda: len(server.bot_messages(chat_id)) >= count)
+
+
+async def test_commands_menu_is_registered(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot()
+    assert [c["command"] for c in server.commands] == [name for name, _ in COMMANDS]
+
+
+async def test_dm_exchange_streams_with_edits_and_typing(bot: Callable[..., Any]) -> None:
+    long_answer = " ".join(f"word{i}" for i in range(60)) + " **done**"
+    server, office, *_ = await bot(office_script=[long_answer])
+    office.delay = 0.01
+    server.push(DM, ANN, "Ann", "Write me sixty words please")
+    await server.wait_for(
+        lambda: server.bot_messages(DM) and server.bot_messages(DM)[-1].parse_mode == "HTML"
+    )
+    message = server.bot_messages(DM)[-1]
+    assert message.text.endswith("<b>done</b>")  # the final edit is formatted
+    assert len(message.edits) >= 2  # streamed: several edits before the final one
+    assert "sendChatAction" in server.methods()
+    assert message.reply_to is None  # DMs need no reply threading
+    assert "Ann: Write me sixty words please" in text_of(office.prompts[-1])
+
+
+async def test_start_help_reset_and_regenerate_in_a_dm(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot(office_script=["First answer.", "Second answer."])
+    server.push(DM, ANN, "Ann", "/start")
+    await wait_reply_count(server, DM, 1)
+    assert "office assistant" in last_text(server, DM)
+    server.push(DM, ANN, "Ann", "/help")
+    await wait_reply_count(server, DM, 2)
+    assert "/mode" in last_text(server, DM) and "/regenerate" in last_text(server, DM)
+    server.push(DM, ANN, "Ann", "Tell me something")
+    await server.wait_for(lambda: last_text(server, DM) == "First answer.")
+    server.push(DM, ANN, "Ann", "/regenerate")
+    await server.wait_for(lambda: last_text(server, DM) == "Second answer.")
+    assert text_of(office.prompts[1]).count("Tell me something") == 1
+    assert "First answer." not in text_of(office.prompts[1])  # replaced, not stacked
+    server.push(DM, ANN, "Ann", "/reset")
+    await server.wait_for(lambda: "fresh conversation" in last_text(server, DM))
+
+
+async def test_group_mode_and_character_need_an_admin(bot: Callable[..., Any]) -> None:
+    server, _, _, core = await bot()
+    server.push(GROUP, BOB, "Bob", "/mode roleplay")
+    await wait_reply_count(server, GROUP, 1)
+    assert "Only chat administrators can change the mode" in last_text(server, GROUP)
+    server.push(GROUP, BOB, "Bob", "/character Mira")
+    await wait_reply_count(server, GROUP, 2)
+    assert "Only chat administrators" in last_text(server, GROUP)
+    server.admins.add((GROUP, ANN))
+    server.push(GROUP, ANN, "Ann", "/mode roleplay")
+    await wait_reply_count(server, GROUP, 3)
+    assert "Mode set to roleplay" in last_text(server, GROUP)
+    server.push(GROUP, ANN, "Ann", "/character Nobody")
+    await wait_reply_count(server, GROUP, 4)
+    assert "don't know a character called Nobody" in last_text(server, GROUP)
+    server.push(GROUP, ANN, "Ann", "/character")
+    await wait_reply_count(server, GROUP, 5)
+    assert "Character here: Mira" in last_text(server, GROUP)
+    server.push(GROUP, BOB, "Bob", "/start")
+    await wait_reply_count(server, GROUP, 6)
+    assert "Welcome to the Lantern Inn" in last_text(server, GROUP)  # the character's greeting
+    conv = await core.conversation("telegram", f"telegram:{GROUP}")
+    assert conv.mode == "roleplay"
+
+
+async def test_two_player_roleplay_triggers_and_names(bot: Callable[..., Any]) -> None:
+    server, _, character, core = await bot(character_script=["*Mira pours two ales.*"])
+    await core.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
+    server.push(GROUP, BOB, "Bob", "I lean on the bar and look around.")  # not addressed
+    server.push(GROUP, ANN, "Ann", "Mira, two ales please!")  # names the character
+    await wait_reply_count(server, GROUP, 1)
+    first = server.bot_messages(GROUP)[0]
+    assert first.reply_to is not None  # threaded to Ann's message
+    prompt = text_of(character.prompts[-1])
+    assert "Bob: I lean on the bar and look around." in prompt
+    assert "Ann: Mira, two ales please!" in prompt
+    assert {"\nAnn:", "\nBob:"} <= set(character.stops[-1])
+    server.push(GROUP, BOB, "Bob", "Thanks!", reply_to=first.message_id)  # reply trigger
+    await wait_reply_count(server, GROUP, 2)
+    assert len(character.prompts) == 2
+
+
+async def test_work_group_answers_mentions_only(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot()
+    server.push(GROUP, ANN, "Ann", "lunch anyone?")
+    server.push(GROUP, ANN, "Ann", f"@{BOT['username']} draft the agenda")
+    await wait_reply_count(server, GROUP, 1)
+    assert len(office.prompts) == 1
+    prompt = text_of(office.prompts[0])
+    assert "Ann: draft the agenda" in prompt and "Ann: lunch anyone?" in prompt
+
+
+async def test_a_long_reply_is_split_at_lines_outside_code(bot: Callable[..., Any]) -> None:
+    prose = "\n".join(f"Line {i}: the quarterly numbers look fine this time." for i in range(70))
+    code = "```python\n" + "\n".join(f"print({i} < {i + 1})" for i in range(600)) + "\n```"
+    answer = f"{prose}\n\n{code}\n\nThat is all."
+    server, *_ = await bot(office_script=[answer])
+    server.push(DM, ANN, "Ann", "Give me a long report")
+    await server.wait_for(
+        lambda: server.bot_messages(DM) and "That is all." in last_text(server, DM)
+    )
+    await asyncio.sleep(0.2)
+    messages = server.bot_messages(DM)
+    assert len(messages) >= 3
+    shown = []
+    for m in messages:
+        assert len(m.text) <= 4096
+        if m.parse_mode == "HTML":
+            assert m.text.count("<pre>") == m.text.count("</pre>")  # never cut inside code
+            shown.append(html.unescape(re.sub(r"</?(pre|code)[^>]*>", "", m.text)))
+        else:  # sent plain because markup and escapes would not fit: fences still balanced
+            assert m.text.count("```") % 2 == 0
+            shown.append(m.text)
+    joined = "\n".join(shown)
+    assert all(f"Line {i}:" in joined for i in range(70))
+    assert all(f"print({i} < {i + 1})" in joined for i in range(600))
+    assert any(m.parse_mode == "HTML" for m in messages)
+
+
+async def test_rejected_formatting_falls_back_to_plain_text(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot(office_script=["**Bold** claim & more"])
+    server.fail_next["editMessageText"] = "parse"
+    server.fail_next["sendMessage"] = "parse"
+    server.push(DM, ANN, "Ann", "hi")
+    await server.wait_for(lambda: server.bot_messages(DM) and "claim" in last_text(server, DM))
+    await asyncio.sleep(0.2)
+    message = server.bot_messages(DM)[-1]
+    assert message.text == "**Bold** claim & more" and message.parse_mode is None
+    assert "editMessageText" not in server.fail_next or "sendMessage" not in server.fail_next
+
+
+async def test_flood_control_is_waited_out(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot(office_script=["Delivered despite the flood."])
+    server.fail_next["sendMessage"] = "flood"
+    server.push(DM, ANN, "Ann", "hello?")
+    await server.wait_for(
+        lambda: server.bot_messages(DM) and "Delivered" in last_text(server, DM), timeout=30
+    )
+    sends = [p for m, p in server.calls if m == "sendMessage"]
+    assert len(sends) >= 2  # the refused call was made again
+
+
+async def test_other_update_kinds_are_ignored_or_noted(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot()
+    server.push(GROUP, ANN, "Ann", None, extra={"sticker": _sticker()})
+    server.push(GROUP, ANN, "Ann", None, extra={"new_chat_members": [{"id": 9, "is_bot": False, "first_name": "Cy"}]})
+    first = server.push(DM, ANN, "Ann", "typo")
+    server.push(DM, ANN, "Ann", "edited text", kind="edited_message", extra={"message_id": first, "edit_date": 1})
+    server.push(DM, ANN, "Ann", None, extra={"sticker": _sticker()})
+    server.push(DM, ANN, "Ann", None, extra={"photo": [_photo()]})
+    server.push(DM, ANN, "Ann", "still there?")
+    await server.wait_for(lambda: len(server.bot_messages(DM)) >= 4)
+    texts = [m.text for m in server.bot_messages(DM)]
+    assert sum("only read text" in t for t in texts) == 2  # sticker and photo notes
+    assert server.bot_messages(GROUP) == []
+    assert len(office.prompts) == 2  # "typo" and "still there?"; the edit was ignored
+    assert "edited text" not in text_of(office.prompts[-1])
+
+
+def _sticker() -> dict[str, Any]:
+    return {
+        "file_id": "s1", "file_unique_id": "u1", "type": "regular", "width": 512,
+        "height": 512, "is_animated": False, "is_video": False,
+    }
+
+
+def _photo() -> dict[str, Any]:
+    return {"file_id": "p1", "file_unique_id": "pu1", "width": 90, "height": 90}
+
+
+def test_settings_base_url_env_reaches_the_adapter(settings: Settings) -> None:
+    from bot.settings import parse_settings
+
+    parsed = parse_settings({}, env={"TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_BASE_URL": "http://127.0.0.1:9/bot"})
+    adapter = TelegramAdapter(
+        ConversationCore(replace(settings), None, FixedModels({})),  # type: ignore[arg-type]
+        parsed.platform("telegram"),
+    )
+    assert adapter.app.bot.base_url.startswith("http://127.0.0.1:9/bot")

@@ -35,12 +35,17 @@ class Adapter(Protocol):
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage: ...
 
 
-async def deliver(adapter: Adapter, replies: AsyncIterator[OutgoingReply]) -> SentMessage | None:
-    """Send the first snapshot of a reply and edit it with each later one."""
+async def deliver(adapter: Adapter, replies: AsyncIterator[OutgoingReply]) -> list[SentMessage]:
+    """Send each reply's first snapshot and edit it with the later ones; a final snapshot
+    closes that reply, and the next snapshot starts a new message."""
+    done: list[SentMessage] = []
     sent: SentMessage | None = None
     async for reply in replies:
         if sent is None:
             sent = await adapter.send(reply)
         else:
             sent = await adapter.edit(sent, reply)
-    return sent
+        if reply.final:
+            done.append(sent)
+            sent = None
+    return done

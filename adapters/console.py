@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
+from collections.abc import AsyncIterator
 from typing import TextIO
 
 from adapters.base import SentMessage, deliver
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "console"
 PROMPT = "you> "
+PENDING = "pending"
 
 
 class ConsoleAdapter:
@@ -72,17 +74,42 @@ class ConsoleAdapter:
         self._stopped.set()
 
     async def send(self, reply: OutgoingReply) -> SentMessage:
+        if not reply.text and not reply.final:  # accepted, nothing to show yet
+            return SentMessage(self.key, PENDING, "")
         self._write(f"{reply.speaker or 'bot'}> ")
         return await self.edit(SentMessage(self.key, "console", ""), reply)
 
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
+        if sent.message_id == PENDING and reply.text:
+            # First text after the empty "accepted" snapshot: the speaker's name goes first.
+            self._write(f"{reply.speaker or 'bot'}> ")
+            sent = SentMessage(sent.conversation_key, "console", "")
         if reply.kind is not ReplyKind.ANSWER:
             # Notices and apologies replace whatever was streamed so far.
             self._write(("\n" if sent.text else "") + reply.text + "\n")
             return SentMessage(sent.conversation_key, sent.message_id, reply.text)
         new = reply.text[len(sent.text) :] if reply.text.startswith(sent.text) else reply.delta
-        self._write(new + ("\n" if reply.final else ""))
+        counter = f"  ({reply.swipe[0]}/{reply.swipe[1]}, /swipe for others)" if reply.swipe else ""
+        self._write(new + (counter + "\n" if reply.final else ""))
         return SentMessage(sent.conversation_key, sent.message_id, reply.text)
+
+    async def _open_scene(self) -> None:
+        greeting = await self.core.open_scene(PLATFORM, self.key, is_dm=True, user=self.user)
+        if greeting is not None:
+            await deliver(self, _single(greeting))
+
+    async def _character(self, name: str) -> None:
+        if not name:
+            current = await self.core.character_of(PLATFORM, self.key)
+            names = ", ".join(self.core.characters.names())
+            self._write(f"Character: {current.name}. Available: {names}.\n")
+            return
+        char = await self.core.set_character(PLATFORM, self.key, name)
+        if char is None:
+            self._write(f"No character called {name}. /character lists them.\n")
+            return
+        self._write(f"{char.name} takes the stage (in roleplay mode).\n")
+        await self._open_scene()
 
     async def _command(self, text: str) -> bool:
         """Run a slash command; return False when the chat should end."""
@@ -98,6 +125,16 @@ class ConsoleAdapter:
         elif name == "/reset":
             await self.core.reset(PLATFORM, self.key)
             self._write("Started a fresh conversation. Earlier messages stay stored.\n")
+            await self._open_scene()
+        elif name == "/character":
+            await self._character(arg.strip())
+        elif name in ("/regenerate", "/swipe"):
+            if name == "/regenerate":
+                replies = self.core.regenerate(PLATFORM, self.key, is_dm=True)
+            else:
+                step = -1 if arg.strip().lower() in ("back", "prev", "previous", "-1") else 1
+                replies = _single(await self.core.swipe(PLATFORM, self.key, step))
+            await deliver(self, replies)
         elif name == "/mode":
             mode = parse_mode(arg)
             if mode is None:
@@ -105,9 +142,14 @@ class ConsoleAdapter:
             else:
                 await self.core.set_mode(PLATFORM, self.key, mode)
                 self._write(f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers now.\n")
+                await self._open_scene()
         else:
             self._write(f"Unknown command {name}. Type /help for the list.\n")
         return True
+
+
+async def _single(reply: OutgoingReply) -> AsyncIterator[OutgoingReply]:
+    yield reply
 
 
 def _local_user() -> str:

@@ -40,13 +40,14 @@ async def stream_reply(
     limits: StreamLimits,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[str]:
-    """Render reply snapshots into messages; return the platform ids of the messages sent.
+    """Render reply snapshots into messages; return the platform ids of all messages sent.
 
     Intermediate snapshots are written at most once per ``edit_interval`` and only after
     ``min_new_chars`` new characters; the final snapshot is always written, each chunk once more
     with ``final=True`` so the sink can apply formatting.
     """
-    sent: list[tuple[str, str]] = []  # (message id, text it shows)
+    all_ids: list[str] = []
+    sent: list[tuple[str, str]] = []  # (message id, text it shows) of the current reply
     last_write = float("-inf")
     written = 0
 
@@ -59,12 +60,17 @@ async def stream_reply(
                     await sink.edit_chunk(message_id, chunk, reply, final)
                     sent[i] = (message_id, chunk)
             else:
-                sent.append((await sink.send_chunk(chunk, reply, final), chunk))
+                message_id = await sink.send_chunk(chunk, reply, final)
+                sent.append((message_id, chunk))
+                all_ids.append(message_id)
 
     async for reply in replies:
         if reply.final:
             await write(reply, True)
-            break
+            # Several replies may follow one message (a greeting, then several characters):
+            # the next snapshot starts new messages.
+            sent, last_write, written = [], float("-inf"), 0
+            continue
         now = clock()
         if now - last_write < limits.edit_interval:
             continue
@@ -74,4 +80,4 @@ async def stream_reply(
             continue
         await write(reply, False)
         last_write, written = clock(), len(reply.text)
-    return [message_id for message_id, _ in sent]
+    return all_ids

@@ -46,6 +46,7 @@ COMMANDS = (
     ("mode", "roleplay or work (admins, in groups)"),
     ("character", "Show or choose the character (admins, in groups)"),
     ("regenerate", "Write my last reply again"),
+    ("swipe", "Show another version of my last reply (/swipe back: the previous one)"),
 )
 
 T = TypeVar("T")
@@ -88,6 +89,8 @@ class TelegramAdapter:
             .base_url(base_url)
             .base_file_url(base_url.replace("/bot", "/file/bot"))
             .concurrent_updates(True)
+            # A second connection lets shutdown's last getUpdates pass a pending long poll.
+            .get_updates_connection_pool_size(2)
             .build()
         )
         self._stopped = asyncio.Event()
@@ -103,6 +106,7 @@ class TelegramAdapter:
             ("mode", self._cmd_mode),
             ("character", self._cmd_character),
             ("regenerate", self._cmd_regenerate),
+            ("swipe", self._cmd_swipe),
         ):
             app.add_handler(CommandHandler(name, callback, filters=only_new))
         app.add_handler(MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, self._on_text))
@@ -296,6 +300,7 @@ class TelegramAdapter:
             return
         await self.core.reset(PLATFORM, conversation_key(message.chat_id))
         await self._say(message, "Started a fresh conversation. Earlier messages stay stored.")
+        await self._open_scene(message)
 
     async def _cmd_mode(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:
@@ -308,13 +313,14 @@ class TelegramAdapter:
             return
         await self.core.set_mode(PLATFORM, conversation_key(message.chat_id), mode)
         await self._say(message, f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers.")
+        await self._open_scene(message)
 
     async def _cmd_character(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:
             return
         key = conversation_key(message.chat_id)
         name = " ".join(ctx.args or []).strip()
-        names = ", ".join(c.name for c in self.core.settings.characters.values())
+        names = ", ".join(self.core.characters.names())
         if not name:
             current = await self.core.character_of(PLATFORM, key)
             await self._say(message, f"Character here: {current.name}. Available: {names}.")
@@ -326,6 +332,24 @@ class TelegramAdapter:
             await self._say(message, f"I don't know a character called {name}. Try: {names}.")
             return
         await self._say(message, f"{char.name} takes the stage. (Used in roleplay mode.)")
+        await self._open_scene(message)
+
+    async def _open_scene(self, message: Message) -> None:
+        """Post the character's greeting when a roleplay scene (re)starts."""
+        is_dm = message.chat.type == ChatType.PRIVATE
+        key = conversation_key(message.chat_id)
+        greeting = await self.core.open_scene(PLATFORM, key, is_dm)
+        if greeting is not None:
+            await self.send(greeting)
+
+    async def _cmd_swipe(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        back = " ".join(ctx.args or []).strip().lower() in ("back", "prev", "previous")
+        reply = await self.core.swipe(
+            PLATFORM, conversation_key(message.chat_id), -1 if back else 1
+        )
+        await self.send(reply)
 
     async def _cmd_regenerate(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:
@@ -367,6 +391,8 @@ class _ChatSink:
         return html if len(html) <= MAX_MESSAGE_CHARS else None
 
     async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
+        if final and reply.swipe:
+            text = f"{text}\n\n({reply.swipe[0]}/{reply.swipe[1]} · /swipe for another)"
         params = (
             ReplyParameters(self.reply_to, allow_sending_without_reply=True)
             if self.reply_to is not None

@@ -19,6 +19,7 @@ class SamplingSettings:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    repeat_last_n: int = 64  # the repeat penalty's window, in tokens
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     seed: int = -1

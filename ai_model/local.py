@@ -124,6 +124,9 @@ class LocalModel:
 
         def work() -> None:
             try:
+                # llama-cpp-python reads the penalty window from this attribute when it builds
+                # the sampler; we hold the model's turn, so setting it per request is safe.
+                self._llm.last_n_tokens_size = sampling.repeat_last_n
                 chunks = self._llm.create_completion(
                     prompt=prompt,
                     max_tokens=sampling.max_tokens,

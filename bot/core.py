@@ -9,15 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from ai_model.base import ChatModel, ModelError
+from ai_model.config import SamplingSettings
+from bot.characters import (
+    CardError,
+    Character,
+    CharacterLibrary,
+    apply_macros,
+    character_from_card,
+    shipped_characters,
+)
+from bot.lorebook import Lorebook, activate
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, TurnEncoder, clean_name, fit_window
-from bot.settings import ROLE_FOR_MODE, Character, Mode, Settings, parse_mode
+from bot.scene import (
+    choose_speakers,
+    clean_reply,
+    example_text,
+    post_history_text,
+    stop_strings,
+    story_text,
+)
+from bot.settings import ROLE_FOR_MODE, Mode, Settings, parse_mode
 from storage.store import ASSISTANT, NOTICE, USER, Conversation, Store
 
 log = logging.getLogger(__name__)
@@ -64,13 +83,58 @@ class _Channel:
 class ConversationCore:
     """Turns incoming messages into streamed, persisted replies."""
 
-    def __init__(self, settings: Settings, store: Store, models: ModelProvider) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        models: ModelProvider,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.models = models
+        self.rng = rng or random.Random()
+        self.characters = CharacterLibrary(
+            [*shipped_characters(), *settings.characters.values()],
+            default=settings.default_character,
+        )
+        self.world_books: dict[str, Lorebook] = {}
         self._channels: dict[str, _Channel] = {}
         self._conversations: dict[str, Conversation] = {}
         self._encoders: dict[int, tuple[ChatModel, TurnEncoder]] = {}
+
+    # -- characters and world books -----------------------------------------------------------
+
+    async def load_library(self) -> None:
+        """Add the cards and world books imported earlier (stored in the database)."""
+        for name, card in (await self.store.cards()).items():
+            try:
+                self.characters.add(character_from_card(card))
+            except CardError as exc:
+                log.warning("stored character %r is unreadable and was skipped: %s", name, exc)
+        for name, data in (await self.store.world_books()).items():
+            self.world_books[name.lower()] = Lorebook.from_json(data)
+
+    async def import_card(self, card: dict[str, object]) -> Character:
+        """Store a parsed card (any version) and make its character available."""
+        char = character_from_card(card)
+        await self.store.save_card(char.name, card)
+        self.characters.add(char)
+        return char
+
+    async def import_world_book(self, name: str, book: dict[str, object]) -> Lorebook:
+        lore = Lorebook.from_json(book)
+        await self.store.save_world_book(name, book)
+        self.world_books[name.lower()] = lore
+        return lore
+
+    async def attach_world_book(self, platform: str, key: str, name: str | None) -> bool:
+        """Give a channel a world book (None detaches it); False if no such book exists."""
+        if name is not None and name.lower() not in self.world_books:
+            return False
+        await self._update_settings(platform, key, world_book=name)
+        return True
 
     # -- conversation state -----------------------------------------------------------------
 
@@ -81,12 +145,24 @@ class ConversationCore:
             self._conversations[key] = conv
         return conv
 
+    async def _update_settings(self, platform: str, key: str, **changes: object) -> Conversation:
+        conv = await self.conversation(platform, key)
+        settings = {k: v for k, v in {**conv.settings, **changes}.items() if v is not None}
+        await self.store.set_settings(conv.id, settings)
+        conv = self._conversations[key] = replace(conv, settings=settings)
+        return conv
+
     def mode_of(self, conv: Conversation, is_dm: bool) -> Mode:
         stored = parse_mode(conv.mode or "")
         if stored is not None:
             return stored
         platform = self.settings.platform(conv.platform)
         return platform.dm_mode if is_dm else platform.default_mode
+
+    def cast_of(self, conv: Conversation) -> list[Character]:
+        """The characters of the channel's scene: the chosen one, or several for a group."""
+        names = conv.settings.get("cast") or [conv.character]
+        return [self.characters.get(name) for name in names]
 
     async def set_mode(self, platform: str, key: str, mode: Mode) -> Conversation:
         conv = await self.conversation(platform, key)
@@ -96,50 +172,133 @@ class ConversationCore:
 
     async def set_character(self, platform: str, key: str, name: str) -> Character | None:
         """Give the conversation the named character; None (and no change) if it is unknown."""
-        char = self.settings.characters.get(name.strip().lower())
+        char = self.characters.find(name)
         if char is None:
             return None
         conv = await self.conversation(platform, key)
         await self.store.set_character(conv.id, char.name)
         self._conversations[key] = replace(conv, character=char.name)
+        await self._update_settings(platform, key, cast=None, opened=None)
         return char
 
-    async def character_of(self, platform: str, key: str) -> Character:
-        conv = await self.conversation(platform, key)
-        return self.settings.character(conv.character)
+    async def set_cast(self, platform: str, key: str, names: list[str]) -> list[Character] | None:
+        """Put several characters in the channel's scene; None if a name is unknown."""
+        found = [self.characters.find(n) for n in names]
+        if not found or any(c is None for c in found):
+            return None
+        cast = [c for c in found if c is not None]
+        await self.set_character(platform, key, cast[0].name)
+        await self._update_settings(platform, key, cast=[c.name for c in cast])
+        return cast
 
-    async def greeting(self, platform: str, key: str, is_dm: bool) -> OutgoingReply:
-        """What /start says: the character's greeting in roleplay, an introduction otherwise."""
-        conv = await self.conversation(platform, key)
-        if self.mode_of(conv, is_dm) == "roleplay":
-            char = self.settings.character(conv.character)
-            text = char.greeting or f"*{char.name} looks up and smiles.*"
-            return OutgoingReply(key, text, final=True, speaker=char.name)
-        text = (
-            "Hello! I am the office assistant. Ask me anything: drafts, summaries, plans. "
-            "Send /help for the commands."
-        )
-        return OutgoingReply(key, text, final=True)
+    async def character_of(self, platform: str, key: str) -> Character:
+        return self.cast_of(await self.conversation(platform, key))[0]
 
     async def reset(self, platform: str, key: str) -> None:
         """Start afresh: earlier messages stay stored but no longer reach the model."""
         conv = await self.conversation(platform, key)
         last = await self.store.reset(conv.id)
         self._conversations[key] = replace(conv, reset_after_id=last, window_start_id=0)
+        await self._update_settings(platform, key, opened=None)
 
     async def help_text(self, platform: str, key: str, is_dm: bool) -> str:
         conv = await self.conversation(platform, key)
-        mode = self.mode_of(conv, is_dm)
-        if mode == "roleplay":
-            who = f"I play {self.settings.character(conv.character).name} (roleplay mode)."
+        if self.mode_of(conv, is_dm) == "roleplay":
+            names = ", ".join(c.display_name for c in self.cast_of(conv))
+            who = f"I play {names} (roleplay mode)."
         else:
             who = "I am the office assistant here (work mode)."
         return (
             f"{who}\n"
             "Commands:\n"
             "  /mode roleplay|work  switch this conversation's mode\n"
+            "  /character [name]    show or choose the character\n"
+            "  /regenerate          write my last reply again (earlier versions are kept)\n"
+            "  /swipe [back]        show the next (or previous) version of my last reply\n"
             "  /reset               start a fresh conversation (history stays stored)\n"
             "  /help                this text"
+        )
+
+    # -- greetings and swipes -----------------------------------------------------------------
+
+    async def open_scene(
+        self, platform: str, key: str, is_dm: bool, user: str = "you"
+    ) -> OutgoingReply | None:
+        """Post the character's greeting if this roleplay conversation has not started yet."""
+        conv = await self.conversation(platform, key)
+        if self.mode_of(conv, is_dm) != "roleplay" or conv.settings.get("opened"):
+            return None
+        return await self._open(conv, is_dm, user)
+
+    async def _open(self, conv: Conversation, is_dm: bool, user: str) -> OutgoingReply | None:
+        char = self.cast_of(conv)[0]
+        greetings = [apply_macros(g, char.display_name, user) for g in char.greetings(not is_dm)]
+        await self._update_settings(conv.platform, conv.key, opened=True)
+        if not greetings:
+            return None
+        first = await self.store.add_message(
+            conv.id, ASSISTANT, greetings[0], author_name=char.name
+        )
+        for alternative in greetings[1:]:  # offered as swipes
+            await self.store.add_message(
+                conv.id,
+                ASSISTANT,
+                alternative,
+                author_name=char.name,
+                in_context=False,
+                swipe_of=first,
+            )
+        return OutgoingReply(
+            conv.key,
+            greetings[0],
+            final=True,
+            speaker=char.name,
+            swipe=(1, len(greetings)) if len(greetings) > 1 else None,
+        )
+
+    async def greeting(self, platform: str, key: str, is_dm: bool) -> OutgoingReply:
+        """What /start says: the character's greeting in roleplay, an introduction otherwise."""
+        opened = await self.open_scene(platform, key, is_dm)
+        if opened is not None:
+            return opened
+        conv = await self.conversation(platform, key)
+        if self.mode_of(conv, is_dm) == "roleplay":
+            char = self.cast_of(conv)[0]
+            text = char.greeting or f"*{char.display_name} looks up and smiles.*"
+            return OutgoingReply(
+                key, apply_macros(text, char.display_name, "you"), final=True, speaker=char.name
+            )
+        text = (
+            "Hello! I am the office assistant. Ask me anything: drafts, summaries, plans. "
+            "Send /help for the commands."
+        )
+        return OutgoingReply(key, text, final=True)
+
+    async def swipe(self, platform: str, key: str, step: int = 1) -> OutgoingReply:
+        """Bring back another stored version of the last reply (or greeting)."""
+        conv = await self.conversation(platform, key)
+        last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
+        if last is None:
+            return OutgoingReply(
+                key, "There is no reply of mine yet.", final=True, kind=ReplyKind.NOTICE
+            )
+        versions = await self.store.swipes(conv.id, last.swipe_group)
+        if len(versions) < 2:
+            return OutgoingReply(
+                key,
+                "There is only one version; /regenerate writes another.",
+                final=True,
+                kind=ReplyKind.NOTICE,
+            )
+        index = next(i for i, v in enumerate(versions) if v.id == last.id)
+        chosen = versions[(index + step) % len(versions)]
+        await self.store.choose_swipe(conv.id, last.swipe_group, chosen.id)
+        return OutgoingReply(
+            key,
+            chosen.text,
+            final=True,
+            speaker=chosen.author_name,
+            swipe=(versions.index(chosen) + 1, len(versions)),
         )
 
     # -- answering ----------------------------------------------------------------------------
@@ -161,17 +320,23 @@ class ConversationCore:
         """Store ``msg`` and, if it is for the bot, yield the streamed reply to it.
 
         A message is for the bot when the adapter says it addresses the bot (DM, mention, reply,
-        command) or, in a roleplay channel, when it names the character.  The first snapshot
-        yielded is an empty "accepted" one, sent before waiting for the turn, so adapters can
-        show a typing indicator at once; nothing is yielded for messages only stored.
+        command) or, in a roleplay channel, when it names a character of the scene.  The first
+        snapshot yielded is an empty "accepted" one, sent before waiting for the turn, so
+        adapters can show a typing indicator at once; nothing is yielded for messages only
+        stored.  A roleplay conversation that has not started yet first gets its greeting.
         """
         channel = self._channel(msg.conversation_key)
         ticket: _Ticket | None = None
+        opening: OutgoingReply | None = None
         try:
             # The intake lock is first come, first served: messages are stored, and their
             # answering turns taken, in arrival order.
             async with channel.intake:
                 conv = await self.conversation(msg.platform, msg.conversation_key)
+                roleplay = self.mode_of(conv, msg.is_dm) == "roleplay"
+                if roleplay and not conv.settings.get("opened"):
+                    opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
+                    conv = await self.conversation(msg.platform, msg.conversation_key)
                 user_id = await self.store.add_message(
                     conv.id,
                     USER,
@@ -180,34 +345,47 @@ class ConversationCore:
                     author_name=msg.author_name,
                     platform_message_id=msg.platform_message_id,
                 )
-                if msg.addresses_bot or self._names_character(conv, msg):
+                if msg.addresses_bot or (roleplay and self._names_cast(conv, msg.text)):
                     ticket = self._ticket(msg.conversation_key)
+            if opening is not None:
+                yield opening
             if ticket is None:
                 return
             yield OutgoingReply(msg.conversation_key, "", reply_to=msg.platform_message_id)
             await ticket.wait()
-            async for reply in self._answer(msg, user_id):
-                yield reply
+            conv = await self.conversation(msg.platform, msg.conversation_key)
+            mode = self.mode_of(conv, msg.is_dm)
+            if mode == "work":
+                speakers: list[Character | None] = [None]
+            else:
+                cast = self.cast_of(conv)
+                last = conv.settings.get("last_speaker")
+                speakers = list(choose_speakers(cast, msg.text, last, self.rng))
+            for char in speakers:
+                async for reply in self._answer(
+                    msg.conversation_key, mode, user_id, char, msg.platform_message_id
+                ):
+                    yield reply
         finally:
             if ticket is not None:
                 ticket.release()
 
-    def _names_character(self, conv: Conversation, msg: IncomingMessage) -> bool:
-        if self.mode_of(conv, msg.is_dm) != "roleplay":
-            return False
-        name = self.settings.character(conv.character).name
-        return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", msg.text, re.IGNORECASE) is not None
+    def _names_cast(self, conv: Conversation, text: str) -> bool:
+        return any(
+            re.search(rf"(?<!\w){re.escape(c.display_name)}(?!\w)", text, re.IGNORECASE)
+            for c in self.cast_of(conv)
+        )
 
     async def regenerate(
         self, platform: str, key: str, is_dm: bool
     ) -> AsyncIterator[OutgoingReply]:
-        """Answer the last answered message again; the replaced reply stays stored."""
+        """Write the last reply again; earlier versions stay stored for /swipe."""
         ticket = self._ticket(key)
         try:
             await ticket.wait()
             conv = await self.conversation(platform, key)
             last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
-            if last is None or last.reply_to_id is None:
+            if last is None:
                 yield OutgoingReply(
                     key,
                     "There is no reply of mine to regenerate yet.",
@@ -215,10 +393,15 @@ class ConversationCore:
                     kind=ReplyKind.NOTICE,
                 )
                 return
-            # Out of context, not deleted: earlier versions stay in the database.
+            if last.reply_to_id is None:  # a greeting: its versions come from the card
+                yield await self.swipe(platform, key, 1)
+                return
+            char = self.characters.find(last.author_name) if last.author_name else None
+            mode = self.mode_of(conv, is_dm)
             await self.store.update_message(last.id, in_context=False)
-            question = IncomingMessage(platform, key, "", "", "", is_dm=is_dm)
-            async for reply in self._answer(question, last.reply_to_id):
+            async for reply in self._answer(
+                key, mode, last.reply_to_id, char, None, swipe_of=last.swipe_group
+            ):
                 yield reply
         finally:
             ticket.release()
@@ -230,67 +413,119 @@ class ConversationCore:
             self._encoders[id(model)] = entry
         return entry[1]
 
-    def system_text(self, conv: Conversation, mode: Mode) -> str:
-        if mode == "work":
-            return self.settings.system_prompt
-        char = self.settings.character(conv.character)
-        return (
-            f"You are {char.name}. {char.description}\n"
-            f"This is a roleplay chat; each player's message starts with their name. "
-            f"Reply only as {char.name}, in character. Never write lines for the players."
-        )
+    def _sampling(self, mode: Mode, char: Character | None) -> SamplingSettings:
+        base = self.settings.models[ROLE_FOR_MODE[mode]].sampling
+        if char is None or not char.sampling:
+            return base
+        overrides = {
+            k: int(v) if k == "repeat_last_n" else float(v) for k, v in char.sampling.items()
+        }
+        return replace(base, **overrides)  # type: ignore[arg-type]
 
     async def build_prompt(
-        self, conv: Conversation, model: ChatModel, mode: Mode, upto_id: int
+        self,
+        conv: Conversation,
+        model: ChatModel,
+        upto_id: int,
+        char: Character | None,
+        reserve: int,
     ) -> tuple[list[int], list[str], Conversation]:
-        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv."""
+        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv.
+
+        Work mode: system prompt + history.  Roleplay: the pinned story (system prompt,
+        lorebook, description, personality, scenario, persona), example dialogue while it
+        fits, history, post-history instructions.
+        """
         encoder = self._encoder(model)
-        sampling = self.settings.models[ROLE_FOR_MODE[mode]].sampling
-        pinned = [*model.bos, *encoder.system(self.system_text(conv, mode))]
-        cue = encoder.cue()
-        budget = model.n_ctx - sampling.max_tokens - len(pinned) - len(cue)
         # Only what the window can still include is read: since the reset and the window start.
         history = await self.store.history(
             conv.id, after_id=max(conv.reset_after_id, conv.window_start_id - 1), upto_id=upto_id
         )
-        turns = [encoder.turn(m) for m in history]
+        players = list(dict.fromkeys(clean_name(m.author_name) for m in history if m.role == USER))
+        cast = self.cast_of(conv) if char is not None else []
+        examples: list[int] = []
+        post: list[int] = []
+        if char is None:
+            pinned_text = self.settings.system_prompt
+            stops = [f"\n{name}:" for name in players[-20:]]
+        else:
+            user = players[-1] if players else "User"
+            books = [
+                char.book,
+                self.world_books.get(str(conv.settings.get("world_book", "")).lower()),
+            ]
+            lore = activate(
+                [b for b in books if b is not None],
+                [m.text for m in history[-10:]],
+                lambda text: len(model.tokenize(text.encode("utf-8"), False, False)),
+                model.n_ctx // 4,
+            )
+            pinned_text = story_text(
+                char,
+                user=user,
+                persona=str(conv.settings.get("persona", "")),
+                lore=lore,
+                cast=cast,
+            )
+            if example := example_text(char, user):
+                examples = encoder.system(example)
+            if after := post_history_text(char, user):
+                post = encoder.system(after)
+            stops = stop_strings(players, [c.display_name for c in cast], char.display_name)
+        pinned = [*model.bos, *encoder.system(pinned_text)]
+        cue = encoder.cue()
+        budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue)
+        named = len(cast) > 1
+        turns = [encoder.turn(m, named_replies=named) for m in history]
         window = fit_window(turns, budget=budget, start=conv.window_start_id)
         if window.start != conv.window_start_id:
             await self.store.set_window_start(conv.id, window.start)
             conv = self._conversations[conv.key] = replace(conv, window_start_id=window.start)
-        tokens = list(pinned)
+        used = sum(len(t.tokens) for t in window.turns)
+        # Example dialogue is the first thing to go: only while nothing was ever trimmed.
+        if window.trimmed or conv.window_start_id > 0 or used + len(examples) > budget:
+            examples = []
+        tokens = [*pinned, *examples]
         for turn in window.turns:
             tokens.extend(turn.tokens)
+        tokens.extend(post)
         tokens.extend(cue)
-        # Group scenes: stop before the model starts writing a player's next line.
-        speakers = {clean_name(m.author_name) for m in history[-20:] if m.role == USER}
-        stops = [f"\n{name}:" for name in sorted(speakers)]
         return tokens, stops, conv
 
-    async def _answer(self, msg: IncomingMessage, user_id: int) -> AsyncIterator[OutgoingReply]:
-        key = msg.conversation_key
-        conv = await self.conversation(msg.platform, key)
-        mode = self.mode_of(conv, msg.is_dm)
-        role = ROLE_FOR_MODE[mode]
-        speaker = self.settings.character(conv.character).name if mode == "roleplay" else None
-        base = OutgoingReply(key, "", speaker=speaker, reply_to=msg.platform_message_id)
+    async def _answer(
+        self,
+        key: str,
+        mode: Mode,
+        user_id: int,
+        char: Character | None,
+        reply_to: str | None,
+        swipe_of: int | None = None,
+    ) -> AsyncIterator[OutgoingReply]:
+        conv = self._conversations[key]
+        speaker = char.name if char is not None else None
+        base = OutgoingReply(key, "", speaker=speaker, reply_to=reply_to)
+        sampling = self._sampling(mode, char)
+        others: list[str] = []
         text = ""
         try:
-            model = await self.models.get(role)
+            model = await self.models.get(ROLE_FOR_MODE[mode])
             try:
-                tokens, stops, conv = await self.build_prompt(conv, model, mode, user_id)
+                tokens, stops, conv = await self.build_prompt(
+                    conv, model, user_id, char, sampling.max_tokens
+                )
             except PromptTooLong as exc:
                 yield await self._too_long(conv, user_id, exc, base)
                 return
-            sampling = self.settings.models[role].sampling
+            others = [s.strip("\n:") for s in stops]
             async for piece in model.stream(tokens, sampling, stops):
                 text += piece
-                yield replace(base, text=text, delta=piece)
+                shown = clean_reply(text, char.display_name, others) if char else text
+                yield replace(base, text=shown, delta=piece)
         except (ModelError, OSError, RuntimeError, ValueError):
             log.exception("generation failed in %s", key)
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
-        reply = text.strip()
+        reply = clean_reply(text, char.display_name, others) if char else text.strip()
         if not reply:
             yield replace(
                 base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE
@@ -304,7 +539,10 @@ class ConversationCore:
             author_name=speaker,
             token_count=reply_tokens,
             reply_to_id=user_id,
+            swipe_of=swipe_of,
         )
+        if char is not None:
+            await self._update_settings(conv.platform, key, last_speaker=char.name)
         yield replace(base, text=reply, final=True)
 
     async def _too_long(

@@ -56,3 +56,4 @@ class OutgoingReply:
     kind: ReplyKind = ReplyKind.ANSWER
     speaker: str | None = None
     reply_to: str | None = None
+    swipe: tuple[int, int] | None = None  # (version shown, versions stored), for swipes

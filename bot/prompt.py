@@ -62,19 +62,23 @@ class TurnEncoder:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, cache_size: int = 50_000):
         self.tokenizer = tokenizer
         self.template = template
-        self._cache: OrderedDict[tuple[int, str, str], tuple[int, ...]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str, str, bool], tuple[int, ...]] = OrderedDict()
         self._cache_size = cache_size
 
-    def pieces(self, message: StoredMessage) -> tuple[Piece, ...]:
+    def pieces(self, message: StoredMessage, named_replies: bool = False) -> tuple[Piece, ...]:
         if message.role == ASSISTANT:
+            if named_replies and message.author_name:
+                # Several characters share the assistant role: say who spoke.
+                text = f"{clean_name(message.author_name)}: {message.text}"
+                return self.template.turn("assistant", text)
             return self.template.turn("assistant", message.text)
         return self.template.turn("user", f"{clean_name(message.author_name)}: {message.text}")
 
-    def turn(self, message: StoredMessage) -> Turn:
-        key = (message.id, message.author_name or "", message.text)
+    def turn(self, message: StoredMessage, named_replies: bool = False) -> Turn:
+        key = (message.id, message.author_name or "", message.text, named_replies)
         tokens = self._cache.get(key)
         if tokens is None:
-            tokens = tuple(encode(self.pieces(message), self.tokenizer))
+            tokens = tuple(encode(self.pieces(message, named_replies), self.tokenizer))
             self._cache[key] = tokens
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from ai_model.config import ModelSettings, SamplingSettings
+from bot.characters import (
+    CardError,
+    Character,
+    card_from_fields,
+    character_from_card,
+    shipped_characters,
+)
 
 Mode = Literal["roleplay", "work"]
 MODES: tuple[Mode, ...] = ("roleplay", "work")
@@ -24,6 +31,19 @@ ROLE_FOR_MODE: dict[Mode, str] = {"roleplay": "character", "work": "office"}
 
 DEFAULT_CONFIG_FILE = "bot.toml"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///data/bot.db"
+DEFAULT_CHARACTER = "Mira"
+CHARACTER_KEYS = {
+    "description",
+    "greeting",
+    "personality",
+    "scenario",
+    "mes_example",
+    "system_prompt",
+    "post_history_instructions",
+    "alternate_greetings",
+    "talkativeness",
+    "sampling",
+}
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise office assistant in a team chat. Answer clearly and politely. "
     "Several people may talk to you; each of their messages starts with their name."
@@ -43,26 +63,6 @@ class SettingsError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class Character:
-    """A roleplay persona the character model speaks as."""
-
-    name: str
-    description: str
-    greeting: str = ""
-
-
-DEFAULT_CHARACTER = Character(
-    name="Mira",
-    description=(
-        "Mira is the keeper of the Lantern Inn, a warm, quick-witted innkeeper in a small "
-        "fantasy town. She speaks in the first person, describes her actions briefly in "
-        "asterisks, stays in character, and never speaks or acts for the players."
-    ),
-    greeting="*Mira looks up from polishing a mug.* Welcome to the Lantern Inn, traveller!",
-)
-
-
-@dataclass(frozen=True, slots=True)
 class PlatformSettings:
     """Per-platform behaviour: the mode a new channel gets and where the API lives."""
 
@@ -78,10 +78,9 @@ class Settings:
 
     database_url: str = DEFAULT_DATABASE_URL
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    default_character: str = DEFAULT_CHARACTER.name
-    characters: Mapping[str, Character] = field(
-        default_factory=lambda: {DEFAULT_CHARACTER.name.lower(): DEFAULT_CHARACTER}
-    )
+    default_character: str = DEFAULT_CHARACTER
+    # Characters defined in the settings file (shipped and imported cards are added at start-up).
+    characters: Mapping[str, Character] = field(default_factory=dict)
     models: Mapping[str, ModelSettings] = field(
         default_factory=lambda: {role: ModelSettings() for role in ROLES}
     )
@@ -94,12 +93,6 @@ class Settings:
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
-
-    def character(self, name: str | None) -> Character:
-        """The named character, or the default one when the name is unknown or empty."""
-        key = (name or self.default_character).lower()
-        found = self.characters.get(key) or self.characters.get(self.default_character.lower())
-        return found or DEFAULT_CHARACTER
 
 
 def _expect_table(value: object, where: str) -> dict[str, Any]:
@@ -173,11 +166,23 @@ def parse_settings(
             f"unknown model role(s): {', '.join(sorted(models_raw))} (use character, office)"
         )
 
-    characters = {DEFAULT_CHARACTER.name.lower(): DEFAULT_CHARACTER}
+    characters: dict[str, Character] = {}
     for key, table in chars_raw.items():
         table = dict(_expect_table(table, f"characters.{key}"))
-        table.setdefault("name", key)
-        char = _build(Character, table, f"characters.{key}")
+        name = str(table.pop("name", key))
+        if unknown := sorted(set(table) - CHARACTER_KEYS):
+            raise SettingsError(f"unknown setting(s) in [characters.{key}]: {', '.join(unknown)}")
+        extensions: dict[str, Any] = {}
+        if "talkativeness" in table:
+            extensions["talkativeness"] = table.pop("talkativeness")
+        if "sampling" in table:
+            extensions["localbot"] = {"sampling": _expect_table(table.pop("sampling"), key)}
+        if "greeting" in table:
+            table["first_mes"] = table.pop("greeting")
+        try:
+            char = character_from_card(card_from_fields(name, extensions=extensions, **table))
+        except CardError as exc:
+            raise SettingsError(f"[characters.{key}]: {exc}") from exc
         characters[char.name.lower()] = char
 
     token_env = {"discord": "DISCORD_TOKEN", "telegram": "TELEGRAM_BOT_TOKEN"}
@@ -201,8 +206,9 @@ def parse_settings(
         raise SettingsError(f"unknown platform(s): {', '.join(sorted(platforms_raw))}")
 
     database_url = env.get("BOT_DATABASE_URL") or bot.get("database_url", DEFAULT_DATABASE_URL)
-    default_character = str(bot.get("default_character", DEFAULT_CHARACTER.name))
-    if default_character.lower() not in characters:
+    default_character = str(bot.get("default_character", DEFAULT_CHARACTER))
+    known = {c.name.lower() for c in shipped_characters()} | set(characters)
+    if default_character.lower() not in known:
         raise SettingsError(f"[bot] default_character {default_character!r} is not defined")
     return Settings(
         database_url=str(database_url),

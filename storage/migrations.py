@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     inspect,
     select,
+    text,
 )
 
 
@@ -85,8 +86,27 @@ def _create_conversations_and_messages(conn: Connection) -> None:
     meta.create_all(conn)
 
 
+def _add_cards_world_books_and_swipes(conn: Connection) -> None:
+    meta = MetaData()
+    for name in ("characters", "world_books"):
+        Table(
+            name,
+            meta,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("name", String(255), nullable=False, unique=True),
+            Column("data", Text, nullable=False),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        )
+    meta.create_all(conn)
+    # Versions of one bot message (regenerations, alternative greetings) share the id of the
+    # first version here; exactly one of them is in context.
+    conn.execute(text("ALTER TABLE messages ADD COLUMN swipe_of INTEGER"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
+    Migration(2, "add_cards_world_books_and_swipes", _add_cards_world_books_and_swipes),
 )
 
 

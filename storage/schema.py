@@ -59,5 +59,24 @@ messages = Table(
     # False for notices (e.g. "message too long") and messages that can never fit the window.
     Column("in_context", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Versions of one bot message (swipes) point at the first version's id.
+    Column("swipe_of", Integer, nullable=True),
     Index("ix_messages_conversation_id_id", "conversation_id", "id"),
 )
+
+
+def _named_json(name: str) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("name", String(255), nullable=False, unique=True),
+        Column("data", Text, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+
+
+# Imported character cards (the card JSON, unknown fields kept) and channel world books.
+characters = _named_json("characters")
+world_books = _named_json("world_books")

@@ -12,7 +12,7 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from storage.schema import conversations, messages
+from storage.schema import characters, conversations, messages, world_books
 
 USER = "user"
 ASSISTANT = "assistant"
@@ -44,6 +44,12 @@ class StoredMessage:
     reply_to_id: int | None = None
     in_context: bool = True
     platform_message_id: str | None = None
+    swipe_of: int | None = None
+
+    @property
+    def swipe_group(self) -> int:
+        """The id shared by every version of this message."""
+        return self.swipe_of if self.swipe_of is not None else self.id
 
 
 def _now() -> datetime:
@@ -65,9 +71,16 @@ def _conversation(row: Row[Any]) -> Conversation:
 
 def _message(r: Row[Any]) -> StoredMessage:
     return StoredMessage(
-        id=r.id, role=r.role, text=r.text, author_id=r.author_id, author_name=r.author_name,
-        token_count=r.token_count, reply_to_id=r.reply_to_id, in_context=r.in_context,
+        id=r.id,
+        role=r.role,
+        text=r.text,
+        author_id=r.author_id,
+        author_name=r.author_name,
+        token_count=r.token_count,
+        reply_to_id=r.reply_to_id,
+        in_context=r.in_context,
         platform_message_id=r.platform_message_id,
+        swipe_of=r.swipe_of,
     )
 
 
@@ -130,6 +143,9 @@ class Store:
     async def set_character(self, conversation_id: int, character: str | None) -> None:
         await self._update_conversation(conversation_id, character=character)
 
+    async def set_settings(self, conversation_id: int, settings: Mapping[str, Any]) -> None:
+        await self._update_conversation(conversation_id, settings=json.dumps(dict(settings)))
+
     async def set_window_start(self, conversation_id: int, message_id: int) -> None:
         await self._update_conversation(conversation_id, window_start_id=message_id)
 
@@ -164,6 +180,7 @@ class Store:
         platform_message_id: str | None = None,
         reply_to_id: int | None = None,
         in_context: bool = True,
+        swipe_of: int | None = None,
     ) -> int:
         async with self.engine.begin() as conn:
             result = await conn.execute(
@@ -177,6 +194,7 @@ class Store:
                     platform_message_id=platform_message_id,
                     reply_to_id=reply_to_id,
                     in_context=in_context,
+                    swipe_of=swipe_of,
                     created_at=_now(),
                 )
             )
@@ -185,7 +203,7 @@ class Store:
         return int(pk[0])
 
     async def update_message(self, message_id: int, **values: Any) -> None:
-        allowed = {"token_count", "in_context", "platform_message_id", "text"}
+        allowed = {"token_count", "in_context", "platform_message_id", "text", "swipe_of"}
         if unknown := set(values) - allowed:
             raise ValueError(f"cannot update message field(s): {sorted(unknown)}")
         async with self.engine.begin() as conn:
@@ -239,3 +257,61 @@ class Store:
                     )
                 ).scalar_one()
             )
+
+    async def swipes(self, conversation_id: int, group: int) -> list[StoredMessage]:
+        """Every version of one bot message, oldest first."""
+        query = (
+            select(messages)
+            .where(
+                messages.c.conversation_id == conversation_id,
+                (messages.c.id == group) | (messages.c.swipe_of == group),
+            )
+            .order_by(messages.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [_message(r) for r in (await conn.execute(query)).all()]
+
+    async def choose_swipe(self, conversation_id: int, group: int, message_id: int) -> None:
+        """Put version ``message_id`` of ``group`` in context and every other version out."""
+        in_group = (messages.c.id == group) | (messages.c.swipe_of == group)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(messages)
+                .where(messages.c.conversation_id == conversation_id, in_group)
+                .values(in_context=messages.c.id == message_id)
+            )
+
+    # -- characters and world books -----------------------------------------------------------
+
+    async def _save_named(self, table: Any, name: str, data: Mapping[str, Any]) -> None:
+        payload = json.dumps(dict(data), ensure_ascii=False)
+        now = _now()
+        async with self.engine.begin() as conn:
+            found = (
+                await conn.execute(select(table.c.id).where(table.c.name == name))
+            ).scalar_one_or_none()
+            if found is None:
+                await conn.execute(
+                    table.insert().values(name=name, data=payload, created_at=now, updated_at=now)
+                )
+            else:
+                await conn.execute(
+                    update(table).where(table.c.id == found).values(data=payload, updated_at=now)
+                )
+
+    async def _load_named(self, table: Any) -> dict[str, dict[str, Any]]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(table.c.name, table.c.data))).all()
+        return {r.name: json.loads(r.data) for r in rows}
+
+    async def save_card(self, name: str, card: Mapping[str, Any]) -> None:
+        await self._save_named(characters, name, card)
+
+    async def cards(self) -> dict[str, dict[str, Any]]:
+        return await self._load_named(characters)
+
+    async def save_world_book(self, name: str, book: Mapping[str, Any]) -> None:
+        await self._save_named(world_books, name, book)
+
+    async def world_books(self) -> dict[str, dict[str, Any]]:
+        return await self._load_named(world_books)

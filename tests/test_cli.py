@@ -66,7 +66,8 @@ def test_console_exchange_with_commands_and_history_across_restarts(tmp_path: Pa
     assert "Started a fresh conversation" in second.stdout
     with sqlite3.connect(tmp_path / "bot.db") as db:
         rows = db.execute(
-            "SELECT m.role, m.text FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+            "SELECT m.role, m.text, m.reply_to_id, m.in_context FROM messages m"
+            " JOIN conversations c ON c.id = m.conversation_id"
             " WHERE c.key = 'console:tester' ORDER BY m.id"
         ).fetchall()
         reset_after = db.execute(
@@ -77,8 +78,14 @@ def test_console_exchange_with_commands_and_history_across_restarts(tmp_path: Pa
         "Good evening, innkeeper.",
         "Do you remember me?",
     ]
-    assert sum(1 for r in rows if r[0] == "assistant") == 3
-    assert reset_after == len(rows)
+    assert sum(1 for r in rows if r[0] == "assistant" and r[2] is not None) == 3
+    # The roleplay scene opened with Mira's greeting (its alternatives stored as swipes),
+    # after the mode switch and again after the reset.
+    greetings = [r for r in rows if r[0] == "assistant" and r[2] is None]
+    assert [g[3] for g in greetings] == [1, 0, 0, 1, 0, 0]
+    assert "Welcome to the Lantern Inn" in greetings[0][1]
+    assert "Welcome to the Lantern Inn" in second.stdout
+    assert reset_after == len(rows) - 3
 
 
 def test_missing_model_file_stops_start_up_with_one_clear_message(tmp_path: Path) -> None:

@@ -123,16 +123,23 @@ async def test_group_mode_and_character_need_an_admin(bot: Callable[..., Any]) -
     assert "Only chat administrators" in last_text(server, GROUP)
     server.admins.add((GROUP, ANN))
     server.push(GROUP, ANN, "Ann", "/mode roleplay")
-    await wait_reply_count(server, GROUP, 3)
-    assert "Mode set to roleplay" in last_text(server, GROUP)
-    server.push(GROUP, ANN, "Ann", "/character Nobody")
     await wait_reply_count(server, GROUP, 4)
+    texts = [m.text for m in server.bot_messages(GROUP)]
+    assert "Mode set to roleplay" in texts[2]
+    # The scene opens with the character's greeting, its alternatives offered as swipes.
+    assert "Welcome to the Lantern Inn" in texts[3] and "(1/3" in texts[3]
+    server.push(GROUP, ANN, "Ann", "/character Nobody")
+    await wait_reply_count(server, GROUP, 5)
     assert "don't know a character called Nobody" in last_text(server, GROUP)
     server.push(GROUP, ANN, "Ann", "/character")
-    await wait_reply_count(server, GROUP, 5)
-    assert "Character here: Mira" in last_text(server, GROUP)
-    server.push(GROUP, BOB, "Bob", "/start")
     await wait_reply_count(server, GROUP, 6)
+    assert "Character here: Mira" in last_text(server, GROUP)
+    assert "Captain Reyes" in last_text(server, GROUP)  # shipped characters are listed
+    server.push(GROUP, BOB, "Bob", "/swipe")
+    await wait_reply_count(server, GROUP, 7)
+    assert "(2/3" in last_text(server, GROUP) and "Stew's hot tonight" in last_text(server, GROUP)
+    server.push(GROUP, BOB, "Bob", "/start")
+    await wait_reply_count(server, GROUP, 8)
     assert "Welcome to the Lantern Inn" in last_text(server, GROUP)  # the character's greeting
     conv = await core.conversation("telegram", f"telegram:{GROUP}")
     assert conv.mode == "roleplay"
@@ -142,17 +149,24 @@ async def test_two_player_roleplay_triggers_and_names(bot: Callable[..., Any]) -
     server, _, character, core = await bot(character_script=["*Mira pours two ales.*"])
     await core.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
     server.push(GROUP, BOB, "Bob", "I lean on the bar and look around.")  # not addressed
-    server.push(GROUP, ANN, "Ann", "Mira, two ales please!")  # names the character
+    # The scene's first message opens it with the character's greeting.
     await wait_reply_count(server, GROUP, 1)
-    first = server.bot_messages(GROUP)[0]
-    assert first.reply_to is not None  # threaded to Ann's message
+    assert "Welcome to the Lantern Inn" in last_text(server, GROUP)
+    assert character.prompts == []  # Bob's line was only stored
+    server.push(GROUP, ANN, "Ann", "Mira, two ales please!")  # names the character
+    await server.wait_for(lambda: last_text(server, GROUP) == "*Mira pours two ales.*" or (
+        server.bot_messages(GROUP)[-1].parse_mode == "HTML" and "pours" in last_text(server, GROUP)
+    ))
+    answer = server.bot_messages(GROUP)[-1]
+    assert answer.reply_to is not None  # threaded to Ann's message
     prompt = text_of(character.prompts[-1])
     assert "Bob: I lean on the bar and look around." in prompt
     assert "Ann: Mira, two ales please!" in prompt
+    assert prompt.index("Welcome to the Lantern Inn") < prompt.index("Bob: I lean")
     assert {"\nAnn:", "\nBob:"} <= set(character.stops[-1])
-    server.push(GROUP, BOB, "Bob", "Thanks!", reply_to=first.message_id)  # reply trigger
-    await wait_reply_count(server, GROUP, 2)
-    assert len(character.prompts) == 2
+    server.push(GROUP, BOB, "Bob", "Thanks!", reply_to=answer.message_id)  # reply trigger
+    await server.wait_for(lambda: len(character.prompts) == 2)
+    assert "Bob: Thanks!" in text_of(character.prompts[-1])
 
 
 async def test_work_group_answers_mentions_only(bot: Callable[..., Any]) -> None:

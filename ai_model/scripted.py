@@ -64,6 +64,7 @@ class ScriptedModel:
         self.delay = delay
         self.prompts: list[list[int]] = []
         self.stops: list[list[str]] = []
+        self.samplings: list[SamplingSettings] = []
         self.gate: asyncio.Event | None = None  # when set by a test, generation waits for it
         self._tokenizer = tokenizer or ByteTokenizer([template.turn_close, *template.stop])
         self._script = script
@@ -86,6 +87,7 @@ class ScriptedModel:
                 raise ValueError(f"prompt of {len(tokens)} tokens overflows the context")
             self.prompts.append(list(tokens))
             self.stops.append(list(stop))
+            self.samplings.append(sampling)
             if self.gate is not None:
                 await self.gate.wait()
             for word in re.findall(r"\S+\s*|\s+", self._reply(tokens)):

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ai_model.base import ModelError
 from bot.settings import Settings, SettingsError, load_settings
@@ -27,10 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the platforms that have a token; the console if none (default)")
     sub.add_parser("console", help="chat with the bot in this terminal")
     sub.add_parser("check", help="check the settings and model files, then exit")
+    chars = sub.add_parser("character", help="import, export or list character cards")
+    chars_sub = chars.add_subparsers(dest="action", required=True)
+    imp = chars_sub.add_parser("import", help="import a card (JSON, PNG or CHARX)")
+    imp.add_argument("path")
+    exp = chars_sub.add_parser("export", help="write a character's card (JSON, or PNG by suffix)")
+    exp.add_argument("name")
+    exp.add_argument("path")
+    chars_sub.add_parser("list", help="list the characters")
+    lore = sub.add_parser("lorebook", help="import a world book for channels to attach")
+    lore_sub = lore.add_subparsers(dest="action", required=True)
+    lore_imp = lore_sub.add_parser("import", help="import a lorebook JSON (or a card's book)")
+    lore_imp.add_argument("path")
     return parser
 
 
-def _dispatch(command: str, settings: Settings) -> int:
+def _dispatch(command: str, settings: Settings, args: argparse.Namespace) -> int:
     from ai_model.registry import ModelRegistry
     from bot import app
 
@@ -39,6 +52,17 @@ def _dispatch(command: str, settings: Settings) -> int:
             print(line)
         print(f"database: {settings.database_url}")
         return 0
+    if command in ("character", "lorebook"):
+        path = getattr(args, "path", "")
+        data = b""
+        if args.action == "import":
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                print(f"error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
+        name = getattr(args, "name", "")
+        return asyncio.run(app.library_command(settings, command, args.action, name, path, data))
     if command == "console":
         asyncio.run(app.run_console(settings))
     else:
@@ -55,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = load_settings(args.config)
-        return _dispatch(args.command or "run", settings)
+        return _dispatch(args.command or "run", settings, args)
     except SettingsError as exc:
         print(f"error: settings: {exc}", file=sys.stderr)
         return 2

@@ -8,9 +8,13 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from adapters.base import Adapter
+from ai_model.base import ChatModel, ModelError
 from ai_model.registry import ModelRegistry
+from bot.cards import export_card, parse_card_bytes
+from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.settings import Settings
 from storage import Store, open_database
@@ -38,7 +42,9 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
         log.info("%s", line)
     store = Store(await open_database(settings.database_url))
     try:
-        yield App(settings, registry, store, ConversationCore(settings, store, registry))
+        core = ConversationCore(settings, store, registry)
+        await core.load_library()
+        yield App(settings, registry, store, core)
     finally:
         await store.close()
         registry.close()
@@ -74,3 +80,49 @@ async def run_platforms(settings: Settings) -> None:
         finally:
             for adapter in adapters:
                 await adapter.stop()
+
+
+class _NoModels:
+    """Model provider for commands that never generate (card import and listing)."""
+
+    async def get(self, role: str) -> ChatModel:
+        raise ModelError(f"no model is loaded for {role} in this command")
+
+
+async def library_command(
+    settings: Settings, kind: str, action: str, name: str, path: str, data: bytes = b""
+) -> int:
+    """``python -m bot character import|export|list`` and ``lorebook import``.
+
+    ``data`` is the file to import, read by the caller (blocking I/O stays off the loop).
+    """
+    store = Store(await open_database(settings.database_url))
+    try:
+        core = ConversationCore(settings, store, _NoModels())
+        await core.load_library()
+        if action == "list":
+            for char in core.characters.all():
+                summary = " ".join(char.description.split())[:70]
+                print(f"{char.name}: {summary}")
+        elif action == "import" and kind == "character":
+            imported = await core.import_card(parse_card_bytes(data, Path(path).name))
+            print(f"imported {imported.name}")
+        elif action == "import":
+            parsed = parse_card_bytes(data, Path(path).name)
+            inner = parsed.get("data", parsed)
+            book = inner.get("character_book", inner) if isinstance(inner, dict) else parsed
+            lore = await core.import_world_book(Path(path).stem, book)
+            print(f"imported world book {Path(path).stem} ({len(lore.entries)} entries)")
+        elif action == "export":
+            found = core.characters.find(name)
+            if found is None:
+                print(f"error: no character called {name}", file=sys.stderr)
+                return 2
+            await asyncio.to_thread(export_card, found, path)
+            print(f"exported {found.name} to {path}")
+        return 0
+    except CardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()

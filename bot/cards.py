@@ -83,6 +83,13 @@ def write_png_card(png: bytes, card: Mapping[str, Any]) -> bytes:
     return b"".join(out)
 
 
+def blank_png() -> bytes:
+    """A 1×1 transparent PNG, the canvas for exporting a card that came without an image."""
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\x00\x00\x00\x00")
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
+
+
 def parse_card_bytes(data: bytes, filename: str = "card") -> dict[str, Any]:
     """The card JSON inside ``data``, whatever the container."""
     if len(data) > MAX_CARD_BYTES:
@@ -122,6 +129,10 @@ def load_card(path: str | Path) -> Character:
     return character_from_card(parse_card_bytes(data, path.name))
 
 
-def export_card(character: Character) -> dict[str, Any]:
-    """The card JSON to write back out: the imported one, unknown fields and all."""
-    return dict(character.card)
+def export_card(character: Character, path: str | Path) -> None:
+    """Write the character's card (the imported JSON, unknown fields and all) as JSON or PNG."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        path.write_bytes(write_png_card(blank_png(), character.card))
+    else:
+        path.write_text(json.dumps(character.card, ensure_ascii=False, indent=2), encoding="utf-8")

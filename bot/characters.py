@@ -187,3 +187,6 @@ class CharacterLibrary:
 
     def names(self) -> list[str]:
         return [c.name for c in self._by_name.values()]
+
+    def all(self) -> list[Character]:
+        return list(self._by_name.values())

@@ -78,7 +78,7 @@ def stop_strings(players: Iterable[str], characters: Iterable[str], speaker: str
 
 def clean_reply(text: str, speaker: str, others: Iterable[str]) -> str:
     """Strip the speaker's own leading ``Name:`` and cut at any other speaker's tag."""
-    own = re.compile(rf"^\s*[*_]*{re.escape(speaker)}[*_]*\s*:\s*", re.IGNORECASE)
+    own = re.compile(rf"^\s*[*_]*{re.escape(speaker)}[*_]*\s*:[*_]*\s*", re.IGNORECASE)
     text = own.sub("", text, count=1)
     names = [n for n in others if n and n.lower() != speaker.lower()]
     if names:

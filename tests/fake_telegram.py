@@ -9,6 +9,7 @@ entities" or a 429 flood-control error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,12 +38,12 @@ class _HtmlCheck(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag not in ALLOWED_TAGS:
-            self.error = f"unsupported start tag \"{tag}\""
+            self.error = f'unsupported start tag "{tag}"'
         self.stack.append(tag)
 
     def handle_endtag(self, tag: str) -> None:
         if not self.stack or self.stack.pop() != tag:
-            self.error = f"unexpected end tag \"{tag}\""
+            self.error = f'unexpected end tag "{tag}"'
 
 
 def html_error(text: str) -> str | None:
@@ -50,7 +51,7 @@ def html_error(text: str) -> str | None:
     checker.feed(text)
     checker.close()
     if checker.error is None and checker.stack:
-        return f"unclosed tag \"{checker.stack[-1]}\""
+        return f'unclosed tag "{checker.stack[-1]}"'
     return checker.error
 
 
@@ -118,10 +119,14 @@ class FakeTelegram:
             message["text"] = text
             entities = []
             if text.startswith("/"):
-                entities.append({"type": "bot_command", "offset": 0, "length": len(text.split()[0])})
+                entities.append(
+                    {"type": "bot_command", "offset": 0, "length": len(text.split()[0])}
+                )
             handle = "@" + BOT["username"]
             if handle in text:
-                entities.append({"type": "mention", "offset": text.index(handle), "length": len(handle)})
+                entities.append(
+                    {"type": "mention", "offset": text.index(handle), "length": len(handle)}
+                )
             if entities:
                 message["entities"] = entities
         if reply_to is not None:
@@ -145,8 +150,8 @@ class FakeTelegram:
     def methods(self) -> list[str]:
         return [name for name, _ in self.calls]
 
-    async def wait_for(self, predicate: Any, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait_for(self, predicate: Any, within: float = 60.0) -> None:
+        deadline = time.monotonic() + within
         while not predicate():
             if time.monotonic() > deadline:
                 raise AssertionError("timed out waiting for the bot")
@@ -237,13 +242,24 @@ class FakeTelegram:
     async def _m_getChatMember(self, p: dict[str, Any]) -> web.Response:
         chat_id, user_id = int(p["chat_id"]), int(p["user_id"])
         status = "administrator" if (chat_id, user_id) in self.admins else "member"
-        member: dict[str, Any] = {"status": status, "user": {"id": user_id, "is_bot": False, "first_name": "U"}}
+        member: dict[str, Any] = {
+            "status": status,
+            "user": {"id": user_id, "is_bot": False, "first_name": "U"},
+        }
         if status == "administrator":
             member.update(
-                can_be_edited=False, is_anonymous=False, can_manage_chat=True,
-                can_delete_messages=True, can_manage_video_chats=True, can_restrict_members=True,
-                can_promote_members=False, can_change_info=True, can_invite_users=True,
-                can_post_stories=False, can_edit_stories=False, can_delete_stories=False,
+                can_be_edited=False,
+                is_anonymous=False,
+                can_manage_chat=True,
+                can_delete_messages=True,
+                can_manage_video_chats=True,
+                can_restrict_members=True,
+                can_promote_members=False,
+                can_change_info=True,
+                can_invite_users=True,
+                can_post_stories=False,
+                can_edit_stories=False,
+                can_delete_stories=False,
             )
         return self._ok(member)
 
@@ -256,10 +272,8 @@ class FakeTelegram:
             if pending or time.monotonic() >= deadline:
                 return self._ok(pending[: int(p.get("limit") or 100)])
             self.new_update.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.new_update.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                pass
 
     def _check_text(self, method: str, text: str, parse_mode: str | None) -> web.Response | None:
         if not text.strip():

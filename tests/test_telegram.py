@@ -154,9 +154,15 @@ async def test_two_player_roleplay_triggers_and_names(bot: Callable[..., Any]) -
     assert "Welcome to the Lantern Inn" in last_text(server, GROUP)
     assert character.prompts == []  # Bob's line was only stored
     server.push(GROUP, ANN, "Ann", "Mira, two ales please!")  # names the character
-    await server.wait_for(lambda: last_text(server, GROUP) == "*Mira pours two ales.*" or (
-        server.bot_messages(GROUP)[-1].parse_mode == "HTML" and "pours" in last_text(server, GROUP)
-    ))
+    await server.wait_for(
+        lambda: (
+            last_text(server, GROUP) == "*Mira pours two ales.*"
+            or (
+                server.bot_messages(GROUP)[-1].parse_mode == "HTML"
+                and "pours" in last_text(server, GROUP)
+            )
+        )
+    )
     answer = server.bot_messages(GROUP)[-1]
     assert answer.reply_to is not None  # threaded to Ann's message
     prompt = text_of(character.prompts[-1])
@@ -223,7 +229,7 @@ async def test_flood_control_is_waited_out(bot: Callable[..., Any]) -> None:
     server.fail_next["sendMessage"] = "flood"
     server.push(DM, ANN, "Ann", "hello?")
     await server.wait_for(
-        lambda: server.bot_messages(DM) and "Delivered" in last_text(server, DM), timeout=30
+        lambda: server.bot_messages(DM) and "Delivered" in last_text(server, DM), within=30
     )
     sends = [p for m, p in server.calls if m == "sendMessage"]
     assert len(sends) >= 2  # the refused call was made again
@@ -232,9 +238,22 @@ async def test_flood_control_is_waited_out(bot: Callable[..., Any]) -> None:
 async def test_other_update_kinds_are_ignored_or_noted(bot: Callable[..., Any]) -> None:
     server, office, *_ = await bot()
     server.push(GROUP, ANN, "Ann", None, extra={"sticker": _sticker()})
-    server.push(GROUP, ANN, "Ann", None, extra={"new_chat_members": [{"id": 9, "is_bot": False, "first_name": "Cy"}]})
+    server.push(
+        GROUP,
+        ANN,
+        "Ann",
+        None,
+        extra={"new_chat_members": [{"id": 9, "is_bot": False, "first_name": "Cy"}]},
+    )
     first = server.push(DM, ANN, "Ann", "typo")
-    server.push(DM, ANN, "Ann", "edited text", kind="edited_message", extra={"message_id": first, "edit_date": 1})
+    server.push(
+        DM,
+        ANN,
+        "Ann",
+        "edited text",
+        kind="edited_message",
+        extra={"message_id": first, "edit_date": 1},
+    )
     server.push(DM, ANN, "Ann", None, extra={"sticker": _sticker()})
     server.push(DM, ANN, "Ann", None, extra={"photo": [_photo()]})
     server.push(DM, ANN, "Ann", "still there?")
@@ -248,8 +267,13 @@ async def test_other_update_kinds_are_ignored_or_noted(bot: Callable[..., Any]) 
 
 def _sticker() -> dict[str, Any]:
     return {
-        "file_id": "s1", "file_unique_id": "u1", "type": "regular", "width": 512,
-        "height": 512, "is_animated": False, "is_video": False,
+        "file_id": "s1",
+        "file_unique_id": "u1",
+        "type": "regular",
+        "width": 512,
+        "height": 512,
+        "is_animated": False,
+        "is_video": False,
     }
 
 
@@ -260,7 +284,9 @@ def _photo() -> dict[str, Any]:
 def test_settings_base_url_env_reaches_the_adapter(settings: Settings) -> None:
     from bot.settings import parse_settings
 
-    parsed = parse_settings({}, env={"TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_BASE_URL": "http://127.0.0.1:9/bot"})
+    parsed = parse_settings(
+        {}, env={"TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_BASE_URL": "http://127.0.0.1:9/bot"}
+    )
     adapter = TelegramAdapter(
         ConversationCore(replace(settings), None, FixedModels({})),  # type: ignore[arg-type]
         parsed.platform("telegram"),

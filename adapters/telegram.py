@@ -23,6 +23,8 @@ from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandl
 from adapters.base import SentMessage
 from adapters.streaming import StreamLimits, stream_reply
 from adapters.text import split_message, to_telegram_html
+from bot.cards import MAX_CARD_BYTES, parse_card_bytes
+from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
@@ -109,6 +111,10 @@ class TelegramAdapter:
             ("swipe", self._cmd_swipe),
         ):
             app.add_handler(CommandHandler(name, callback, filters=only_new))
+        card_caption = filters.CaptionRegex(r"^/character(@\w+)?\s+import\b")
+        app.add_handler(
+            MessageHandler(only_new & filters.Document.ALL & card_caption, self._on_card_upload)
+        )
         app.add_handler(MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, self._on_text))
         app.add_handler(MessageHandler(only_new & filters.CAPTION, self._on_text))
         unsupported = filters.Sticker.ALL | filters.PHOTO | filters.VOICE | filters.VIDEO
@@ -320,6 +326,9 @@ class TelegramAdapter:
             return
         key = conversation_key(message.chat_id)
         name = " ".join(ctx.args or []).strip()
+        if name.lower() == "import":
+            await self._on_card_upload(update, ctx)
+            return
         names = ", ".join(self.core.characters.names())
         if not name:
             current = await self.core.character_of(PLATFORM, key)
@@ -333,6 +342,33 @@ class TelegramAdapter:
             return
         await self._say(message, f"{char.name} takes the stage. (Used in roleplay mode.)")
         await self._open_scene(message)
+
+    async def _on_card_upload(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        """``/character import`` with a card file attached (or in reply to one)."""
+        if (message := self._message(update)) is None:
+            return
+        source = message if message.document else message.reply_to_message
+        document = source.document if source is not None else None
+        if document is None:
+            await self._say(
+                message,
+                "Attach the card file (PNG, JSON or CHARX) with the caption /character import, "
+                "or reply to the file with /character import.",
+            )
+            return
+        if await self._refuse_unless_admin(message, "import characters"):
+            return
+        if (document.file_size or 0) > MAX_CARD_BYTES:
+            await self._say(message, "That file is too large to be a character card.")
+            return
+        data = await (await document.get_file()).download_as_bytearray()
+        try:
+            card = parse_card_bytes(bytes(data), document.file_name or "card")
+            char = await self.core.import_card(card)
+        except CardError as exc:
+            await self._say(message, f"I could not import that card: {exc}.")
+            return
+        await self._say(message, f"Imported {char.name}. Use /character {char.name} to play them.")
 
     async def _open_scene(self, message: Message) -> None:
         """Post the character's greeting when a roleplay scene (re)starts."""

@@ -76,6 +76,7 @@ class FakeTelegram:
         self.commands: list[dict[str, Any]] = []
         self.admins: set[tuple[int, int]] = set()  # (chat id, user id)
         self.fail_next: dict[str, str] = {}  # method -> "parse" | "flood"
+        self.files: dict[str, bytes] = {}  # file_id -> content, for getFile and downloads
         self.flood_retry_after = 1
         self._next_update = 1
         self._next_message = 1000
@@ -115,7 +116,9 @@ class FakeTelegram:
             "chat": chat,
             "from": {"id": user_id, "is_bot": False, "first_name": name},
         }
-        if text is not None:
+        if text is not None and extra and "document" in extra:
+            message["caption"] = text
+        elif text is not None:
             message["text"] = text
             entities = []
             if text.startswith("/"):
@@ -162,6 +165,7 @@ class FakeTelegram:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        app.router.add_get("/file/bot{token}/{path:.+}", self._download)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -225,6 +229,25 @@ class FakeTelegram:
         if handler is None:
             return self._error(404, f"Not Found: method {method} not implemented by the fake")
         return await handler(params)  # type: ignore[no-any-return]
+
+    async def _download(self, request: web.Request) -> web.Response:
+        file_id = request.match_info["path"].rsplit("/", 1)[-1]
+        if file_id not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=self.files[file_id])
+
+    async def _m_getFile(self, p: dict[str, Any]) -> web.Response:
+        file_id = str(p["file_id"])
+        if file_id not in self.files:
+            return self._error(400, "Bad Request: invalid file_id")
+        return self._ok(
+            {
+                "file_id": file_id,
+                "file_unique_id": f"u{file_id}",
+                "file_size": len(self.files[file_id]),
+                "file_path": f"documents/{file_id}",
+            }
+        )
 
     async def _m_getMe(self, _p: dict[str, Any]) -> web.Response:
         return self._ok(BOT)

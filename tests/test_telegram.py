@@ -292,3 +292,33 @@ def test_settings_base_url_env_reaches_the_adapter(settings: Settings) -> None:
         parsed.platform("telegram"),
     )
     assert adapter.app.bot.base_url.startswith("http://127.0.0.1:9/bot")
+
+
+async def test_character_card_upload_imports_it(bot: Callable[..., Any]) -> None:
+    from tests.test_cards import V3, png_with
+
+    server, *_ = await bot()
+
+    def upload(chat: int, user: int, name: str, file_id: str, data: bytes) -> None:
+        server.files[file_id] = data
+        document = {
+            "file_id": file_id,
+            "file_unique_id": f"u{file_id}",
+            "file_name": f"{file_id}.png",
+            "mime_type": "image/png",
+            "file_size": len(data),
+        }
+        server.push(chat, user, name, "/character import", extra={"document": document})
+
+    upload(DM, ANN, "Ann", "val", png_with({"ccv3": V3}))
+    await server.wait_for(lambda: server.bot_messages(DM))
+    assert "Imported Captain Valeria Storm" in last_text(server, DM)
+    upload(DM, ANN, "Ann", "junk", b"definitely not a card")
+    await wait_reply_count(server, DM, 2)
+    assert "could not import that card" in last_text(server, DM)
+    upload(GROUP, BOB, "Bob", "val2", png_with({"ccv3": V3}))
+    await wait_reply_count(server, GROUP, 1)
+    assert "Only chat administrators can import characters" in last_text(server, GROUP)
+    server.push(DM, ANN, "Ann", "/character Captain Valeria Storm")
+    await wait_reply_count(server, DM, 3)
+    assert "Captain Valeria Storm takes the stage" in server.bot_messages(DM)[2].text

@@ -70,7 +70,9 @@ async def run_platforms(settings: Settings) -> None:
 
             adapters.append(TelegramAdapter(app.core, settings.platform("telegram")))
         if settings.platform("discord").token:
-            log.error("DISCORD_TOKEN is set, but this build has no Discord adapter yet")
+            from adapters.discord import DiscordAdapter
+
+            adapters.append(DiscordAdapter(app.core, settings.platform("discord")))
         if not adapters:
             return
         try:

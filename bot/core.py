@@ -219,6 +219,16 @@ class ConversationCore:
             "  /help                this text"
         )
 
+    async def remember_platform_id(self, stored_id: int, platform_message_id: str) -> None:
+        """Record which platform message shows a stored reply (so it can be edited later)."""
+        await self.store.update_message(stored_id, platform_message_id=platform_message_id)
+
+    async def last_reply_message_id(self, platform: str, key: str) -> str | None:
+        """The platform message showing the newest reply in context, if known."""
+        conv = await self.conversation(platform, key)
+        last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
+        return last.platform_message_id if last is not None else None
+
     # -- greetings and swipes -----------------------------------------------------------------
 
     async def open_scene(
@@ -345,7 +355,9 @@ class ConversationCore:
                     author_name=msg.author_name,
                     platform_message_id=msg.platform_message_id,
                 )
-                if msg.addresses_bot or (roleplay and self._names_cast(conv, msg.text)):
+                reply_all = self.settings.platform(msg.platform).roleplay_reply_all
+                named = roleplay and (reply_all or self._names_cast(conv, msg.text))
+                if msg.addresses_bot or named:
                     ticket = self._ticket(msg.conversation_key)
             if opening is not None:
                 yield opening
@@ -532,7 +544,7 @@ class ConversationCore:
             )
             return
         reply_tokens = len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False))
-        await self.store.add_message(
+        stored_id = await self.store.add_message(
             conv.id,
             ASSISTANT,
             reply,
@@ -543,7 +555,7 @@ class ConversationCore:
         )
         if char is not None:
             await self._update_settings(conv.platform, key, last_speaker=char.name)
-        yield replace(base, text=reply, final=True)
+        yield replace(base, text=reply, final=True, stored_id=stored_id)
 
     async def _too_long(
         self, conv: Conversation, user_id: int, exc: PromptTooLong, base: OutgoingReply

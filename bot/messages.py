@@ -57,3 +57,4 @@ class OutgoingReply:
     speaker: str | None = None
     reply_to: str | None = None
     swipe: tuple[int, int] | None = None  # (version shown, versions stored), for swipes
+    stored_id: int | None = None  # the database id of a final, stored reply

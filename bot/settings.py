@@ -69,6 +69,15 @@ class PlatformSettings:
     default_mode: Mode = "work"
     dm_mode: Mode = "work"
     api_base_url: str | None = None
+    # In roleplay channels, answer every message instead of only mentions, replies and names.
+    roleplay_reply_all: bool = False
+    # Discord: register slash commands in this guild (instant) instead of globally.
+    guild_id: int | None = None
+    # Discord: who may change the mode/character/reset besides Manage Channels holders.
+    admin_role_ids: tuple[int, ...] = ()
+    admin_user_ids: tuple[int, ...] = ()
+    # Discord: avatar URLs for character webhook posts, by character name.
+    character_avatars: Mapping[str, str] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
 
 
@@ -198,6 +207,9 @@ def parse_settings(
         for key in ("default_mode", "dm_mode"):
             if key in table:
                 table[key] = _mode(table[key], f"platforms.{name}.{key}")
+        for key in ("admin_role_ids", "admin_user_ids"):
+            if key in table:
+                table[key] = tuple(int(v) for v in table[key])
         if name in base_url_env and env.get(base_url_env[name]):
             table["api_base_url"] = env[base_url_env[name]]
         token = (env.get(token_env[name], "").strip() or None) if name in token_env else None

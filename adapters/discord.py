@@ -1,0 +1,532 @@
+"""Discord adapter: discord.py client, slash commands, character webhooks, streamed replies.
+
+Work channels answer mentions and replies; roleplay channels also answer when a character is
+named (or every message, if configured); DMs always.  In roleplay channels the reply is posted
+through a cached channel webhook under the character's name and avatar when the bot may manage
+webhooks, otherwise as a normal message prefixed with the character's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+
+from adapters.base import SentMessage
+from adapters.streaming import StreamLimits, stream_reply
+from adapters.text import split_message
+from bot.core import ConversationCore
+from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+DEFAULT_API_BASE_URL = "https://discord.com/api/v10"
+MAX_MESSAGE_CHARS = 2000
+EDIT_INTERVAL_S = 1.0  # edits share the channel's limit of about 5 per 5 seconds
+MIN_NEW_CHARS = 30
+MAX_WEBHOOK_NAME = 80
+UNKNOWN_WEBHOOK = 10015
+WEBHOOK_NAME = "localbot characters"
+NO_MENTIONS = discord.AllowedMentions.none()
+
+
+def conversation_key(channel_id: int) -> str:
+    return f"{PLATFORM}:{channel_id}"
+
+
+def webhook_username(name: str) -> str:
+    """Discord refuses webhook names over 80 characters or containing "discord"/"clyde"."""
+    cleaned = re.sub(r"(?i)discord|clyde", lambda m: m.group()[0] + "\u200b" + m.group()[1:], name)
+    return cleaned[:MAX_WEBHOOK_NAME] or "Character"
+
+
+@dataclass(frozen=True, slots=True)
+class DiscordOptions:
+    """Discord-specific behaviour (from ``[platforms.discord]``)."""
+
+    guild_id: int | None = None
+    admin_role_ids: frozenset[int] = frozenset()
+    admin_user_ids: frozenset[int] = frozenset()
+    avatars: dict[str, str] = field(default_factory=dict)  # character name -> avatar URL
+
+    @classmethod
+    def from_settings(cls, settings: PlatformSettings) -> DiscordOptions:
+        return cls(
+            guild_id=settings.guild_id,
+            admin_role_ids=frozenset(settings.admin_role_ids),
+            admin_user_ids=frozenset(settings.admin_user_ids),
+            avatars=dict(settings.character_avatars),
+        )
+
+
+class _Client(discord.Client):
+    def __init__(self, adapter: DiscordAdapter, intents: discord.Intents) -> None:
+        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
+        self.adapter = adapter
+
+    async def setup_hook(self) -> None:
+        await self.adapter._sync_commands()
+
+    async def on_ready(self) -> None:
+        log.info("discord: connected as %s", self.user)
+        self.adapter.ready.set()
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter._on_message(message)
+
+
+class DiscordAdapter:
+    """Connects the core to Discord (or any Discord-compatible server)."""
+
+    name = PLATFORM
+    MAX_MESSAGE_CHARS = MAX_MESSAGE_CHARS
+
+    def __init__(
+        self,
+        core: ConversationCore,
+        settings: PlatformSettings,
+        options: DiscordOptions | None = None,
+        *,
+        limits: StreamLimits | None = None,
+    ) -> None:
+        if not settings.token:
+            raise ValueError("DISCORD_TOKEN is not set")
+        self.core = core
+        self.token = settings.token
+        self.api_base_url = (settings.api_base_url or DEFAULT_API_BASE_URL).rstrip("/")
+        self.options = options or DiscordOptions.from_settings(settings)
+        self.limits = limits or StreamLimits(MAX_MESSAGE_CHARS, EDIT_INTERVAL_S, MIN_NEW_CHARS)
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the developer portal
+        self.client = _Client(self, intents)
+        self.tree = app_commands.CommandTree(self.client)
+        self.ready = asyncio.Event()
+        self._webhooks: dict[int, discord.Webhook] = {}
+        self._add_commands()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Log in, point the gateway at the server's answer, run until :meth:`stop`."""
+        # discord.py keeps its REST base on a class attribute; one Discord connection per process.
+        discord.http.Route.BASE = self.api_base_url
+        try:
+            await self.client.login(self.token)
+            # A plain Client connects to DiscordWebSocket.DEFAULT_GATEWAY; use the URL the
+            # server gives in GET /gateway/bot instead (real Discord or a compatible server).
+            _shards, url, _limits = await self.client.http.get_bot_gateway()
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
+            await self.client.connect(reconnect=True)
+        finally:
+            if not self.client.is_closed():
+                await self.client.close()
+
+    async def stop(self) -> None:
+        await self.client.close()
+
+    async def _sync_commands(self) -> None:
+        if self.options.guild_id:
+            guild = discord.Object(id=self.options.guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+        else:
+            synced = await self.tree.sync()
+        log.info("discord: %d slash commands synced", len(synced))
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _addresses_bot(self, message: discord.Message) -> bool:
+        if message.guild is None:
+            return True
+        me = self.client.user
+        if me is not None and any(user.id == me.id for user in message.mentions):
+            return True
+        ref = message.reference
+        resolved = ref.resolved if ref is not None else None
+        if isinstance(resolved, discord.Message):
+            if me is not None and resolved.author.id == me.id:
+                return True
+            if resolved.webhook_id is not None and any(
+                hook.id == resolved.webhook_id for hook in self._webhooks.values()
+            ):
+                return True  # a reply to one of our character posts
+        return False
+
+    def _clean_text(self, text: str) -> str:
+        me = self.client.user
+        if me is None:
+            return text.strip()
+        return re.sub(rf"<@!?{me.id}>", "", text).strip() or text.strip()
+
+    async def _on_message(self, message: discord.Message) -> None:
+        # Never answer bots, webhooks (our own character posts among them) or ourselves.
+        if message.author.bot or message.webhook_id is not None:
+            return
+        if self.client.user is not None and message.author.id == self.client.user.id:
+            return
+        text = self._clean_text(message.content)
+        if not text:
+            return
+        msg = IncomingMessage(
+            platform=PLATFORM,
+            conversation_key=conversation_key(message.channel.id),
+            author_id=str(message.author.id),
+            author_name=message.author.display_name,
+            text=text,
+            mentions_bot=self._addresses_bot(message),
+            is_dm=message.guild is None,
+            platform_message_id=str(message.id),
+        )
+        sink = _ChannelSink(self, message.channel, reference=message)
+        await self._stream(message.channel, self.core.respond(msg), sink)
+
+    async def _stream(
+        self,
+        channel: Any,
+        replies: AsyncIterator[OutgoingReply],
+        sink: _ChannelSink | _InteractionSink,
+    ) -> list[str]:
+        """Stream ``replies``; nothing is sent when the core stays silent."""
+        first = await anext(replies, None)
+        if first is None:
+            return []
+        typing = asyncio.create_task(self._typing(channel))
+        try:
+            return await stream_reply(_chain(first, replies), sink, self.limits)
+        except discord.HTTPException:
+            log.exception("discord: could not deliver a reply in %s", getattr(channel, "id", "?"))
+            return []
+        finally:
+            typing.cancel()
+
+    async def _typing(self, channel: Any) -> None:
+        try:
+            async with channel.typing():
+                await asyncio.Event().wait()  # until cancelled
+        except discord.HTTPException as exc:  # cosmetic: never break a reply
+            log.debug("discord: typing failed: %s", exc)
+
+    # -- webhooks -----------------------------------------------------------------------------
+
+    def can_use_webhooks(self, channel: Any) -> bool:
+        guild = getattr(channel, "guild", None)
+        if guild is None or guild.me is None:
+            return False
+        return bool(channel.permissions_for(guild.me).manage_webhooks)
+
+    async def webhook_for(self, channel: Any, refresh: bool = False) -> discord.Webhook:
+        """The cached webhook of ``channel`` (threads use their parent's)."""
+        parent: Any = channel.parent if isinstance(channel, discord.Thread) else channel
+        if not refresh and parent.id in self._webhooks:
+            return self._webhooks[parent.id]
+        me = self.client.user
+        hooks = [
+            h
+            for h in await parent.webhooks()
+            if h.token and (h.user is None or me is None or h.user.id == me.id)
+        ]
+        hook: discord.Webhook = (
+            hooks[0] if hooks else await parent.create_webhook(name=WEBHOOK_NAME)
+        )
+        self._webhooks[parent.id] = hook
+        return hook
+
+    # -- commands -----------------------------------------------------------------------------
+
+    def is_admin(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild is None:
+            return True
+        user = interaction.user
+        if user.id in self.options.admin_user_ids:
+            return True
+        roles = getattr(user, "roles", [])
+        if any(role.id in self.options.admin_role_ids for role in roles):
+            return True
+        perms = getattr(user, "guild_permissions", None)
+        return bool(perms and (perms.manage_channels or perms.administrator))
+
+    def _add_commands(self) -> None:
+        tree = self.tree
+
+        @tree.command(name="chat", description="Ask the bot something here")
+        @app_commands.describe(message="What to say")
+        async def chat(interaction: discord.Interaction, message: str) -> None:
+            await interaction.response.defer(thinking=True)
+            msg = IncomingMessage(
+                PLATFORM,
+                self._key(interaction),
+                str(interaction.user.id),
+                interaction.user.display_name,
+                message,
+                mentions_bot=True,
+                is_dm=interaction.guild is None,
+            )
+            await self._stream(
+                interaction.channel, self.core.respond(msg), _InteractionSink(interaction)
+            )
+
+        @tree.command(name="mode", description="Set this channel's mode (admins)")
+        @app_commands.choices(
+            mode=[
+                app_commands.Choice(name="roleplay", value="roleplay"),
+                app_commands.Choice(name="work", value="work"),
+            ]
+        )
+        async def mode(interaction: discord.Interaction, mode: app_commands.Choice[str]) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "change the mode")
+                return
+            chosen = parse_mode(mode.value) or "work"
+            await self.core.set_mode(PLATFORM, self._key(interaction), chosen)
+            await interaction.response.send_message(
+                f"This channel is now in {chosen} mode: the {ROLE_FOR_MODE[chosen]} model answers."
+            )
+            await self._post_opening(interaction)
+
+        character = app_commands.Group(name="character", description="The channel's character")
+
+        @character.command(name="set", description="Choose the channel's character (admins)")
+        async def character_set(interaction: discord.Interaction, name: str) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "choose the character")
+                return
+            char = await self.core.set_character(PLATFORM, self._key(interaction), name)
+            if char is None:
+                names = ", ".join(self.core.characters.names())
+                await interaction.response.send_message(
+                    f"I don't know a character called {name}. Try: {names}.", ephemeral=True
+                )
+                return
+            await interaction.response.send_message(f"{char.name} takes the stage here.")
+            await self._post_opening(interaction)
+
+        @character.command(name="show", description="Show the channel's character")
+        async def character_show(interaction: discord.Interaction) -> None:
+            char = await self.core.character_of(PLATFORM, self._key(interaction))
+            text = (
+                f"**{char.name}**\n{char.description.replace('{{char}}', char.display_name)}"
+                f"\n\n*Greeting:* {char.greeting.replace('{{char}}', char.display_name)}"
+            )
+            await interaction.response.send_message(text[:MAX_MESSAGE_CHARS], ephemeral=True)
+
+        @character.command(name="list", description="List the characters")
+        async def character_list(interaction: discord.Interaction) -> None:
+            names = ", ".join(self.core.characters.names())
+            await interaction.response.send_message(f"Characters: {names}.", ephemeral=True)
+
+        tree.add_command(character)
+
+        @tree.command(name="reset", description="Start a fresh conversation here")
+        async def reset(interaction: discord.Interaction) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "reset the conversation")
+                return
+            await self.core.reset(PLATFORM, self._key(interaction))
+            await interaction.response.send_message(
+                "Started a fresh conversation. Earlier messages stay stored."
+            )
+            await self._post_opening(interaction)
+
+        @tree.command(name="regenerate", description="Write my last reply here again")
+        async def regenerate(interaction: discord.Interaction) -> None:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            key = self._key(interaction)
+            old = await self.core.last_reply_message_id(PLATFORM, key)
+            sink = _ChannelSink(self, interaction.channel, replace_id=old)
+            replies = self.core.regenerate(PLATFORM, key, is_dm=interaction.guild is None)
+            await self._stream(interaction.channel, replies, sink)
+            await interaction.edit_original_response(content="Done: the last reply was rewritten.")
+
+        @tree.command(name="help", description="What the bot does here")
+        async def help_(interaction: discord.Interaction) -> None:
+            text = await self.core.help_text(
+                PLATFORM, self._key(interaction), interaction.guild is None
+            )
+            await interaction.response.send_message(text, ephemeral=True)
+
+    def _key(self, interaction: discord.Interaction) -> str:
+        return conversation_key(interaction.channel_id or 0)
+
+    async def _refuse(self, interaction: discord.Interaction, what: str) -> None:
+        await interaction.response.send_message(
+            f"You need the Manage Channels permission (or a bot admin role) to {what}.",
+            ephemeral=True,
+        )
+
+    async def _post_opening(self, interaction: discord.Interaction) -> None:
+        greeting = await self.core.open_scene(
+            PLATFORM, self._key(interaction), interaction.guild is None
+        )
+        if greeting is not None:
+            await stream_reply(
+                _chain(greeting, _nothing()), _ChannelSink(self, interaction.channel), self.limits
+            )
+
+    async def send(self, reply: OutgoingReply) -> SentMessage:
+        """Send a whole reply to its channel (split at Discord's limit)."""
+        channel = self.client.get_channel(int(reply.conversation_key.split(":", 1)[1]))
+        ids = await stream_reply(
+            _chain(reply, _nothing()), _ChannelSink(self, channel), self.limits
+        )
+        return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
+
+    async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
+        channel = self.client.get_channel(int(reply.conversation_key.split(":", 1)[1]))
+        chunk = (split_message(reply.text, MAX_MESSAGE_CHARS) or [reply.text])[0]
+        await _ChannelSink(self, channel).edit_chunk(sent.message_id, chunk, reply, reply.final)
+        return SentMessage(sent.conversation_key, sent.message_id, chunk)
+
+
+async def _chain(
+    first: OutgoingReply, rest: AsyncIterator[OutgoingReply]
+) -> AsyncIterator[OutgoingReply]:
+    yield first
+    async for reply in rest:
+        yield reply
+
+
+async def _nothing() -> AsyncIterator[OutgoingReply]:
+    return
+    yield
+
+
+class _ChannelSink:
+    """Posts one reply into a channel: as the character through the webhook when allowed,
+    else as the bot (prefixed with the character's name in roleplay)."""
+
+    def __init__(
+        self,
+        adapter: DiscordAdapter,
+        channel: Any,
+        reference: discord.Message | None = None,
+        replace_id: str | None = None,
+    ) -> None:
+        self.adapter = adapter
+        self.channel = channel
+        self.reference = reference
+        self.replace_id = replace_id  # /regenerate edits the old reply in place
+        self._via_webhook: dict[str, bool] = {}
+        self._first_id: str | None = None  # the reply's first message, remembered for edits
+
+    async def _remember(self, reply: OutgoingReply, message_id: str, final: bool) -> None:
+        if self._first_id is None:
+            self._first_id = message_id
+        if final and message_id == self._first_id and reply.stored_id is not None:
+            await self.adapter.core.remember_platform_id(reply.stored_id, message_id)
+        if final and message_id == self._first_id:
+            self._first_id = None  # the next reply of the same stream starts afresh
+
+    def _thread(self) -> Any:
+        return self.channel if isinstance(self.channel, discord.Thread) else discord.utils.MISSING
+
+    def _use_webhook(self, reply: OutgoingReply) -> bool:
+        return bool(reply.speaker) and self.adapter.can_use_webhooks(self.channel)
+
+    def _text(self, text: str, reply: OutgoingReply, final: bool) -> str:
+        if reply.kind is not ReplyKind.ANSWER or not reply.speaker or self._use_webhook(reply):
+            body = text
+        else:
+            body = f"**{reply.speaker}:** {text}"
+        if final and reply.swipe:
+            body += f"\n-# {reply.swipe[0]}/{reply.swipe[1]} · /regenerate for another"
+        return body[:MAX_MESSAGE_CHARS]
+
+    async def _with_webhook(self, call: Callable[[discord.Webhook], Awaitable[Any]]) -> Any:
+        hook = await self.adapter.webhook_for(self.channel)
+        try:
+            return await call(hook)
+        except discord.NotFound as exc:
+            if exc.code != UNKNOWN_WEBHOOK:
+                raise
+            # Someone deleted our webhook: fetch or create it again and retry once.
+            hook = await self.adapter.webhook_for(self.channel, refresh=True)
+            return await call(hook)
+
+    async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
+        body = self._text(text, reply, final)
+        if self.replace_id is not None:
+            message_id, self.replace_id = self.replace_id, None
+            await self.edit_chunk(message_id, text, reply, final)
+            return message_id
+        if self._use_webhook(reply):
+            speaker = reply.speaker or ""
+            avatar = self.adapter.options.avatars.get(speaker)
+            sent = await self._with_webhook(
+                lambda hook: hook.send(
+                    body,
+                    username=webhook_username(speaker),
+                    avatar_url=avatar or discord.utils.MISSING,
+                    wait=True,
+                    thread=self._thread(),
+                    allowed_mentions=NO_MENTIONS,
+                )
+            )
+            self._via_webhook[str(sent.id)] = True
+        else:
+            reference = self.reference
+            self.reference = None  # continuation messages are not replies
+            sent = await self.channel.send(
+                body, reference=reference, mention_author=False, allowed_mentions=NO_MENTIONS
+            )
+        await self._remember(reply, str(sent.id), final)
+        return str(sent.id)
+
+    async def edit_chunk(
+        self, message_id: str, text: str, reply: OutgoingReply, final: bool
+    ) -> None:
+        body = self._text(text, reply, final)
+        if self._via_webhook.get(message_id) or (
+            message_id not in self._via_webhook and self._use_webhook(reply)
+        ):
+            try:
+                await self._with_webhook(
+                    lambda hook: hook.edit_message(
+                        int(message_id),
+                        content=body,
+                        thread=self._thread(),
+                        allowed_mentions=NO_MENTIONS,
+                    )
+                )
+                self._via_webhook[message_id] = True
+                await self._remember(reply, message_id, final)
+                return
+            except discord.HTTPException:
+                if self._via_webhook.get(message_id):
+                    raise
+        partial = self.channel.get_partial_message(int(message_id))
+        await partial.edit(content=body, allowed_mentions=NO_MENTIONS)
+        await self._remember(reply, message_id, final)
+
+
+class _InteractionSink:
+    """Streams a /chat answer into the interaction's (deferred) response and follow-ups."""
+
+    def __init__(self, interaction: discord.Interaction) -> None:
+        self.interaction = interaction
+        self._original: str | None = None
+
+    async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
+        if self._original is None:
+            message = await self.interaction.edit_original_response(content=text)
+            self._original = str(message.id)
+            return self._original
+        followup = await self.interaction.followup.send(text, wait=True)
+        return str(followup.id)
+
+    async def edit_chunk(
+        self, message_id: str, text: str, reply: OutgoingReply, final: bool
+    ) -> None:
+        if message_id == self._original:
+            await self.interaction.edit_original_response(content=text)
+        else:
+            await self.interaction.followup.edit_message(int(message_id), content=text)

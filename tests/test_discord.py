@@ -1,0 +1,285 @@
+"""The Discord adapter end to end: real discord.py against a local Discord-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from adapters.discord import DiscordAdapter, webhook_username
+from adapters.streaming import StreamLimits
+from ai_model.scripted import ScriptedModel
+from bot.core import ConversationCore
+from bot.settings import PlatformSettings, Settings
+from storage import Store
+from tests.conftest import FixedModels
+from tests.fake_discord import (
+    CHANNEL_NO_HOOKS,
+    CHANNEL_ROLEPLAY,
+    CHANNEL_WORK,
+    DM_CHANNEL,
+    GUILD,
+    THREAD,
+    FakeDiscord,
+    user,
+)
+from tests.test_core import text_of
+
+ANN = user("11", "Ann")
+BOB = user("12", "Bob")
+OTHER_BOT = {**user("13", "Helper"), "bot": True}
+
+
+@pytest.fixture
+async def discord_server() -> AsyncIterator[FakeDiscord]:
+    server = FakeDiscord()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+Harness = tuple[FakeDiscord, ScriptedModel, ScriptedModel, ConversationCore]
+
+
+@pytest.fixture
+async def bot(
+    discord_server: FakeDiscord, settings: Settings, store: Store
+) -> AsyncIterator[Callable[..., Any]]:
+    running: list[tuple[DiscordAdapter, asyncio.Task[None]]] = []
+
+    async def start(
+        office_script: Any = ("Here you go.",), character_script: Any = ("*Mira nods.*",)
+    ) -> Harness:
+        office, character = ScriptedModel(office_script), ScriptedModel(character_script)
+        core = ConversationCore(
+            settings, store, FixedModels({"office": office, "character": character})
+        )
+        platform = PlatformSettings(
+            token="TEST", api_base_url=discord_server.api_url, guild_id=int(GUILD)
+        )
+        adapter = DiscordAdapter(core, platform, limits=StreamLimits(2000, 0.05, 10))
+        task = asyncio.create_task(adapter.start())
+        running.append((adapter, task))
+        await asyncio.wait_for(adapter.ready.wait(), 20)
+        return discord_server, office, character, core
+
+    yield start
+    for adapter, task in running:
+        await adapter.stop()
+        await asyncio.wait_for(task, 10)
+
+
+def last(server: FakeDiscord, channel: str) -> str:
+    return server.in_channel(channel)[-1].content
+
+
+async def test_commands_sync_to_the_guild_and_dm_gets_an_answer(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot()
+    names = {c["name"] for c in server.commands[GUILD]}
+    assert {"chat", "mode", "character", "reset", "regenerate", "help"} <= names
+    await server.say(DM_CHANNEL, ANN, "Hello there")
+    await server.wait_for(lambda: server.in_channel(DM_CHANNEL))
+    assert last(server, DM_CHANNEL) == "Here you go."
+    assert "Ann: Hello there" in text_of(office.prompts[-1])
+
+
+def opt(name: str, value: Any) -> dict[str, Any]:
+    return {"type": 3, "name": name, "value": value}
+
+
+def sub(name: str, *options: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"type": 1, "name": name, "options": list(options)}]
+
+
+async def test_mode_needs_manage_channels_and_opens_the_scene(bot: Callable[..., Any]) -> None:
+    server, _, _, core = await bot()
+    token = await server.command(CHANNEL_ROLEPLAY, BOB, "mode", [opt("mode", "roleplay")])
+    await server.wait_for(lambda: server.responses(token))
+    refusal = server.responses(token)[0]
+    assert refusal.ephemeral and "Manage Channels" in refusal.content
+    assert (await core.conversation("discord", f"discord:{CHANNEL_ROLEPLAY}")).mode is None
+    token = await server.command(
+        CHANNEL_ROLEPLAY, ANN, "mode", [opt("mode", "roleplay")], admin=True
+    )
+    await server.wait_for(lambda: server.in_channel(CHANNEL_ROLEPLAY))
+    answer = server.responses(token)[0]
+    assert not answer.ephemeral and "roleplay mode" in answer.content
+    greeting = server.in_channel(CHANNEL_ROLEPLAY)[0]
+    assert greeting.webhook_id is not None and greeting.username == "Mira"  # as the character
+    assert "Welcome to the Lantern Inn" in greeting.content
+
+
+async def test_character_commands(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot()
+    token = await server.command(
+        CHANNEL_WORK, BOB, "character", sub("set", opt("name", "Captain Reyes"))
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "Manage Channels" in server.responses(token)[0].content
+    token = await server.command(
+        CHANNEL_WORK, ANN, "character", sub("set", opt("name", "Captain Reyes")), admin=True
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "Captain Reyes takes the stage" in server.responses(token)[0].content
+    token = await server.command(CHANNEL_WORK, BOB, "character", sub("show"))
+    await server.wait_for(lambda: server.responses(token))
+    shown = server.responses(token)[0]
+    assert shown.ephemeral and "**Captain Reyes**" in shown.content and "Meridian" in shown.content
+    assert "Greeting" in shown.content
+    token = await server.command(CHANNEL_WORK, BOB, "character", sub("list"))
+    await server.wait_for(lambda: server.responses(token))
+    assert "Mira" in server.responses(token)[0].content
+    token = await server.command(
+        CHANNEL_WORK, ANN, "character", sub("set", opt("name", "Nobody")), admin=True
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "don't know a character called Nobody" in server.responses(token)[0].content
+
+
+async def test_reset_help_chat_and_regenerate(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot(office_script=["First answer.", "Second answer.", "Third."])
+    token = await server.command(CHANNEL_WORK, BOB, "reset")
+    await server.wait_for(lambda: server.responses(token))
+    assert "Manage Channels" in server.responses(token)[0].content
+    token = await server.command(DM_CHANNEL, BOB, "reset")  # anyone may, in DMs
+    await server.wait_for(lambda: server.responses(token))
+    assert "fresh conversation" in server.responses(token)[0].content
+    token = await server.command(CHANNEL_WORK, BOB, "help")
+    await server.wait_for(lambda: server.responses(token))
+    help_ = server.responses(token)[0]
+    assert help_.ephemeral and "work mode" in help_.content and "/mode" in help_.content
+
+    token = await server.command(CHANNEL_WORK, ANN, "chat", [opt("message", "Plan my week")])
+    await server.wait_for(
+        lambda: server.responses(token) and server.responses(token)[0].content == "First answer."
+    )
+    assert server.callbacks[-1]["type"] == 5  # deferred, then the answer streamed into it
+    assert "Ann: Plan my week" in text_of(office.prompts[-1])
+
+    mid = await server.say(CHANNEL_WORK, ANN, "and next week?", mention_bot=True)
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    reply = server.in_channel(CHANNEL_WORK)[-1]
+    assert reply.content == "Second answer." and reply.reference == mid
+    token = await server.command(CHANNEL_WORK, ANN, "regenerate")
+    await server.wait_for(lambda: reply.content == "Third.")
+    assert len(server.in_channel(CHANNEL_WORK)) == 1  # replaced in place, not a new message
+    assert server.responses(token)[0].ephemeral
+    assert "Second answer." not in text_of(office.prompts[-1])
+
+
+async def test_two_player_scene_posts_as_the_character(bot: Callable[..., Any]) -> None:
+    server, _, character, core = await bot(character_script=["*Mira pours two ales.*"])
+    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    await server.say(CHANNEL_ROLEPLAY, BOB, "I sit by the fire.")  # stored, not answered
+    await server.wait_for(lambda: server.in_channel(CHANNEL_ROLEPLAY))  # the scene's greeting
+    await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, two ales please!")  # names the character
+    await server.wait_for(
+        lambda: (
+            len(server.in_channel(CHANNEL_ROLEPLAY)) >= 2
+            and "pours" in last(server, CHANNEL_ROLEPLAY)
+        )
+    )
+    post = server.in_channel(CHANNEL_ROLEPLAY)[-1]
+    assert post.webhook_id is not None and post.username == "Mira"
+    prompt = text_of(character.prompts[-1])
+    assert "Bob: I sit by the fire." in prompt and "Ann: Mira, two ales please!" in prompt
+    assert {"\nAnn:", "\nBob:"} <= set(character.stops[-1])
+    assert len(server.webhooks) == 1  # one cached webhook per channel
+    # A reply to the character's webhook post addresses the bot too.
+    await server.say(CHANNEL_ROLEPLAY, BOB, "Cheers!", reply_to=post.id)
+    await server.wait_for(lambda: len(character.prompts) == 2)
+    assert len(server.webhooks) == 1
+
+
+async def test_thread_posts_through_the_parent_webhook(bot: Callable[..., Any]) -> None:
+    server, _, _, core = await bot()
+    await core.set_mode("discord", f"discord:{THREAD}", "roleplay")
+    await server.say(THREAD, ANN, "Mira, a quiet word?", mention_bot=True)
+    await server.wait_for(lambda: len([p for p in server.posted if p.thread_id == THREAD]) >= 2)
+    posts = [p for p in server.posted if p.thread_id == THREAD]
+    assert all(p.channel_id == CHANNEL_ROLEPLAY and p.username == "Mira" for p in posts)
+
+
+async def test_without_manage_webhooks_it_prefixes_the_name(bot: Callable[..., Any]) -> None:
+    server, _, _, core = await bot()
+    await core.set_mode("discord", f"discord:{CHANNEL_NO_HOOKS}", "roleplay")
+    await server.say(CHANNEL_NO_HOOKS, ANN, "Mira?", mention_bot=True)
+    await server.wait_for(lambda: len(server.in_channel(CHANNEL_NO_HOOKS)) >= 2)
+    texts = [p.content for p in server.in_channel(CHANNEL_NO_HOOKS)]
+    assert texts[0].startswith("**Mira:** *Mira looks up")
+    assert texts[1] == "**Mira:** *Mira nods.*"
+    assert server.webhooks == [] and all(
+        p.webhook_id is None for p in server.in_channel(CHANNEL_NO_HOOKS)
+    )
+
+
+async def test_unknown_webhook_is_refreshed_and_retried(bot: Callable[..., Any]) -> None:
+    server, _, _, core = await bot()
+    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    await server.say(CHANNEL_ROLEPLAY, ANN, "Mira!", mention_bot=True)
+    await server.wait_for(lambda: len(server.in_channel(CHANNEL_ROLEPLAY)) >= 2)
+    server.webhooks.clear()  # somebody deleted our webhook
+    await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, again!", mention_bot=True)
+    await server.wait_for(lambda: len(server.in_channel(CHANNEL_ROLEPLAY)) >= 3)
+    assert len(server.webhooks) == 1 and server.in_channel(CHANNEL_ROLEPLAY)[-1].username == "Mira"
+
+
+async def test_work_channel_answers_mentions_only(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot()
+    await server.say(CHANNEL_WORK, ANN, "lunch anyone?")
+    await server.say(CHANNEL_WORK, ANN, "draft the agenda", mention_bot=True)
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    assert len(office.prompts) == 1
+    prompt = text_of(office.prompts[0])
+    assert "Ann: draft the agenda" in prompt and "Ann: lunch anyone?" in prompt
+    assert CHANNEL_WORK in server.typing
+
+
+async def test_a_long_reply_is_split_outside_code_fences(bot: Callable[..., Any]) -> None:
+    prose = "\n".join(f"Point {i}: the budget is on track." for i in range(50))
+    code = "```py\n" + "\n".join(f"x{i} = {i}" for i in range(400)) + "\n```"
+    server, *_ = await bot(office_script=[f"{prose}\n\n{code}\n\nEnd of report."])
+    await server.say(DM_CHANNEL, ANN, "report please")
+    await server.wait_for(
+        lambda: server.in_channel(DM_CHANNEL) and "End of report." in last(server, DM_CHANNEL)
+    )
+    messages = [p.content for p in server.in_channel(DM_CHANNEL)]
+    assert len(messages) >= 3
+    assert all(len(m) <= 2000 for m in messages)
+    assert all(m.count("```") % 2 == 0 for m in messages)  # every fence closed in its message
+    joined = "\n".join(messages)
+    assert all(f"Point {i}:" in joined for i in range(50))
+    assert all(f"x{i} = {i}" in joined for i in range(400))
+
+
+async def test_rate_limits_are_waited_out(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot(office_script=["Delivered after the 429."])
+    server.fail_next[("POST", f"/channels/{DM_CHANNEL}/messages")] = "429"
+    await server.say(DM_CHANNEL, ANN, "hi")
+    await server.wait_for(lambda: server.in_channel(DM_CHANNEL), within=30)
+    assert last(server, DM_CHANNEL) == "Delivered after the 429."
+    posts = [r for r in server.requests if r == ("POST", f"/channels/{DM_CHANNEL}/messages")]
+    assert len(posts) == 2  # refused once, retried
+
+
+async def test_bots_webhooks_and_itself_are_ignored(bot: Callable[..., Any]) -> None:
+    from tests.fake_discord import BOT_USER
+
+    server, office, *_ = await bot()
+    await server.say(DM_CHANNEL, BOT_USER, "my own message")
+    await server.say(CHANNEL_WORK, OTHER_BOT, "another bot", mention_bot=True)
+    hook_author = {**user("77", "Hooky"), "bot": True}
+    await server.say(CHANNEL_WORK, hook_author, "a webhook", mention_bot=True, webhook_id="77")
+    await server.say(DM_CHANNEL, ANN, "a person")
+    await server.wait_for(lambda: server.in_channel(DM_CHANNEL))
+    await asyncio.sleep(0.2)
+    assert len(office.prompts) == 1 and "a person" in text_of(office.prompts[0])
+    assert server.in_channel(CHANNEL_WORK) == []
+
+
+def test_webhook_names_follow_discords_rules() -> None:
+    assert webhook_username("Discord Clyde") != "Discord Clyde"
+    assert "discord" not in webhook_username("mydiscordbot").lower().replace("\u200b", "x")
+    assert len(webhook_username("x" * 200)) == 80

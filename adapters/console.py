@@ -104,11 +104,21 @@ class ConsoleAdapter:
             names = ", ".join(self.core.characters.names())
             self._write(f"Character: {current.name}. Available: {names}.\n")
             return
-        char = await self.core.set_character(PLATFORM, self.key, name)
-        if char is None:
+        if name.lower().startswith("world"):
+            book = name[5:].strip()
+            detach = book.lower() in ("", "off")
+            if await self.core.attach_world_book(PLATFORM, self.key, None if detach else book):
+                self._write(
+                    "World book detached.\n" if detach else f"World book {book} attached.\n"
+                )
+            else:
+                self._write(f"No world book called {book}.\n")
+            return
+        cast = await self.core.set_cast(PLATFORM, self.key, [n.strip() for n in name.split(",")])
+        if cast is None:
             self._write(f"No character called {name}. /character lists them.\n")
             return
-        self._write(f"{char.name} takes the stage (in roleplay mode).\n")
+        self._write(f"{' and '.join(c.name for c in cast)} on stage (in roleplay mode).\n")
         await self._open_scene()
 
     async def _command(self, text: str) -> bool:

@@ -23,6 +23,8 @@ from discord.gateway import DiscordWebSocket
 from adapters.base import SentMessage
 from adapters.streaming import StreamLimits, stream_reply
 from adapters.text import split_message
+from bot.cards import MAX_CARD_BYTES, parse_card_bytes
+from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
@@ -300,14 +302,18 @@ class DiscordAdapter:
             if not self.is_admin(interaction):
                 await self._refuse(interaction, "choose the character")
                 return
-            char = await self.core.set_character(PLATFORM, self._key(interaction), name)
-            if char is None:
+            wanted = [n.strip() for n in name.split(",") if n.strip()]
+            cast = await self.core.set_cast(PLATFORM, self._key(interaction), wanted)
+            if cast is None:
                 names = ", ".join(self.core.characters.names())
                 await interaction.response.send_message(
                     f"I don't know a character called {name}. Try: {names}.", ephemeral=True
                 )
                 return
-            await interaction.response.send_message(f"{char.name} takes the stage here.")
+            who = " and ".join(c.name for c in cast)
+            await interaction.response.send_message(
+                f"{who} take{'s' if len(cast) == 1 else ''} the stage here."
+            )
             await self._post_opening(interaction)
 
         @character.command(name="show", description="Show the channel's character")
@@ -324,7 +330,74 @@ class DiscordAdapter:
             names = ", ".join(self.core.characters.names())
             await interaction.response.send_message(f"Characters: {names}.", ephemeral=True)
 
+        @character.command(name="import", description="Import a character card (admins)")
+        @app_commands.describe(card="A SillyTavern/TavernAI card: PNG, JSON or CHARX")
+        async def character_import(
+            interaction: discord.Interaction, card: discord.Attachment
+        ) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "import characters")
+                return
+            if card.size > MAX_CARD_BYTES:
+                await interaction.response.send_message(
+                    "That file is too large to be a character card.", ephemeral=True
+                )
+                return
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            try:
+                parsed = parse_card_bytes(await card.read(), card.filename)
+                char = await self.core.import_card(parsed)
+            except CardError as exc:
+                await interaction.edit_original_response(
+                    content=f"I could not import that card: {exc}."
+                )
+                return
+            await interaction.edit_original_response(
+                content=f"Imported {char.name}. Use /character set {char.name} to play them."
+            )
+
+        @character.command(name="world", description="Attach a world book here, or 'off' (admins)")
+        async def character_world(interaction: discord.Interaction, name: str) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "change the world book")
+                return
+            book = None if name.strip().lower() == "off" else name.strip()
+            if not await self.core.attach_world_book(PLATFORM, self._key(interaction), book):
+                known = ", ".join(sorted(self.core.world_books)) or "none imported yet"
+                await interaction.response.send_message(
+                    f"No world book called {name} (available: {known}).", ephemeral=True
+                )
+                return
+            done = f"World book {book} attached." if book else "World book detached."
+            await interaction.response.send_message(done)
+
         tree.add_command(character)
+
+        @tree.command(name="swipe", description="Show another version of my last reply")
+        @app_commands.choices(
+            direction=[
+                app_commands.Choice(name="next", value="next"),
+                app_commands.Choice(name="back", value="back"),
+            ]
+        )
+        async def swipe(
+            interaction: discord.Interaction, direction: app_commands.Choice[str] | None = None
+        ) -> None:
+            key = self._key(interaction)
+            old = await self.core.last_reply_message_id(PLATFORM, key)
+            step = -1 if direction is not None and direction.value == "back" else 1
+            reply = await self.core.swipe(PLATFORM, key, step)
+            if reply.kind is not ReplyKind.ANSWER:
+                await interaction.response.send_message(reply.text, ephemeral=True)
+                return
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            sink = _ChannelSink(self, interaction.channel, replace_id=old)
+            await stream_reply(_chain(reply, _nothing()), sink, self.limits)
+            await interaction.edit_original_response(
+                content=f"Showing version {reply.swipe[0]} of {reply.swipe[1]}."
+                if reply.swipe
+                else "Done."
+            )
 
         @tree.command(name="reset", description="Start a fresh conversation here")
         async def reset(interaction: discord.Interaction) -> None:

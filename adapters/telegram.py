@@ -336,12 +336,26 @@ class TelegramAdapter:
             return
         if await self._refuse_unless_admin(message, "change the character"):
             return
-        char = await self.core.set_character(PLATFORM, key, name)
-        if char is None:
+        if name.lower().startswith("world"):
+            await self._world_book(message, key, name[5:].strip())
+            return
+        cast = await self.core.set_cast(PLATFORM, key, [n.strip() for n in name.split(",")])
+        if cast is None:
             await self._say(message, f"I don't know a character called {name}. Try: {names}.")
             return
-        await self._say(message, f"{char.name} takes the stage. (Used in roleplay mode.)")
+        who = " and ".join(c.name for c in cast)
+        verb = "takes" if len(cast) == 1 else "take"
+        await self._say(message, f"{who} {verb} the stage. (Used in roleplay mode.)")
         await self._open_scene(message)
+
+    async def _world_book(self, message: Message, key: str, name: str) -> None:
+        """``/character world NAME`` attaches a world book, ``/character world off`` detaches."""
+        book = None if name.lower() in ("", "off") else name
+        if not await self.core.attach_world_book(PLATFORM, key, book):
+            known = ", ".join(sorted(self.core.world_books)) or "none imported yet"
+            await self._say(message, f"No world book called {name} (available: {known}).")
+            return
+        await self._say(message, f"World book {book} attached." if book else "World book detached.")
 
     async def _on_card_upload(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         """``/character import`` with a card file attached (or in reply to one)."""

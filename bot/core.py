@@ -309,6 +309,7 @@ class ConversationCore:
             final=True,
             speaker=chosen.author_name,
             swipe=(versions.index(chosen) + 1, len(versions)),
+            stored_id=chosen.id,
         )
 
     # -- answering ----------------------------------------------------------------------------

@@ -94,6 +94,8 @@ class FakeDiscord:
         self.requests: list[tuple[str, str]] = []
         self.fail_next: dict[tuple[str, str], str] = {}  # (method, path prefix) -> kind
         self.identified = asyncio.Event()
+        self.attachments: dict[str, bytes] = {}
+        self._interaction_channel: dict[str, str] = {}  # token -> channel id
         self._ws: web.WebSocketResponse | None = None
         self._seq = 0
         self._runner: web.AppRunner | None = None
@@ -309,9 +311,11 @@ class FakeDiscord:
         options: list[dict[str, Any]] | None = None,
         *,
         admin: bool = False,
+        resolved: dict[str, Any] | None = None,
     ) -> str:
         """A user runs a slash command; returns the interaction token."""
         token = f"tok{self.new_id()}"
+        self._interaction_channel[token] = channel_id
         data: dict[str, Any] = {
             "id": self.new_id(),
             "application_id": APP_ID,
@@ -326,6 +330,8 @@ class FakeDiscord:
             "data": {"id": self.new_id(), "name": name, "type": 1, "options": options or []},
             "channel_id": channel_id,
         }
+        if resolved:
+            data["data"]["resolved"] = resolved
         if channel_id == DM_CHANNEL:
             data["channel"] = {"id": DM_CHANNEL, "type": 1, "recipients": [author]}
             data["user"] = author
@@ -349,6 +355,23 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", data)
         return token
 
+    def attachment(self, name: str, data: bytes) -> tuple[str, dict[str, Any]]:
+        """Register an uploaded file; returns its id and the resolved attachment object."""
+        aid = self.new_id()
+        self.attachments[aid] = data
+        url = f"http://127.0.0.1:{self.port}/attachments/{aid}/{name}"
+        return aid, {
+            "id": aid,
+            "filename": name,
+            "size": len(data),
+            "url": url,
+            "proxy_url": url,
+            "content_type": "application/octet-stream",
+        }
+
+    async def _attachment(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.attachments[request.match_info["aid"]])
+
     def responses(self, token: str) -> list[Posted]:
         return [p for p in self.posted if p.interaction == token]
 
@@ -357,6 +380,7 @@ class FakeDiscord:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{aid}/{name}", self._attachment)
         app.router.add_route("*", "/api/v10/{path:.*}", self._rest)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
@@ -585,7 +609,7 @@ class FakeDiscord:
         if method == "POST" and len(parts) == 3:
             posted = Posted(
                 self.new_id(),
-                "",
+                self._interaction_channel.get(token, DM_CHANNEL),
                 body.get("content") or "",
                 interaction=token,
                 ephemeral=bool((body.get("flags") or 0) & 64),
@@ -609,7 +633,7 @@ class FakeDiscord:
         kind = body["type"]
         posted = Posted(
             self.new_id(),
-            "",
+            self._interaction_channel.get(token, DM_CHANNEL),
             data.get("content") or "",
             interaction=token,
             ephemeral=bool((data.get("flags") or 0) & 64),

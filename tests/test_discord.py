@@ -283,3 +283,129 @@ def test_webhook_names_follow_discords_rules() -> None:
     assert webhook_username("Discord Clyde") != "Discord Clyde"
     assert "discord" not in webhook_username("mydiscordbot").lower().replace("\u200b", "x")
     assert len(webhook_username("x" * 200)) == 80
+
+
+async def test_card_import_swipe_world_book_and_cast(bot: Callable[..., Any]) -> None:
+    from tests.test_cards import V3, png_with
+
+    server, _, character, core = await bot()
+    aid, attachment = server.attachment("val.png", png_with({"ccv3": V3}))
+    card_option = [
+        {"type": 1, "name": "import", "options": [{"type": 11, "name": "card", "value": aid}]}
+    ]
+    token = await server.command(
+        CHANNEL_ROLEPLAY, BOB, "character", card_option, resolved={"attachments": {aid: attachment}}
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "Manage Channels" in server.responses(token)[0].content
+    token = await server.command(
+        CHANNEL_ROLEPLAY,
+        ANN,
+        "character",
+        card_option,
+        admin=True,
+        resolved={"attachments": {aid: attachment}},
+    )
+    await server.wait_for(
+        lambda: (
+            "Imported" in (server.responses(token) or [None])[0].content
+            if server.responses(token)
+            else False
+        )
+    )
+    assert "Imported Captain Valeria Storm" in server.responses(token)[0].content
+    assert core.characters.find("captain valeria storm") is not None
+
+    bad, junk = server.attachment("junk.png", b"not a card")
+    token = await server.command(
+        CHANNEL_ROLEPLAY,
+        ANN,
+        "character",
+        [{"type": 1, "name": "import", "options": [{"type": 11, "name": "card", "value": bad}]}],
+        admin=True,
+        resolved={"attachments": {bad: junk}},
+    )
+    await server.wait_for(
+        lambda: server.responses(token) and "could not" in server.responses(token)[0].content
+    )
+
+    # A two-character cast, then the scene's greeting and a swipe to its alternative.
+    token = await server.command(
+        CHANNEL_ROLEPLAY,
+        ANN,
+        "character",
+        sub("set", opt("name", "Mira, Captain Reyes")),
+        admin=True,
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "Mira and Captain Reyes take the stage" in server.responses(token)[0].content
+    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    greeting = await core.open_scene("discord", f"discord:{CHANNEL_ROLEPLAY}", is_dm=False)
+    assert greeting is not None
+    await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, hello!", mention_bot=True)
+    await server.wait_for(
+        lambda: server.in_channel(CHANNEL_ROLEPLAY) and "nods" in last(server, CHANNEL_ROLEPLAY)
+    )
+    answer = server.in_channel(CHANNEL_ROLEPLAY)[-1]
+    token = await server.command(CHANNEL_ROLEPLAY, BOB, "swipe")
+    await server.wait_for(lambda: server.responses(token) and server.responses(token)[0].content)
+    assert "only one version" in server.responses(token)[0].content  # nothing to swipe yet
+    token = await server.command(CHANNEL_ROLEPLAY, BOB, "regenerate")
+    await server.wait_for(lambda: len(answer.edits) >= 2)
+    token = await server.command(CHANNEL_ROLEPLAY, BOB, "swipe", [opt("direction", "back")])
+    await server.wait_for(
+        lambda: server.responses(token) and "version 1 of 2" in server.responses(token)[0].content
+    )
+    assert answer.content.startswith("*Mira nods.*")  # the earlier version, edited in place
+
+    await core.import_world_book(
+        "realm",
+        {
+            "entries": [
+                {
+                    "keys": ["harbor"],
+                    "content": "The harbor is frozen.",
+                    "enabled": True,
+                    "insertion_order": 1,
+                    "extensions": {},
+                }
+            ]
+        },
+    )
+    token = await server.command(
+        CHANNEL_ROLEPLAY, ANN, "character", sub("world", opt("name", "realm")), admin=True
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "World book realm attached" in server.responses(token)[0].content
+    await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, the harbor?", mention_bot=True)
+    await server.wait_for(
+        lambda: any("The harbor is frozen." in text_of(p) for p in character.prompts)
+    )
+
+
+async def test_a_failed_generation_becomes_an_apology(bot: Callable[..., Any]) -> None:
+    from bot.core import APOLOGY
+    from tests.test_core import FailingModel
+
+    server, _, _, core = await bot()
+    core.models.models["office"] = FailingModel()  # type: ignore[attr-defined]
+    await server.say(DM_CHANNEL, ANN, "are you there?")
+    await server.wait_for(
+        lambda: server.in_channel(DM_CHANNEL) and last(server, DM_CHANNEL) == APOLOGY
+    )
+    message = server.in_channel(DM_CHANNEL)[-1]
+    assert message.edits  # the half-written reply was edited into the apology
+
+
+async def test_chat_command_continues_in_follow_ups(bot: Callable[..., Any]) -> None:
+    long_answer = "\n".join(f"Step {i}: do the next thing carefully." for i in range(120))
+    server, *_ = await bot(office_script=[long_answer])
+    token = await server.command(CHANNEL_WORK, ANN, "chat", [opt("message", "a long plan")])
+    await server.wait_for(
+        lambda: (
+            len(server.responses(token)) >= 2 and "Step 119:" in server.responses(token)[-1].content
+        )
+    )
+    parts = [p.content for p in server.responses(token)]
+    assert all(len(p) <= 2000 for p in parts)
+    assert all(f"Step {i}:" in "\n".join(parts) for i in range(120))

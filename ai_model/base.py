@@ -36,5 +36,9 @@ class ChatModel(Protocol):
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
 
     def stream(
-        self, tokens: Sequence[int], sampling: SamplingSettings, stop: Sequence[str] = ()
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingSettings,
+        stop: Sequence[str] = (),
+        slot: str | None = None,
     ) -> AsyncIterator[str]: ...

@@ -46,6 +46,10 @@ class ModelSettings:
     rope_scaling_factor: float = 1.0
     threads: int = 0
     threads_batch: int = 0
+    # Conversations whose evaluated state stays in memory (one KV cache of n_ctx tokens each).
+    cache_slots: int = 4
+    # Where evaluated states are saved at shutdown and restored after a restart ("" = nowhere).
+    state_dir: str = "data/llama-states"
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def validate(self) -> None:
@@ -62,6 +66,8 @@ class ModelSettings:
             raise ValueError("rope_scaling_factor must be positive")
         if self.split_mode not in SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {', '.join(SPLIT_MODES)}")
+        if self.cache_slots < 1:
+            raise ValueError("cache_slots must be at least 1")
         if self.chat_template not in TEMPLATES:
             raise ValueError(f"chat_template must be one of {', '.join(TEMPLATES)}")
         if not 0 < self.sampling.max_tokens < self.n_ctx // 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 
 from ai_model.base import GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.slots import SlotPool
 from ai_model.templates import ChatTemplate, UnknownTemplateError, template_by_name
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,19 @@ class LocalModel:
     fair.
     """
 
-    def __init__(self, llm: Any, name: str, template: ChatTemplate, n_ctx: int) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        name: str,
+        template: ChatTemplate,
+        n_ctx: int,
+        *,
+        cache_slots: int = 1,
+        state_dir: Path | None = None,
+        fingerprint: str = "",
+    ) -> None:
         self._llm = llm
+        self.slots = SlotPool(llm, cache_slots, state_dir, fingerprint)
         self.name = name
         self.template = template
         # llama.cpp rounds the context up (8191 -> 8192); the configured size is the promise.
@@ -93,7 +106,20 @@ class LocalModel:
             )
         except UnknownTemplateError as exc:
             raise ModelError(f"{path}: {exc}") from exc
-        return cls(llm, name, template, settings.n_ctx)
+        stat = path.stat()
+        # A saved state is only valid for the same file and the same load settings.
+        fingerprint = hashlib.sha256(
+            repr((str(path), stat.st_size, stat.st_mtime_ns, settings.load_key())).encode()
+        ).hexdigest()
+        return cls(
+            llm,
+            name,
+            template,
+            settings.n_ctx,
+            cache_slots=settings.cache_slots,
+            state_dir=Path(settings.state_dir) if settings.state_dir else None,
+            fingerprint=fingerprint,
+        )
 
     @property
     def llama(self) -> Any:
@@ -107,9 +133,16 @@ class LocalModel:
         return bytes(self._llm.detokenize(list(tokens))).decode("utf-8", errors="replace")
 
     async def stream(
-        self, tokens: Sequence[int], sampling: SamplingSettings, stop: Sequence[str] = ()
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingSettings,
+        stop: Sequence[str] = (),
+        slot: str | None = None,
     ) -> AsyncIterator[str]:
-        """Yield reply text pieces for the prompt ``tokens``, waiting for our turn first."""
+        """Yield reply text pieces for the prompt ``tokens``, waiting for our turn first.
+
+        ``slot`` names the conversation, so that its evaluated state is kept and reused.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = threading.Event()
@@ -124,6 +157,7 @@ class LocalModel:
 
         def work() -> None:
             try:
+                self.slots.activate(slot, prompt)
                 # llama-cpp-python reads the penalty window from this attribute when it builds
                 # the sampler; we hold the model's turn, so setting it per request is safe.
                 self._llm.last_n_tokens_size = sampling.repeat_last_n
@@ -172,7 +206,12 @@ class LocalModel:
             cancel.set()
 
     def close(self) -> None:
+        """Finish the running generation, save conversation states, free llama.cpp."""
         self._executor.shutdown(wait=True)
+        saved = self.slots.save_all()
+        if saved:
+            log.info("%s: saved %d conversation state(s)", self.name, saved)
+        self.slots.close()
         close = getattr(self._llm, "close", None)
         if close is not None:
             close()

@@ -80,7 +80,11 @@ class ScriptedModel:
         return self._script[(len(self.prompts) - 1) % len(self._script)]
 
     async def stream(
-        self, tokens: Sequence[int], sampling: SamplingSettings, stop: Sequence[str] = ()
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingSettings,
+        stop: Sequence[str] = (),
+        slot: str | None = None,
     ) -> AsyncIterator[str]:
         async with self._turn:
             if len(tokens) + sampling.max_tokens > self.n_ctx:

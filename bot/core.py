@@ -530,7 +530,7 @@ class ConversationCore:
                 yield await self._too_long(conv, user_id, exc, base)
                 return
             others = [s.strip("\n:") for s in stops]
-            async for piece in model.stream(tokens, sampling, stops):
+            async for piece in model.stream(tokens, sampling, stops, slot=key):
                 text += piece
                 shown = clean_reply(text, char.display_name, others) if char else text
                 yield replace(base, text=shown, delta=piece)

@@ -23,6 +23,12 @@ def make_settings(tmp_path: Path, raw: Mapping[str, Any] | None = None, **change
     return replace(settings, database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", **changes)
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths (the default state folder, data/) land in the test's own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)

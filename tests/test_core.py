@@ -56,9 +56,9 @@ async def test_routing_sends_roleplay_to_the_character_model_and_work_to_office(
             model = await registry.get(role)
             original = model.stream
 
-            def stream(tokens, sampling, stop=()):  # type: ignore[no-untyped-def]
+            def stream(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
                 served.append((role, model, model.detokenize(tokens)))  # type: ignore[attr-defined]
-                return original(tokens, sampling, stop)
+                return original(tokens, sampling, stop, slot)
 
             model.stream = stream  # type: ignore[method-assign]
             return model
@@ -158,7 +158,11 @@ async def test_group_messages_carry_names_and_unaddressed_ones_are_only_stored(m
 
 class FailingModel(ScriptedModel):
     async def stream(
-        self, tokens: Sequence[int], sampling: SamplingSettings, stop: Sequence[str] = ()
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingSettings,
+        stop: Sequence[str] = (),
+        slot: str | None = None,
     ) -> AsyncIterator[str]:
         yield "Half a th"
         raise GenerationError("llama_decode returned -1")

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("name")
     exp.add_argument("path")
     chars_sub.add_parser("list", help="list the characters")
+    bench = sub.add_parser("bench", help="measure speed on the embedded model (JSON last line)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     lore = sub.add_parser("lorebook", help="import a world book for channels to attach")
     lore_sub = lore.add_subparsers(dest="action", required=True)
     lore_imp = lore_sub.add_parser("import", help="import a lorebook JSON (or a card's book)")
@@ -52,6 +54,10 @@ def _dispatch(command: str, settings: Settings, args: argparse.Namespace) -> int
             print(line)
         print(f"database: {settings.database_url}")
         return 0
+    if command == "bench":
+        from bot import bench
+
+        return bench.main(quick=args.quick)
     if command in ("character", "lorebook"):
         path = getattr(args, "path", "")
         data = b""

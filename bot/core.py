@@ -25,6 +25,7 @@ from bot.characters import (
     character_from_card,
     shipped_characters,
 )
+from bot.history import HistoryCache, position
 from bot.lorebook import Lorebook, activate
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, TurnEncoder, clean_name, fit_window
@@ -37,10 +38,11 @@ from bot.scene import (
     story_text,
 )
 from bot.settings import ROLE_FOR_MODE, Mode, Settings, parse_mode
-from storage.store import ASSISTANT, NOTICE, USER, Conversation, Store
+from storage.store import ASSISTANT, NOTICE, USER, Conversation, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 
+RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings
 APOLOGY = (
     "Sorry, something went wrong while I was writing the reply. Your message is saved; "
     "please try again in a moment."
@@ -103,6 +105,7 @@ class ConversationCore:
         self._channels: dict[str, _Channel] = {}
         self._conversations: dict[str, Conversation] = {}
         self._encoders: dict[int, tuple[ChatModel, TurnEncoder]] = {}
+        self.history = HistoryCache(store)
 
     # -- characters and world books -----------------------------------------------------------
 
@@ -198,6 +201,7 @@ class ConversationCore:
         """Start afresh: earlier messages stay stored but no longer reach the model."""
         conv = await self.conversation(platform, key)
         last = await self.store.reset(conv.id)
+        self.history.forget(key)
         self._conversations[key] = replace(conv, reset_after_id=last, window_start_id=0)
         await self._update_settings(platform, key, opened=None)
 
@@ -248,6 +252,9 @@ class ConversationCore:
             return None
         first = await self.store.add_message(
             conv.id, ASSISTANT, greetings[0], author_name=char.name
+        )
+        self.history.added(
+            conv.key, StoredMessage(first, ASSISTANT, greetings[0], author_name=char.name)
         )
         for alternative in greetings[1:]:  # offered as swipes
             await self.store.add_message(
@@ -303,6 +310,7 @@ class ConversationCore:
         index = next(i for i, v in enumerate(versions) if v.id == last.id)
         chosen = versions[(index + step) % len(versions)]
         await self.store.choose_swipe(conv.id, last.swipe_group, chosen.id)
+        self.history.forget(key)
         return OutgoingReply(
             key,
             chosen.text,
@@ -355,6 +363,17 @@ class ConversationCore:
                     author_id=msg.author_id,
                     author_name=msg.author_name,
                     platform_message_id=msg.platform_message_id,
+                )
+                self.history.added(
+                    msg.conversation_key,
+                    StoredMessage(
+                        user_id,
+                        USER,
+                        msg.text,
+                        author_id=msg.author_id,
+                        author_name=msg.author_name,
+                        platform_message_id=msg.platform_message_id,
+                    ),
                 )
                 reply_all = self.settings.platform(msg.platform).roleplay_reply_all
                 named = roleplay and (reply_all or self._names_cast(conv, msg.text))
@@ -412,6 +431,7 @@ class ConversationCore:
             char = self.characters.find(last.author_name) if last.author_name else None
             mode = self.mode_of(conv, is_dm)
             await self.store.update_message(last.id, in_context=False)
+            self.history.forget(key)
             async for reply in self._answer(
                 key, mode, last.reply_to_id, char, None, swipe_of=last.swipe_group
             ):
@@ -450,11 +470,15 @@ class ConversationCore:
         fits, history, post-history instructions.
         """
         encoder = self._encoder(model)
-        # Only what the window can still include is read: since the reset and the window start.
-        history = await self.store.history(
-            conv.id, after_id=max(conv.reset_after_id, conv.window_start_id - 1), upto_id=upto_id
-        )
-        players = list(dict.fromkeys(clean_name(m.author_name) for m in history if m.role == USER))
+        # What existed when message ``upto_id`` arrived, since the reset and the window start
+        # (the cache is in conversation order: usually nothing, or little, is past the end).
+        history = await self.history.get(conv)
+        end = len(history)
+        while end and position(history[end - 1])[0] > upto_id:
+            end -= 1
+        history = history[:end]
+        recent = history[-RECENT_SPEAKERS:]
+        players = list(dict.fromkeys(clean_name(m.author_name) for m in recent if m.role == USER))
         cast = self.cast_of(conv) if char is not None else []
         examples: list[int] = []
         post: list[int] = []
@@ -494,6 +518,7 @@ class ConversationCore:
         if window.start != conv.window_start_id:
             await self.store.set_window_start(conv.id, window.start)
             conv = self._conversations[conv.key] = replace(conv, window_start_id=window.start)
+            self.history.window_moved(conv.key, window.start)
         used = sum(len(t.tokens) for t in window.turns)
         # Example dialogue is the first thing to go: only while nothing was ever trimmed.
         if window.trimmed or conv.window_start_id > 0 or used + len(examples) > budget:
@@ -554,6 +579,18 @@ class ConversationCore:
             reply_to_id=user_id,
             swipe_of=swipe_of,
         )
+        self.history.added(
+            key,
+            StoredMessage(
+                stored_id,
+                ASSISTANT,
+                reply,
+                author_name=speaker,
+                token_count=reply_tokens,
+                reply_to_id=user_id,
+                swipe_of=swipe_of,
+            ),
+        )
         if char is not None:
             await self._update_settings(conv.platform, key, last_speaker=char.name)
         yield replace(base, text=reply, final=True, stored_id=stored_id)
@@ -568,5 +605,6 @@ class ConversationCore:
         )
         # Keep it stored, but out of the model's view: it could never fit the window.
         await self.store.update_message(user_id, in_context=False, token_count=exc.needed)
+        self.history.forget(conv.key)
         await self.store.add_message(conv.id, NOTICE, notice, reply_to_id=user_id, in_context=False)
         return replace(base, text=notice, final=True, kind=ReplyKind.NOTICE)

@@ -11,6 +11,7 @@ for many turns after each trim.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ MAX_NAME_CHARS = 64
 _NAME_JUNK = re.compile(r"[\s:]+")
 
 
+@functools.lru_cache(maxsize=4096)
 def clean_name(name: str | None) -> str:
     """A display name safe to put in front of a turn: one line, no colon, bounded length."""
     cleaned = _NAME_JUNK.sub(" ", name or "").strip()[:MAX_NAME_CHARS].strip()
@@ -62,8 +64,10 @@ class TurnEncoder:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, cache_size: int = 50_000):
         self.tokenizer = tokenizer
         self.template = template
-        self._cache: OrderedDict[tuple[int, str, str, bool], tuple[int, ...]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, str, str, bool], Turn] = OrderedDict()
         self._cache_size = cache_size
+        self._system: dict[str, tuple[int, ...]] = {}
+        self._cue: tuple[int, ...] | None = None
 
     def pieces(self, message: StoredMessage, named_replies: bool = False) -> tuple[Piece, ...]:
         if message.role == ASSISTANT:
@@ -76,22 +80,29 @@ class TurnEncoder:
 
     def turn(self, message: StoredMessage, named_replies: bool = False) -> Turn:
         key = (message.id, message.author_name or "", message.text, named_replies)
-        tokens = self._cache.get(key)
-        if tokens is None:
+        turn = self._cache.get(key)
+        if turn is None:
             tokens = tuple(encode(self.pieces(message, named_replies), self.tokenizer))
-            self._cache[key] = tokens
+            anchor = message.reply_to_id if message.reply_to_id is not None else message.id
+            turn = self._cache[key] = Turn(position=anchor, message_id=message.id, tokens=tokens)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
-        position = message.reply_to_id if message.reply_to_id is not None else message.id
-        return Turn(position=position, message_id=message.id, tokens=tokens)
+        return turn
 
     def system(self, text: str) -> list[int]:
-        return encode(self.template.turn("system", text), self.tokenizer)
+        """A system turn's tokens; cached, since the same story heads every prompt."""
+        tokens = self._system.get(text)
+        if tokens is None:
+            tokens = tuple(encode(self.template.turn("system", text), self.tokenizer))
+            if len(self._system) >= 256:
+                self._system.clear()
+            self._system[text] = tokens
+        return list(tokens)
 
     def cue(self) -> list[int]:
-        return encode(self.template.generation_prompt(), self.tokenizer)
+        if self._cue is None:
+            self._cue = tuple(encode(self.template.generation_prompt(), self.tokenizer))
+        return list(self._cue)
 
 
 def fit_window(

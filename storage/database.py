@@ -33,7 +33,12 @@ def create_engine(url: str) -> AsyncEngine:
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url)
+    if parsed.get_backend_name() == "sqlite":
+        # Two connections: the store writes through one (SQLite has a single writer) and reads
+        # through the other; WAL lets them work at the same time.
+        engine = create_async_engine(url, pool_size=2, max_overflow=0)
+    else:
+        engine = create_async_engine(url)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine

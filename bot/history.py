@@ -1,0 +1,71 @@
+"""The in-context history of recently active conversations, kept in memory.
+
+Building a prompt needs every message since the window start; reading them from the database on
+every message costs more than everything else the core does.  The cache is filled from the
+database on first use, updated as messages are stored, and dropped whenever messages change in
+ways it does not follow (reset, regenerate, swipes).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+
+from storage.store import Conversation, Store, StoredMessage
+
+
+def position(message: StoredMessage) -> tuple[int, int]:
+    """Conversation order: a reply sorts right after the message it answers."""
+    anchor = message.reply_to_id if message.reply_to_id is not None else message.id
+    return (anchor, message.id)
+
+
+class HistoryCache:
+    """In-context messages after ``max(reset, window start - 1)``, per conversation key."""
+
+    def __init__(self, store: Store, max_conversations: int = 512) -> None:
+        self.store = store
+        self.max_conversations = max_conversations
+        self._cache: OrderedDict[str, list[StoredMessage]] = OrderedDict()
+        # Messages stored while a conversation's history is being read: the read may or may
+        # not see them, so they are merged in afterwards.
+        self._loading: dict[str, list[StoredMessage]] = {}
+
+    async def get(self, conv: Conversation) -> list[StoredMessage]:
+        found = self._cache.get(conv.key)
+        if found is not None:
+            self._cache.move_to_end(conv.key)
+            return found
+        after = max(conv.reset_after_id, conv.window_start_id - 1)
+        arrived = self._loading.setdefault(conv.key, [])
+        try:
+            found = await self.store.history(conv.id, after_id=after)
+        finally:
+            self._loading.pop(conv.key, None)
+        known = {m.id for m in found}
+        found.extend(m for m in arrived if m.id not in known and m.id > after)
+        found.sort(key=position)
+        self._cache[conv.key] = found
+        if len(self._cache) > self.max_conversations:
+            self._cache.popitem(last=False)
+        return found
+
+    def added(self, key: str, message: StoredMessage) -> None:
+        """A message was stored in context; keep the cached order."""
+        if not message.in_context:
+            return
+        if key in self._loading:
+            self._loading[key].append(message)
+        found = self._cache.get(key)
+        if found is not None:
+            keys = [position(m) for m in found]
+            found.insert(bisect.bisect(keys, position(message)), message)
+
+    def window_moved(self, key: str, start: int) -> None:
+        found = self._cache.get(key)
+        if found is not None:
+            found[:] = [m for m in found if m.id >= start]
+
+    def forget(self, key: str) -> None:
+        self._cache.pop(key, None)
+        self._loading.pop(key, None)

@@ -1,0 +1,110 @@
+"""The conversation state cache: same replies cached or not, LRU eviction, disk copies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.embedded import embedded_model_path
+from ai_model.local import LocalModel
+from ai_model.templates import encode
+
+SAMPLING = SamplingSettings(max_tokens=24, seed=123, temperature=0.6)
+
+
+async def load(tmp_path: Path, **changes: Any) -> LocalModel:
+    changes.setdefault("state_dir", str(tmp_path / "states"))
+    settings = ModelSettings(n_ctx=1024, **changes)
+    return await asyncio.to_thread(LocalModel.load, settings, embedded_model_path(), "t")
+
+
+def prompt(model: LocalModel, *turns: str) -> list[int]:
+    pieces = [
+        p for i, t in enumerate(turns) for p in model.template.turn(("user", "assistant")[i % 2], t)
+    ]
+    return [*model.bos, *encode((*pieces, *model.template.generation_prompt()), model)]
+
+
+async def reply(model: LocalModel, tokens: list[int], slot: str | None) -> str:
+    return "".join([p async for p in model.stream(tokens, SAMPLING, slot=slot)])
+
+
+HISTORY = (
+    "Ann: Tell me about the old mill north of town.",
+    "The mill burned down last winter, and now bandits hide in its ruins.",
+    "Ann: Should I take the river path instead?",
+)
+
+
+async def test_cached_and_uncached_paths_give_the_same_reply(tmp_path: Path) -> None:
+    model = await load(tmp_path, cache_slots=3)
+    try:
+        long = prompt(model, *HISTORY)
+        other = prompt(model, "Bob: What is the capital of France?")
+        first = await reply(model, long, "a")  # evaluates the whole prompt
+        await reply(model, other, "b")  # another channel in between
+        assert model.slots.keys()[:2] == ["b", "a"]
+        cached = await reply(model, long, "a")  # back to a: its context still holds the prompt
+        assert model.slots.last_event == "switch"
+        model.slots.active.ctx.kv_cache_clear()
+        model.llama.n_tokens = 0  # now nothing is cached
+        uncached = await reply(model, long, "a")
+    finally:
+        model.close()
+    assert first == cached == uncached and first.strip()
+
+
+async def test_the_budget_evicts_the_least_recently_used_channel(tmp_path: Path) -> None:
+    model = await load(tmp_path, cache_slots=2, state_dir="")
+    try:
+        for key in ("a", "b", "a", "c"):
+            await reply(model, prompt(model, f"{key}: hello there"), key)
+        assert sorted(k for k in model.slots.keys() if k) == ["a", "c"]  # b was used least recently
+        assert len(model.slots.slots) == 2
+        await reply(model, prompt(model, "b: hello there"), "b")
+        assert model.slots.last_event == "cold"  # b had to be evaluated again
+        assert sorted(k for k in model.slots.keys() if k) == ["b", "c"]
+    finally:
+        model.close()
+
+
+async def test_states_survive_a_restart_and_corrupt_ones_are_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = await load(tmp_path)
+    long = prompt(model, *HISTORY)
+    before = await reply(model, long, "discord:1")
+    model.close()  # saves the state
+    files = list((tmp_path / "states").glob("*.state"))
+    assert len(files) == 1
+
+    model = await load(tmp_path)  # "after a restart"
+    try:
+        assert await reply(model, long, "discord:1") == before
+        assert model.slots.last_event == "disk"
+    finally:
+        model.close()
+
+    data = bytearray(files[0].read_bytes())
+    data[-100] ^= 0xFF  # flip a byte in the state
+    files[0].write_bytes(bytes(data))
+    model = await load(tmp_path)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert await reply(model, long, "discord:1") == before  # still right, from scratch
+        assert model.slots.last_event == "cold"
+        assert "corrupt" in caplog.text
+    finally:
+        model.close()
+
+    model = await load(tmp_path, n_batch=1024)  # other load settings: the state is not ours
+    try:
+        await reply(model, long, "discord:1")
+        assert model.slots.last_event == "cold"
+    finally:
+        model.close()

@@ -62,7 +62,9 @@ class SlotPool:
         self.fingerprint = fingerprint
         first = _Slot(llm._ctx, llm.input_ids, llm.n_tokens, True)
         self._base_ctx = llm._ctx
-        self.slots = [first]
+        # All contexts are made at load time: allocating a KV cache takes a noticeable moment,
+        # which should not land on the first message of a new channel.
+        self.slots = [first, *(self._new_slot() for _ in range(self.n_slots - 1))]
         self.active = first
         self.last_event = "cold"  # what the latest activation did (for logs and benchmarks)
 
@@ -112,16 +114,18 @@ class SlotPool:
         )
         self.active = slot
 
-    def _free_slot(self) -> _Slot:
-        if len(self.slots) < self.n_slots:
-            from llama_cpp import _internals
+    def _new_slot(self) -> _Slot:
+        from llama_cpp import _internals
 
-            ctx = _internals.LlamaContext(
-                model=self.llm._model, params=self.llm.context_params, verbose=False
-            )
-            slot = _Slot(ctx, np.zeros_like(self.llm.input_ids), 0, True)
-            self.slots.append(slot)
-            return slot
+        ctx = _internals.LlamaContext(
+            model=self.llm._model, params=self.llm.context_params, verbose=False
+        )
+        return _Slot(ctx, np.zeros_like(self.llm.input_ids), 0, True)
+
+    def _free_slot(self) -> _Slot:
+        unused = [s for s in self.slots if s.key is None and s is not self.active]
+        if unused:
+            return unused[0]
         victim = min(self.slots, key=lambda s: s.used)
         log.info("state cache: evicting %s (least recently used)", victim.key)
         victim.ctx.kv_cache_clear()

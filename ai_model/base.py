@@ -35,6 +35,12 @@ class ChatModel(Protocol):
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]: ...
 
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def generated(self, slot: str | None) -> Sequence[int]:
+        """The token ids the last generation for ``slot`` produced (and evaluated)."""
+        ...
+
     def stream(
         self,
         tokens: Sequence[int],

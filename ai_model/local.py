@@ -89,6 +89,7 @@ class LocalModel:
         # add_bos=True yields [BOS] only when the model's vocabulary asks for one.
         self.bos: tuple[int, ...] = tuple(llm.tokenize(b"", add_bos=True, special=True))
         self._turn = asyncio.Lock()
+        self._generated: dict[str | None, tuple[int, ...]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
 
     @classmethod
@@ -128,6 +129,9 @@ class LocalModel:
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         return list(self._llm.tokenize(text, add_bos=add_bos, special=special))
+
+    def generated(self, slot: str | None) -> Sequence[int]:
+        return self._generated.get(slot, ())
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return bytes(self._llm.detokenize(list(tokens))).decode("utf-8", errors="replace")
@@ -179,6 +183,11 @@ class LocalModel:
                     text = chunk["choices"][0]["text"]
                     if text:
                         emit(text)
+                # Keep the reply's own tokens: re-tokenizing its text can differ, and the next
+                # prompt would then miss the KV cache from the reply on.
+                llm = self._llm
+                produced = llm.input_ids[len(prompt) : llm.n_tokens]
+                self._generated[slot] = tuple(int(t) for t in produced)
             except Exception as exc:  # reported to the awaiting coroutine, not lost
                 emit(exc)
             finally:

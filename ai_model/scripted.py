@@ -74,6 +74,15 @@ class ScriptedModel:
         ids = self._tokenizer.tokenize(text, add_bos=False, special=special)
         return [*self.bos, *ids] if add_bos else ids
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        detokenize = getattr(self._tokenizer, "detokenize", None)
+        if detokenize is not None:
+            return str(detokenize(tokens))
+        return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")
+
+    def generated(self, slot: str | None) -> Sequence[int]:
+        return ()  # scripted replies are not generated token by token
+
     def _reply(self, tokens: Sequence[int]) -> str:
         if callable(self._script):
             return self._script(tokens)

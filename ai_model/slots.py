@@ -68,7 +68,7 @@ class SlotPool:
         self.active = first
         self.last_event = "cold"  # what the latest activation did (for logs and benchmarks)
 
-    def keys(self) -> list[str | None]:
+    def held_keys(self) -> list[str | None]:
         """The conversations held, most recently used first."""
         return [s.key for s in sorted(self.slots, key=lambda s: -s.used)]
 

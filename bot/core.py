@@ -579,18 +579,20 @@ class ConversationCore:
             reply_to_id=user_id,
             swipe_of=swipe_of,
         )
-        self.history.added(
-            key,
-            StoredMessage(
-                stored_id,
-                ASSISTANT,
-                reply,
-                author_name=speaker,
-                token_count=reply_tokens,
-                reply_to_id=user_id,
-                swipe_of=swipe_of,
-            ),
+        stored = StoredMessage(
+            stored_id,
+            ASSISTANT,
+            reply,
+            author_name=speaker,
+            token_count=reply_tokens,
+            reply_to_id=user_id,
+            swipe_of=swipe_of,
         )
+        self.history.added(key, stored)
+        generated = model.generated(key)
+        if generated and model.detokenize(generated).strip() == reply:
+            # The KV cache holds exactly these tokens: the next prompt matches it to the end.
+            self._encoder(model).remember_reply(stored, generated)
         if char is not None:
             await self._update_settings(conv.platform, key, last_speaker=char.name)
         yield replace(base, text=reply, final=True, stored_id=stored_id)

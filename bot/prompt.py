@@ -89,6 +89,14 @@ class TurnEncoder:
                 self._cache.popitem(last=False)
         return turn
 
+    def remember_reply(self, message: StoredMessage, content: Sequence[int]) -> None:
+        """Use these tokens (what the model generated) for a reply's content from now on."""
+        key = (message.id, message.author_name or "", message.text, False)
+        opening, closing = self.template.turn("assistant", "")[0::2]
+        tokens = (*encode([opening], self.tokenizer), *content, *encode([closing], self.tokenizer))
+        anchor = message.reply_to_id if message.reply_to_id is not None else message.id
+        self._cache[key] = Turn(position=anchor, message_id=message.id, tokens=tokens)
+
     def system(self, text: str) -> list[int]:
         """A system turn's tokens; cached, since the same story heads every prompt."""
         tokens = self._system.get(text)

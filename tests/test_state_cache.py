@@ -48,7 +48,7 @@ async def test_cached_and_uncached_paths_give_the_same_reply(tmp_path: Path) -> 
         other = prompt(model, "Bob: What is the capital of France?")
         first = await reply(model, long, "a")  # evaluates the whole prompt
         await reply(model, other, "b")  # another channel in between
-        assert model.slots.keys()[:2] == ["b", "a"]
+        assert model.slots.held_keys()[:2] == ["b", "a"]
         cached = await reply(model, long, "a")  # back to a: its context still holds the prompt
         assert model.slots.last_event == "switch"
         model.slots.active.ctx.kv_cache_clear()
@@ -64,11 +64,12 @@ async def test_the_budget_evicts_the_least_recently_used_channel(tmp_path: Path)
     try:
         for key in ("a", "b", "a", "c"):
             await reply(model, prompt(model, f"{key}: hello there"), key)
-        assert sorted(k for k in model.slots.keys() if k) == ["a", "c"]  # b was used least recently
+        # b was used least recently
+        assert sorted(k for k in model.slots.held_keys() if k) == ["a", "c"]
         assert len(model.slots.slots) == 2
         await reply(model, prompt(model, "b: hello there"), "b")
         assert model.slots.last_event == "cold"  # b had to be evaluated again
-        assert sorted(k for k in model.slots.keys() if k) == ["b", "c"]
+        assert sorted(k for k in model.slots.held_keys() if k) == ["b", "c"]
     finally:
         model.close()
 
@@ -108,3 +109,37 @@ async def test_states_survive_a_restart_and_corrupt_ones_are_ignored(
         assert model.slots.last_event == "cold"
     finally:
         model.close()
+
+
+async def test_the_next_prompt_reuses_the_reply_tokens_in_the_cache(
+    tmp_path: Path, make_core: Any
+) -> None:
+    from ai_model.slots import common_prefix
+    from bot.messages import IncomingMessage
+
+    small = ModelSettings(n_ctx=1024, state_dir="", sampling=SamplingSettings(max_tokens=40))
+    model = await asyncio.to_thread(LocalModel.load, small, embedded_model_path(), "t")
+    seen: list[list[int]] = []
+    original = model.stream
+
+    def spy(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+        seen.append(list(tokens))
+        return original(tokens, sampling, stop, slot)
+
+    model.stream = spy  # type: ignore[method-assign]
+    core = make_core(
+        {"office": model, "character": model}, models={"office": small, "character": small}
+    )
+    try:
+        for text in ("Tell me a fun fact about owls.", "And one about cats?"):
+            msg = IncomingMessage("console", "console:t", "u", "Ann", text, is_dm=True)
+            async for _ in core.respond(msg):
+                pass
+            if len(seen) == 1:
+                produced = list(model.generated("console:t"))
+                evaluated = list(model.llama.input_ids[: model.llama.n_tokens])
+    finally:
+        model.close()
+    assert produced
+    # The second prompt matches what llama.cpp evaluated, through the whole generated reply.
+    assert common_prefix(evaluated, seen[1]) == len(seen[0]) + len(produced)

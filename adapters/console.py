@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
-from collections.abc import AsyncIterator
 from typing import TextIO
 
 from adapters.base import SentMessage, deliver
+from adapters.streaming import single
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import ROLE_FOR_MODE, parse_mode
@@ -96,7 +96,7 @@ class ConsoleAdapter:
     async def _open_scene(self) -> None:
         greeting = await self.core.open_scene(PLATFORM, self.key, is_dm=True, user=self.user)
         if greeting is not None:
-            await deliver(self, _single(greeting))
+            await deliver(self, single(greeting))
 
     async def _character(self, name: str) -> None:
         if not name:
@@ -143,7 +143,7 @@ class ConsoleAdapter:
                 replies = self.core.regenerate(PLATFORM, self.key, is_dm=True)
             else:
                 step = -1 if arg.strip().lower() in ("back", "prev", "previous", "-1") else 1
-                replies = _single(await self.core.swipe(PLATFORM, self.key, step))
+                replies = single(await self.core.swipe(PLATFORM, self.key, step))
             await deliver(self, replies)
         elif name == "/mode":
             mode = parse_mode(arg)
@@ -156,10 +156,6 @@ class ConsoleAdapter:
         else:
             self._write(f"Unknown command {name}. Type /help for the list.\n")
         return True
-
-
-async def _single(reply: OutgoingReply) -> AsyncIterator[OutgoingReply]:
-    yield reply
 
 
 def _local_user() -> str:

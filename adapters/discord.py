@@ -21,7 +21,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from adapters.base import SentMessage
-from adapters.streaming import StreamLimits, stream_reply
+from adapters.streaming import StreamLimits, chain, single, stream_reply
 from adapters.text import split_message
 from bot.cards import MAX_CARD_BYTES, parse_card_bytes
 from bot.characters import CardError
@@ -204,7 +204,7 @@ class DiscordAdapter:
             return []
         typing = asyncio.create_task(self._typing(channel))
         try:
-            return await stream_reply(_chain(first, replies), sink, self.limits)
+            return await stream_reply(chain(first, replies), sink, self.limits)
         except discord.HTTPException:
             log.exception("discord: could not deliver a reply in %s", getattr(channel, "id", "?"))
             return []
@@ -392,7 +392,7 @@ class DiscordAdapter:
                 return
             await interaction.response.defer(ephemeral=True, thinking=True)
             sink = _ChannelSink(self, interaction.channel, replace_id=old)
-            await stream_reply(_chain(reply, _nothing()), sink, self.limits)
+            await stream_reply(single(reply), sink, self.limits)
             await interaction.edit_original_response(
                 content=f"Showing version {reply.swipe[0]} of {reply.swipe[1]}."
                 if reply.swipe
@@ -442,15 +442,13 @@ class DiscordAdapter:
         )
         if greeting is not None:
             await stream_reply(
-                _chain(greeting, _nothing()), _ChannelSink(self, interaction.channel), self.limits
+                single(greeting), _ChannelSink(self, interaction.channel), self.limits
             )
 
     async def send(self, reply: OutgoingReply) -> SentMessage:
         """Send a whole reply to its channel (split at Discord's limit)."""
         channel = self.client.get_channel(int(reply.conversation_key.split(":", 1)[1]))
-        ids = await stream_reply(
-            _chain(reply, _nothing()), _ChannelSink(self, channel), self.limits
-        )
+        ids = await stream_reply(single(reply), _ChannelSink(self, channel), self.limits)
         return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
 
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
@@ -458,19 +456,6 @@ class DiscordAdapter:
         chunk = (split_message(reply.text, MAX_MESSAGE_CHARS) or [reply.text])[0]
         await _ChannelSink(self, channel).edit_chunk(sent.message_id, chunk, reply, reply.final)
         return SentMessage(sent.conversation_key, sent.message_id, chunk)
-
-
-async def _chain(
-    first: OutgoingReply, rest: AsyncIterator[OutgoingReply]
-) -> AsyncIterator[OutgoingReply]:
-    yield first
-    async for reply in rest:
-        yield reply
-
-
-async def _nothing() -> AsyncIterator[OutgoingReply]:
-    return
-    yield
 
 
 class _ChannelSink:

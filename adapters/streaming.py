@@ -25,6 +25,20 @@ class MessageSink(Protocol):
     ) -> None: ...
 
 
+async def chain(
+    first: OutgoingReply, rest: AsyncIterator[OutgoingReply]
+) -> AsyncIterator[OutgoingReply]:
+    """``first`` followed by ``rest`` (to put back a snapshot read ahead)."""
+    yield first
+    async for reply in rest:
+        yield reply
+
+
+async def single(reply: OutgoingReply) -> AsyncIterator[OutgoingReply]:
+    """A complete reply as a one-snapshot stream."""
+    yield reply
+
+
 @dataclass(frozen=True, slots=True)
 class StreamLimits:
     """A platform's message size and how often a streamed reply may be edited."""

@@ -21,7 +21,7 @@ from telegram.error import BadRequest, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.base import SentMessage
-from adapters.streaming import StreamLimits, stream_reply
+from adapters.streaming import StreamLimits, chain, single, stream_reply
 from adapters.text import split_message, to_telegram_html
 from bot.cards import MAX_CARD_BYTES, parse_card_bytes
 from bot.characters import CardError
@@ -165,9 +165,7 @@ class TelegramAdapter:
     async def send(self, reply: OutgoingReply) -> SentMessage:
         """Send a whole reply (split at Telegram's limit); returns its first message."""
         chat_id = self._chat_id(reply.conversation_key)
-        ids = await stream_reply(
-            _chain(reply, _nothing()), _ChatSink(self, chat_id, None), self.limits
-        )
+        ids = await stream_reply(single(reply), _ChatSink(self, chat_id, None), self.limits)
         return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
 
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
@@ -190,7 +188,7 @@ class TelegramAdapter:
         sink = _ChatSink(self, chat_id, reply_to)
         typing = asyncio.create_task(self._typing(chat_id))
         try:
-            return await stream_reply(_chain(first, replies), sink, self.limits)
+            return await stream_reply(chain(first, replies), sink, self.limits)
         finally:
             typing.cancel()
 
@@ -407,19 +405,6 @@ class TelegramAdapter:
         is_dm = message.chat.type == ChatType.PRIVATE
         key = conversation_key(message.chat_id)
         await self._stream(message.chat_id, self.core.regenerate(PLATFORM, key, is_dm), None)
-
-
-async def _chain(
-    first: OutgoingReply, rest: AsyncIterator[OutgoingReply]
-) -> AsyncIterator[OutgoingReply]:
-    yield first
-    async for reply in rest:
-        yield reply
-
-
-async def _nothing() -> AsyncIterator[OutgoingReply]:
-    return
-    yield
 
 
 class _ChatSink:

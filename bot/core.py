@@ -233,6 +233,24 @@ class ConversationCore:
         last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
         return last.platform_message_id if last is not None else None
 
+    async def _store(self, conv: Conversation, message: StoredMessage) -> StoredMessage:
+        """Store ``message`` (its id is assigned) and keep the history cache in step."""
+        message_id = await self.store.add_message(
+            conv.id,
+            message.role,
+            message.text,
+            author_id=message.author_id,
+            author_name=message.author_name,
+            token_count=message.token_count,
+            platform_message_id=message.platform_message_id,
+            reply_to_id=message.reply_to_id,
+            in_context=message.in_context,
+            swipe_of=message.swipe_of,
+        )
+        stored = replace(message, id=message_id)
+        self.history.added(conv.key, stored)
+        return stored
+
     # -- greetings and swipes -----------------------------------------------------------------
 
     async def open_scene(
@@ -250,20 +268,20 @@ class ConversationCore:
         await self._update_settings(conv.platform, conv.key, opened=True)
         if not greetings:
             return None
-        first = await self.store.add_message(
-            conv.id, ASSISTANT, greetings[0], author_name=char.name
-        )
-        self.history.added(
-            conv.key, StoredMessage(first, ASSISTANT, greetings[0], author_name=char.name)
+        first = await self._store(
+            conv, StoredMessage(0, ASSISTANT, greetings[0], author_name=char.name)
         )
         for alternative in greetings[1:]:  # offered as swipes
-            await self.store.add_message(
-                conv.id,
-                ASSISTANT,
-                alternative,
-                author_name=char.name,
-                in_context=False,
-                swipe_of=first,
+            await self._store(
+                conv,
+                StoredMessage(
+                    0,
+                    ASSISTANT,
+                    alternative,
+                    author_name=char.name,
+                    in_context=False,
+                    swipe_of=first.id,
+                ),
             )
         return OutgoingReply(
             conv.key,
@@ -356,18 +374,10 @@ class ConversationCore:
                 if roleplay and not conv.settings.get("opened"):
                     opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
                     conv = await self.conversation(msg.platform, msg.conversation_key)
-                user_id = await self.store.add_message(
-                    conv.id,
-                    USER,
-                    msg.text,
-                    author_id=msg.author_id,
-                    author_name=msg.author_name,
-                    platform_message_id=msg.platform_message_id,
-                )
-                self.history.added(
-                    msg.conversation_key,
+                user = await self._store(
+                    conv,
                     StoredMessage(
-                        user_id,
+                        0,
                         USER,
                         msg.text,
                         author_id=msg.author_id,
@@ -375,6 +385,7 @@ class ConversationCore:
                         platform_message_id=msg.platform_message_id,
                     ),
                 )
+                user_id = user.id
                 reply_all = self.settings.platform(msg.platform).roleplay_reply_all
                 named = roleplay and (reply_all or self._names_cast(conv, msg.text))
                 if msg.addresses_bot or named:
@@ -570,32 +581,25 @@ class ConversationCore:
             )
             return
         reply_tokens = len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False))
-        stored_id = await self.store.add_message(
-            conv.id,
-            ASSISTANT,
-            reply,
-            author_name=speaker,
-            token_count=reply_tokens,
-            reply_to_id=user_id,
-            swipe_of=swipe_of,
+        stored = await self._store(
+            conv,
+            StoredMessage(
+                0,
+                ASSISTANT,
+                reply,
+                author_name=speaker,
+                token_count=reply_tokens,
+                reply_to_id=user_id,
+                swipe_of=swipe_of,
+            ),
         )
-        stored = StoredMessage(
-            stored_id,
-            ASSISTANT,
-            reply,
-            author_name=speaker,
-            token_count=reply_tokens,
-            reply_to_id=user_id,
-            swipe_of=swipe_of,
-        )
-        self.history.added(key, stored)
         generated = model.generated(key)
         if generated and model.detokenize(generated).strip() == reply:
             # The KV cache holds exactly these tokens: the next prompt matches it to the end.
             self._encoder(model).remember_reply(stored, generated)
         if char is not None:
             await self._update_settings(conv.platform, key, last_speaker=char.name)
-        yield replace(base, text=reply, final=True, stored_id=stored_id)
+        yield replace(base, text=reply, final=True, stored_id=stored.id)
 
     async def _too_long(
         self, conv: Conversation, user_id: int, exc: PromptTooLong, base: OutgoingReply

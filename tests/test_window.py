@@ -8,37 +8,11 @@ import random
 
 from ai_model.local import LocalModel
 from ai_model.scripted import ScriptedModel
+from bot.bench import sentence
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, ReplyKind
 from bot.prompt import PromptTooLong, Turn, fit_window
 from storage.store import NOTICE
-
-WORDS = [
-    "budget",
-    "report",
-    "meeting",
-    "lantern",
-    "dragon",
-    "quarterly",
-    "river",
-    "invoice",
-    "castle",
-    "spreadsheet",
-    "tavern",
-    "deadline",
-    "sword",
-    "client",
-    "harbor",
-    "agenda",
-    "potion",
-    "schedule",
-    "merchant",
-    "forecast",
-]
-
-
-def sentence(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
 
 def turns(sizes: list[int]) -> list[Turn]:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
+from bot.assembly import Scene, assemble
 from bot.characters import (
     CardError,
     Character,
@@ -26,23 +27,18 @@ from bot.characters import (
     shipped_characters,
 )
 from bot.history import HistoryCache, position
-from bot.lorebook import Lorebook, activate
+from bot.lorebook import Lorebook
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.prompt import PromptTooLong, TurnEncoder, clean_name, fit_window
+from bot.prompt import PromptTooLong, TurnEncoder, clean_name
 from bot.scene import (
     choose_speakers,
     clean_reply,
-    example_text,
-    post_history_text,
-    stop_strings,
-    story_text,
 )
 from bot.settings import ROLE_FOR_MODE, Mode, Settings, parse_mode
 from storage.store import ASSISTANT, NOTICE, USER, Conversation, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 
-RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings
 APOLOGY = (
     "Sorry, something went wrong while I was writing the reply. Your message is saved; "
     "please try again in a moment."
@@ -474,72 +470,33 @@ class ConversationCore:
         char: Character | None,
         reserve: int,
     ) -> tuple[list[int], list[str], Conversation]:
-        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv.
-
-        Work mode: system prompt + history.  Roleplay: the pinned story (system prompt,
-        lorebook, description, personality, scenario, persona), example dialogue while it
-        fits, history, post-history instructions.
-        """
-        encoder = self._encoder(model)
+        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv."""
         # What existed when message ``upto_id`` arrived, since the reset and the window start
         # (the cache is in conversation order: usually nothing, or little, is past the end).
         history = await self.history.get(conv)
         end = len(history)
         while end and position(history[end - 1])[0] > upto_id:
             end -= 1
-        history = history[:end]
-        recent = history[-RECENT_SPEAKERS:]
-        players = list(dict.fromkeys(clean_name(m.author_name) for m in recent if m.role == USER))
-        cast = self.cast_of(conv) if char is not None else []
-        examples: list[int] = []
-        post: list[int] = []
-        if char is None:
-            pinned_text = self.settings.system_prompt
-            stops = [f"\n{name}:" for name in players[-20:]]
-        else:
-            user = players[-1] if players else "User"
-            books = [
-                char.book,
-                self.world_books.get(str(conv.settings.get("world_book", "")).lower()),
-            ]
-            lore = activate(
-                [b for b in books if b is not None],
-                [m.text for m in history[-10:]],
-                lambda text: len(model.tokenize(text.encode("utf-8"), False, False)),
-                model.n_ctx // 4,
-            )
-            pinned_text = story_text(
-                char,
-                user=user,
-                persona=str(conv.settings.get("persona", "")),
-                lore=lore,
-                cast=cast,
-            )
-            if example := example_text(char, user):
-                examples = encoder.system(example)
-            if after := post_history_text(char, user):
-                post = encoder.system(after)
-            stops = stop_strings(players, [c.display_name for c in cast], char.display_name)
-        pinned = [*model.bos, *encoder.system(pinned_text)]
-        cue = encoder.cue()
-        budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue)
-        named = len(cast) > 1
-        turns = [encoder.turn(m, named_replies=named) for m in history]
-        window = fit_window(turns, budget=budget, start=conv.window_start_id)
-        if window.start != conv.window_start_id:
-            await self.store.set_window_start(conv.id, window.start)
-            conv = self._conversations[conv.key] = replace(conv, window_start_id=window.start)
-            self.history.window_moved(conv.key, window.start)
-        used = sum(len(t.tokens) for t in window.turns)
-        # Example dialogue is the first thing to go: only while nothing was ever trimmed.
-        if window.trimmed or conv.window_start_id > 0 or used + len(examples) > budget:
-            examples = []
-        tokens = [*pinned, *examples]
-        for turn in window.turns:
-            tokens.extend(turn.tokens)
-        tokens.extend(post)
-        tokens.extend(cue)
-        return tokens, stops, conv
+        scene = None
+        if char is not None:
+            book = self.world_books.get(str(conv.settings.get("world_book", "")).lower())
+            persona = str(conv.settings.get("persona", ""))
+            scene = Scene(char, self.cast_of(conv), book, persona)
+        prompt = assemble(
+            model,
+            self._encoder(model),
+            history[:end],
+            system_prompt=self.settings.system_prompt,
+            scene=scene,
+            window_start=conv.window_start_id,
+            reserve=reserve,
+        )
+        start = prompt.window.start
+        if start != conv.window_start_id:
+            await self.store.set_window_start(conv.id, start)
+            conv = self._conversations[conv.key] = replace(conv, window_start_id=start)
+            self.history.window_moved(conv.key, start)
+        return prompt.tokens, prompt.stops, conv
 
     async def _answer(
         self,

@@ -1,0 +1,90 @@
+"""Assembling one prompt: the pinned part, example dialogue, the history window, the cue.
+
+Work mode: system prompt + history.  Roleplay: the pinned story (system prompt, lorebook,
+description, personality, scenario, persona), example dialogue while it fits, history,
+post-history instructions.  The result is token ids, ready for the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ai_model.base import ChatModel
+from bot.characters import Character
+from bot.lorebook import Lorebook, activate
+from bot.prompt import TurnEncoder, Window, clean_name, fit_window
+from bot.scene import example_text, post_history_text, stop_strings, story_text
+from storage.store import USER, StoredMessage
+
+RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings
+LORE_SCAN = 10  # messages handed to the lorebook (each book applies its own scan depth)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    tokens: list[int]
+    stops: list[str]
+    window: Window
+
+
+@dataclass(frozen=True, slots=True)
+class Scene:
+    """What roleplay adds to a prompt: who speaks, who else is there, the extra lore."""
+
+    character: Character
+    cast: Sequence[Character]
+    world_book: Lorebook | None = None
+    persona: str = ""
+
+
+def assemble(
+    model: ChatModel,
+    encoder: TurnEncoder,
+    history: Sequence[StoredMessage],
+    *,
+    system_prompt: str,
+    scene: Scene | None,
+    window_start: int,
+    reserve: int,
+) -> Prompt:
+    """The prompt for the reply after ``history``, within ``model.n_ctx - reserve`` tokens."""
+    recent = history[-RECENT_SPEAKERS:]
+    players = list(dict.fromkeys(clean_name(m.author_name) for m in recent if m.role == USER))
+    examples: list[int] = []
+    post: list[int] = []
+    if scene is None:
+        pinned_text = system_prompt
+        stops = [f"\n{name}:" for name in players[-20:]]
+    else:
+        char = scene.character
+        user = players[-1] if players else "User"
+        lore = activate(
+            [b for b in (char.book, scene.world_book) if b is not None],
+            [m.text for m in history[-LORE_SCAN:]],
+            lambda text: len(model.tokenize(text.encode("utf-8"), False, False)),
+            model.n_ctx // 4,
+        )
+        pinned_text = story_text(char, user=user, persona=scene.persona, lore=lore, cast=scene.cast)
+        if example := example_text(char, user):
+            examples = encoder.system(example)
+        if after := post_history_text(char, user):
+            post = encoder.system(after)
+        names = [c.display_name for c in scene.cast]
+        stops = stop_strings(players, names, char.display_name)
+    pinned = [*model.bos, *encoder.system(pinned_text)]
+    cue = encoder.cue()
+    budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue)
+    named = scene is not None and len(scene.cast) > 1
+    turns = [encoder.turn(m, named_replies=named) for m in history]
+    window = fit_window(turns, budget=budget, start=window_start)
+    used = sum(len(t.tokens) for t in window.turns)
+    # Example dialogue is the first thing to go: only while nothing was ever trimmed.
+    if window.trimmed or window.start > 0 or used + len(examples) > budget:
+        examples = []
+    tokens = [*pinned, *examples]
+    for turn in window.turns:
+        tokens.extend(turn.tokens)
+    tokens.extend(post)
+    tokens.extend(cue)
+    return Prompt(tokens, stops, window)

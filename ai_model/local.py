@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,6 +214,25 @@ class LocalModel:
                 yield item
         finally:
             cancel.set()
+
+    def raw_token_times(self, tokens: Sequence[int], sampling: SamplingSettings) -> list[float]:
+        """Blocking, for benchmarks: stream with ``llama_cpp.Llama`` directly, from an empty
+        cache, and return when each piece arrived (the baseline the core is compared to)."""
+        self._llm.reset()
+        return [
+            time.perf_counter()
+            for _chunk in self._llm.create_completion(
+                prompt=list(tokens),
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repeat_penalty=sampling.repeat_penalty,
+                seed=None if sampling.seed < 0 else sampling.seed,
+                stream=True,
+            )
+        ]
 
     def close(self) -> None:
         """Finish the running generation, save conversation states, free llama.cpp."""

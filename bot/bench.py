@@ -164,10 +164,9 @@ class Bench:
         await store.close()
 
         registry, store, core = await self.open()  # "after a restart"
-        await registry.get("office")
+        restarted = await registry.get("office")
         restart = await self.ttft(core, "long")
-        slots = registry._loaded  # which path the restart took, for the log
-        event = next(iter(slots.values())).slots.last_event
+        event = restarted.slots.last_event  # type: ignore[attr-defined]
         log(f"after restart: {restart:.3f} s ({event})")
         registry.close()
         await store.close()
@@ -253,23 +252,10 @@ class Bench:
                 lags.append((time.perf_counter() - start - 0.01) * 1000)
 
         prober = asyncio.create_task(probe())
-        llm = model.llama  # type: ignore[attr-defined]
+        raw_sampling = replace(sampling, stop=())
 
         def raw(tokens: list[int]) -> tuple[int, float]:
-            llm.reset()
-            times = []
-            for _chunk in llm.create_completion(
-                prompt=tokens,
-                max_tokens=160,
-                temperature=0.0,
-                top_p=0.9,
-                top_k=40,
-                min_p=0.05,
-                repeat_penalty=1.1,
-                seed=1,
-                stream=True,
-            ):
-                times.append(time.perf_counter())
+            times = model.raw_token_times(tokens, raw_sampling)  # type: ignore[attr-defined]
             return len(times), times[-1] - times[0]
 
         core_rates, raw_rates = [], []

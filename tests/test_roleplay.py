@@ -8,7 +8,7 @@ from typing import Any
 
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.scripted import ScriptedModel
-from bot.characters import character_from_card
+from bot.characters import card_from_fields, character_from_card
 from bot.core import ConversationCore
 from bot.lorebook import Lorebook, activate
 from bot.messages import IncomingMessage, OutgoingReply
@@ -33,23 +33,9 @@ async def roleplay_core(make_core: Any, model: ScriptedModel, **changes: Any) ->
 
 
 def card(**data: Any) -> dict[str, Any]:
-    base = {
-        "name": "Seraphine",
-        "description": "{{char}} guards <USER>'s library.",
-        "personality": "",
-        "scenario": "",
-        "first_mes": "",
-        "mes_example": "",
-        "creator_notes": "SECRET NOTE",
-        "system_prompt": "",
-        "post_history_instructions": "",
-        "alternate_greetings": [],
-        "tags": [],
-        "creator": "",
-        "character_version": "",
-        "extensions": {},
-    }
-    return {"spec": "chara_card_v2", "spec_version": "2.0", "data": {**base, **data}}
+    name = data.pop("name", "Seraphine")
+    data.setdefault("description", "{{char}} guards <USER>'s library.")
+    return card_from_fields(name, creator_notes="SECRET NOTE", **data)
 
 
 async def test_story_is_pinned_examples_drop_first_and_macros_apply(make_core: Any) -> None:

@@ -8,7 +8,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -163,21 +163,7 @@ class LocalModel:
         def work() -> None:
             try:
                 self.slots.activate(slot, prompt)
-                # llama-cpp-python reads the penalty window from this attribute when it builds
-                # the sampler; we hold the model's turn, so setting it per request is safe.
-                self._llm.last_n_tokens_size = sampling.repeat_last_n
-                chunks = self._llm.create_completion(
-                    prompt=prompt,
-                    max_tokens=sampling.max_tokens,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,
-                    min_p=sampling.min_p,
-                    repeat_penalty=sampling.repeat_penalty,
-                    stop=stops,
-                    seed=None if sampling.seed < 0 else sampling.seed,
-                    stream=True,
-                )
+                chunks = self._completion(prompt, sampling, stops)
                 for chunk in chunks:
                     if cancel.is_set():
                         break
@@ -219,20 +205,28 @@ class LocalModel:
         """Blocking, for benchmarks: stream with ``llama_cpp.Llama`` directly, from an empty
         cache, and return when each piece arrived (the baseline the core is compared to)."""
         self._llm.reset()
-        return [
-            time.perf_counter()
-            for _chunk in self._llm.create_completion(
-                prompt=list(tokens),
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                min_p=sampling.min_p,
-                repeat_penalty=sampling.repeat_penalty,
-                seed=None if sampling.seed < 0 else sampling.seed,
-                stream=True,
-            )
-        ]
+        return [time.perf_counter() for _ in self._completion(list(tokens), sampling, [])]
+
+    def _completion(
+        self, prompt: list[int], sampling: SamplingSettings, stops: list[str]
+    ) -> Iterator[Any]:
+        """The streaming llama.cpp call (blocking; on the model's thread)."""
+        # llama-cpp-python reads the penalty window from this attribute when it builds the
+        # sampler; only one generation runs at a time, so setting it per request is safe.
+        self._llm.last_n_tokens_size = sampling.repeat_last_n
+        chunks: Iterator[Any] = self._llm.create_completion(
+            prompt=prompt,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty,
+            stop=stops,
+            seed=None if sampling.seed < 0 else sampling.seed,
+            stream=True,
+        )
+        return chunks
 
     def close(self) -> None:
         """Finish the running generation, save conversation states, free llama.cpp."""

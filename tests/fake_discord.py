@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.waiting import wait_until
 
 # Permission bits (Discord's numbering).
 MANAGE_CHANNELS = 1 << 4
@@ -117,11 +118,7 @@ class FakeDiscord:
         return next(p for p in self.posted if p.id == message_id)
 
     async def wait_for(self, predicate: Any, within: float = 60.0) -> None:
-        deadline = time.monotonic() + within
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for the bot")
-            await asyncio.sleep(0.05)
+        await wait_until(predicate, within)
 
     def guild_json(self) -> dict[str, Any]:
         def text_channel(cid: str, name: str, overwrites: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.waiting import wait_until
+
 BOT = {
     "id": 777,
     "is_bot": True,
@@ -154,11 +156,7 @@ class FakeTelegram:
         return [name for name, _ in self.calls]
 
     async def wait_for(self, predicate: Any, within: float = 60.0) -> None:
-        deadline = time.monotonic() + within
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting for the bot")
-            await asyncio.sleep(0.05)
+        await wait_until(predicate, within)
 
     # -- server ---------------------------------------------------------------------------------
 

@@ -181,35 +181,43 @@ class SlotPool:
             out.write(MAGIC + struct.pack("<I", len(header)) + header + tokens + state)
         os.replace(tmp, path)
 
-    def _read(self, key: str) -> tuple[list[int], bytes] | None:
-        """The saved tokens and state of ``key`` if the file is sound and ours, else None."""
+    def _read(self, key: str) -> tuple[list[int], Any] | None:
+        """The saved tokens and state of ``key`` if the file is sound and ours, else None.
+
+        The state (hundreds of MB for a long channel) is read straight into the buffer handed
+        to llama.cpp: no intermediate copies on the way to a restored conversation.
+        """
         path = self._path(key)
         try:
-            data = path.read_bytes()
+            with open(path, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                if src.read(len(MAGIC)) != MAGIC:
+                    raise ValueError("not a state file")
+                (length,) = struct.unpack("<I", src.read(4))
+                header = json.loads(src.read(length))
+                if header.get("fingerprint") != self.fingerprint or header.get("key") != key:
+                    log.info("state file for %s is from another model or settings: ignored", key)
+                    return None
+                n = int(header["n_tokens"])
+                if not 0 < n <= len(self.llm.input_ids):
+                    raise ValueError("token count out of range")
+                tokens = src.read(4 * n)
+                state_size = size - len(MAGIC) - 4 - length - 4 * n
+                if len(tokens) != 4 * n or state_size <= 0:
+                    raise ValueError("truncated")
+                state = (ctypes.c_uint8 * state_size)()
+                if src.readinto(state) != state_size:
+                    raise ValueError("truncated")
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("state file %s unreadable: %s", path, exc)
             return None
-        try:
-            if not data.startswith(MAGIC):
-                raise ValueError("not a state file")
-            (length,) = struct.unpack_from("<I", data, len(MAGIC))
-            start = len(MAGIC) + 4
-            header = json.loads(data[start : start + length])
-            if header.get("fingerprint") != self.fingerprint or header.get("key") != key:
-                log.info("state file for %s is from another model or settings: ignored", key)
-                return None
-            n = int(header["n_tokens"])
-            if not 0 < n <= len(self.llm.input_ids):
-                raise ValueError("token count out of range")
-            body = start + length
-            tokens = data[body : body + 4 * n]
-            state = data[body + 4 * n :]
-            if len(tokens) != 4 * n or zlib.crc32(state, zlib.crc32(tokens)) != header["crc"]:
-                raise ValueError("checksum mismatch")
         except (ValueError, KeyError, TypeError, struct.error) as exc:
             log.warning("state file %s is corrupt (%s): ignored", path, exc)
+            return None
+        if zlib.crc32(memoryview(state), zlib.crc32(tokens)) != header["crc"]:
+            log.warning("state file %s is corrupt (checksum mismatch): ignored", path)
             return None
         return np.frombuffer(tokens, dtype="<i4").astype(int).tolist(), state
 
@@ -224,8 +232,7 @@ class SlotPool:
             log.info("state file for %s no longer matches the conversation: ignored", key)
             return False
         slot.ctx.kv_cache_clear()
-        array = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(slot.ctx.ctx, array, len(state), 0) == 0:
+        if llama_cpp.llama_state_seq_set_data(slot.ctx.ctx, state, len(state), 0) == 0:
             log.warning("llama.cpp refused the saved state of %s: ignored", key)
             slot.ctx.kv_cache_clear()
             return False

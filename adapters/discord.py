@@ -9,6 +9,7 @@ webhooks, otherwise as a normal message prefixed with the character's name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,9 +24,10 @@ from discord.gateway import DiscordWebSocket
 from adapters.base import SentMessage
 from adapters.streaming import StreamLimits, chain, single, stream_reply
 from adapters.text import split_message
-from bot.cards import MAX_CARD_BYTES, parse_card_bytes
+from bot.cards import parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
+from bot.limits import MAX_CARD_BYTES, fit, shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
@@ -40,6 +42,16 @@ MAX_WEBHOOK_NAME = 80
 UNKNOWN_WEBHOOK = 10015
 WEBHOOK_NAME = "localbot characters"
 NO_MENTIONS = discord.AllowedMentions.none()
+# Chunks leave room for the "**Name:** " prefix (names are shortened to 64) and the swipe line.
+SUFFIX_ROOM = 120
+OWNERS_ONLY = (
+    "Only the bot's owners can import characters: they are shared by every server. "
+    "(Owners are listed in the bot's settings.)"
+)
+HANDLER_FAILED = "Sorry, something went wrong on my side while handling that. Please try again."
+TEXT_COMMAND = re.compile(r"^/[A-Za-z]")
+# Commands whose work the core itself holds to the fair-share limits.
+CORE_LIMITED = {"chat", "regenerate"}
 
 
 def conversation_key(channel_id: int) -> str:
@@ -84,7 +96,43 @@ class _Client(discord.Client):
         self.adapter.ready.set()
 
     async def on_message(self, message: discord.Message) -> None:
-        await self.adapter._on_message(message)
+        try:
+            await self.adapter._on_message(message)
+        except Exception:  # never out of a handler: log it, apologise
+            log.exception("discord: handling message %s failed", message.id)
+            with contextlib.suppress(discord.HTTPException):
+                await message.channel.send(HANDLER_FAILED, allowed_mentions=NO_MENTIONS)
+
+
+class _Tree(app_commands.CommandTree[Any]):
+    """The command tree, holding slash commands to the rate limit and apologising on errors."""
+
+    def __init__(self, client: _Client, adapter: DiscordAdapter) -> None:
+        super().__init__(client)
+        self.adapter = adapter
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        command = interaction.command.name if interaction.command is not None else ""
+        if command in CORE_LIMITED:
+            return True
+        allowed, notice = self.adapter.core.admit(PLATFORM, str(interaction.user.id))
+        if not allowed:
+            # Ephemeral: only the caller sees it, so telling them every time costs no one else.
+            text = notice or "You are sending commands too quickly; please wait a moment."
+            await interaction.response.send_message(text, ephemeral=True)
+        return allowed
+
+    async def on_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        if isinstance(error, app_commands.CheckFailure):
+            return  # refused by interaction_check, which has answered already
+        log.error("discord: a slash command failed", exc_info=error)
+        with contextlib.suppress(discord.HTTPException):
+            if interaction.response.is_done():
+                await interaction.followup.send(HANDLER_FAILED, ephemeral=True)
+            else:
+                await interaction.response.send_message(HANDLER_FAILED, ephemeral=True)
 
 
 class DiscordAdapter:
@@ -107,11 +155,13 @@ class DiscordAdapter:
         self.token = settings.token
         self.api_base_url = (settings.api_base_url or DEFAULT_API_BASE_URL).rstrip("/")
         self.options = options or DiscordOptions.from_settings(settings)
-        self.limits = limits or StreamLimits(MAX_MESSAGE_CHARS, EDIT_INTERVAL_S, MIN_NEW_CHARS)
+        self.limits = limits or StreamLimits(
+            MAX_MESSAGE_CHARS - SUFFIX_ROOM, EDIT_INTERVAL_S, MIN_NEW_CHARS
+        )
         intents = discord.Intents.default()
         intents.message_content = True  # privileged: enable it in the developer portal
         self.client = _Client(self, intents)
-        self.tree = app_commands.CommandTree(self.client)
+        self.tree = _Tree(self.client, self)
         self.ready = asyncio.Event()
         self._webhooks: dict[int, discord.Webhook] = {}
         self._add_commands()
@@ -179,13 +229,25 @@ class DiscordAdapter:
         text = self._clean_text(message.content)
         if not text:
             return
+        addressed = self._addresses_bot(message)
+        if addressed and TEXT_COMMAND.match(text):
+            # Typed as text, a command reaches no one: point at the real slash commands.
+            allowed, notice = self.core.admit(PLATFORM, str(message.author.id))
+            if allowed or notice:
+                await message.channel.send(
+                    notice or "My commands are slash commands: type / and pick one (/help).",
+                    reference=message,
+                    mention_author=False,
+                    allowed_mentions=NO_MENTIONS,
+                )
+            return
         msg = IncomingMessage(
             platform=PLATFORM,
             conversation_key=conversation_key(message.channel.id),
             author_id=str(message.author.id),
             author_name=message.author.display_name,
             text=text,
-            mentions_bot=self._addresses_bot(message),
+            mentions_bot=addressed,
             is_dm=message.guild is None,
             platform_message_id=str(message.id),
         )
@@ -246,6 +308,11 @@ class DiscordAdapter:
     # -- commands -----------------------------------------------------------------------------
 
     def is_admin(self, interaction: discord.Interaction) -> bool:
+        """Whether the caller may change this conversation (anyone may, in a DM).
+
+        Discord resolves ``interaction.permissions`` for the channel the command was used in,
+        counting its permission overwrites; a thread's come from its parent channel.
+        """
         if interaction.guild is None:
             return True
         user = interaction.user
@@ -254,8 +321,8 @@ class DiscordAdapter:
         roles = getattr(user, "roles", [])
         if any(role.id in self.options.admin_role_ids for role in roles):
             return True
-        perms = getattr(user, "guild_permissions", None)
-        return bool(perms and (perms.manage_channels or perms.administrator))
+        perms = interaction.permissions
+        return bool(perms.manage_channels or perms.administrator)
 
     def _add_commands(self) -> None:
         tree = self.tree
@@ -307,7 +374,8 @@ class DiscordAdapter:
             if cast is None:
                 names = ", ".join(self.core.characters.names())
                 await interaction.response.send_message(
-                    f"I don't know a character called {name}. Try: {names}.", ephemeral=True
+                    fit(f"I don't know a character called {shorten(name)}. Try: {names}.", 2000),
+                    ephemeral=True,
                 )
                 return
             who = " and ".join(c.name for c in cast)
@@ -328,32 +396,41 @@ class DiscordAdapter:
         @character.command(name="list", description="List the characters")
         async def character_list(interaction: discord.Interaction) -> None:
             names = ", ".join(self.core.characters.names())
-            await interaction.response.send_message(f"Characters: {names}.", ephemeral=True)
+            await interaction.response.send_message(
+                fit(f"Characters: {names}.", MAX_MESSAGE_CHARS), ephemeral=True
+            )
 
-        @character.command(name="import", description="Import a character card (admins)")
-        @app_commands.describe(card="A SillyTavern/TavernAI card: PNG, JSON or CHARX")
+        @character.command(name="import", description="Import a character card (bot owners)")
+        @app_commands.describe(
+            card="A SillyTavern/TavernAI card: PNG, JSON or CHARX",
+            replace="Replace an imported character of the same name",
+        )
         async def character_import(
-            interaction: discord.Interaction, card: discord.Attachment
+            interaction: discord.Interaction, card: discord.Attachment, replace: bool = False
         ) -> None:
-            if not self.is_admin(interaction):
-                await self._refuse(interaction, "import characters")
+            if not self.core.is_owner(PLATFORM, str(interaction.user.id)):
+                await interaction.response.send_message(OWNERS_ONLY, ephemeral=True)
                 return
             if card.size > MAX_CARD_BYTES:
                 await interaction.response.send_message(
-                    "That file is too large to be a character card.", ephemeral=True
+                    f"That file is too large to be a character card (at most "
+                    f"{MAX_CARD_BYTES // (1024 * 1024)} MB).",
+                    ephemeral=True,
                 )
                 return
             await interaction.response.defer(ephemeral=True, thinking=True)
             try:
                 parsed = parse_card_bytes(await card.read(), card.filename)
-                char = await self.core.import_card(parsed)
+                imported = await self.core.import_card(parsed, replace=replace)
             except CardError as exc:
                 await interaction.edit_original_response(
-                    content=f"I could not import that card: {exc}."
+                    content=fit(f"I could not import that card: {exc}.", MAX_MESSAGE_CHARS)
                 )
                 return
+            name = shorten(imported.character.name)
+            done = f"Replaced the earlier {name}" if imported.replaced else f"Imported {name}"
             await interaction.edit_original_response(
-                content=f"Imported {char.name}. Use /character set {char.name} to play them."
+                content=f"{done}. Use /character set {name} to play them."
             )
 
         @character.command(name="world", description="Attach a world book here, or 'off' (admins)")
@@ -365,10 +442,11 @@ class DiscordAdapter:
             if not await self.core.attach_world_book(PLATFORM, self._key(interaction), book):
                 known = ", ".join(sorted(self.core.world_books)) or "none imported yet"
                 await interaction.response.send_message(
-                    f"No world book called {name} (available: {known}).", ephemeral=True
+                    fit(f"No world book called {shorten(name)} (available: {known}).", 2000),
+                    ephemeral=True,
                 )
                 return
-            done = f"World book {book} attached." if book else "World book detached."
+            done = f"World book {shorten(book)} attached." if book else "World book detached."
             await interaction.response.send_message(done)
 
         tree.add_command(character)
@@ -416,7 +494,9 @@ class DiscordAdapter:
             key = self._key(interaction)
             old = await self.core.last_reply_message_id(PLATFORM, key)
             sink = _ChannelSink(self, interaction.channel, replace_id=old)
-            replies = self.core.regenerate(PLATFORM, key, is_dm=interaction.guild is None)
+            replies = self.core.regenerate(
+                PLATFORM, key, interaction.guild is None, str(interaction.user.id)
+            )
             await self._stream(interaction.channel, replies, sink)
             await interaction.edit_original_response(content="Done: the last reply was rewritten.")
 
@@ -425,7 +505,7 @@ class DiscordAdapter:
             text = await self.core.help_text(
                 PLATFORM, self._key(interaction), interaction.guild is None
             )
-            await interaction.response.send_message(text, ephemeral=True)
+            await interaction.response.send_message(fit(text, MAX_MESSAGE_CHARS), ephemeral=True)
 
     def _key(self, interaction: discord.Interaction) -> str:
         return conversation_key(interaction.channel_id or 0)
@@ -494,10 +574,10 @@ class _ChannelSink:
         if reply.kind is not ReplyKind.ANSWER or not reply.speaker or self._use_webhook(reply):
             body = text
         else:
-            body = f"**{reply.speaker}:** {text}"
+            body = f"**{shorten(reply.speaker, 64)}:** {text}"
         if final and reply.swipe:
             body += f"\n-# {reply.swipe[0]}/{reply.swipe[1]} · /regenerate for another"
-        return body[:MAX_MESSAGE_CHARS]
+        return fit(body, MAX_MESSAGE_CHARS)
 
     async def _with_webhook(self, call: Callable[[discord.Webhook], Awaitable[Any]]) -> Any:
         hook = await self.adapter.webhook_for(self.channel)

@@ -8,10 +8,11 @@ throttled for Telegram's flood limits; the final edit is HTML with a plain-text 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -23,9 +24,10 @@ from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandl
 from adapters.base import SentMessage
 from adapters.streaming import StreamLimits, chain, single, stream_reply
 from adapters.text import split_message, to_telegram_html
-from bot.cards import MAX_CARD_BYTES, parse_card_bytes
+from bot.cards import parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
+from bot.limits import MAX_CARD_BYTES, fit, shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
@@ -39,7 +41,16 @@ EDIT_INTERVAL_S = 1.5
 MIN_NEW_CHARS = 40
 TYPING_EVERY_S = 4.5  # a chat action shows for about 5 seconds
 MAX_RETRIES = 5
+SUFFIX_ROOM = 64  # characters kept free in each chunk for the swipe counter
 ADMIN_STATUSES = {ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER}
+OWNERS_ONLY = (
+    "Only the bot's owners can import characters: they are shared by every chat. "
+    "(Owners are listed in the bot's settings.)"
+)
+HANDLER_FAILED = "Sorry, something went wrong on my side while handling that. Please try again."
+_COMMAND = re.compile(r"^/([A-Za-z0-9_]{1,64})(?:@(\w+))?")
+
+Handler = Callable[[Update, ContextTypes.DEFAULT_TYPE], Coroutine[Any, Any, None]]
 
 COMMANDS = (
     ("start", "Say hello (in roleplay: the character's greeting)"),
@@ -82,7 +93,10 @@ class TelegramAdapter:
         if not settings.token:
             raise ValueError("TELEGRAM_BOT_TOKEN is not set")
         self.core = core
-        self.limits = limits or StreamLimits(MAX_MESSAGE_CHARS, EDIT_INTERVAL_S, MIN_NEW_CHARS)
+        # Chunks leave room for the swipe counter added to a final message.
+        self.limits = limits or StreamLimits(
+            MAX_MESSAGE_CHARS - SUFFIX_ROOM, EDIT_INTERVAL_S, MIN_NEW_CHARS
+        )
         self.poll_timeout = poll_timeout
         base_url = settings.api_base_url or DEFAULT_BASE_URL
         self.app = (
@@ -101,27 +115,67 @@ class TelegramAdapter:
     def _add_handlers(self) -> None:
         app = self.app
         only_new = filters.UpdateType.MESSAGE
+        guard = self._guarded
         for name, callback in (
             ("start", self._cmd_start),
             ("help", self._cmd_help),
             ("reset", self._cmd_reset),
             ("mode", self._cmd_mode),
             ("character", self._cmd_character),
-            ("regenerate", self._cmd_regenerate),
             ("swipe", self._cmd_swipe),
         ):
-            app.add_handler(CommandHandler(name, callback, filters=only_new))
+            app.add_handler(CommandHandler(name, guard(callback, limited=True), filters=only_new))
+        # /regenerate is held to the fair-share limits by the core itself.
+        app.add_handler(CommandHandler("regenerate", guard(self._cmd_regenerate), filters=only_new))
         card_caption = filters.CaptionRegex(r"^/character(@\w+)?\s+import\b")
         app.add_handler(
-            MessageHandler(only_new & filters.Document.ALL & card_caption, self._on_card_upload)
+            MessageHandler(
+                only_new & filters.Document.ALL & card_caption,
+                guard(self._on_card_upload, limited=True),
+            )
         )
-        app.add_handler(MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, self._on_text))
-        app.add_handler(MessageHandler(only_new & filters.CAPTION, self._on_text))
+        app.add_handler(
+            MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, guard(self._on_text))
+        )
+        app.add_handler(MessageHandler(only_new & filters.COMMAND, guard(self._on_unknown_command)))
+        app.add_handler(MessageHandler(only_new & filters.CAPTION, guard(self._on_text)))
         unsupported = filters.Sticker.ALL | filters.PHOTO | filters.VOICE | filters.VIDEO
         app.add_handler(
-            MessageHandler(only_new & (unsupported | filters.Document.ALL), self._on_other)
+            MessageHandler(
+                only_new & (unsupported | filters.Document.ALL), guard(self._on_other, limited=True)
+            )
         )
         app.add_error_handler(self._on_error)
+
+    def _guarded(self, handler: Handler, *, limited: bool = False) -> Handler:
+        """``handler`` that never raises: a failure is logged and the user gets an apology.
+
+        ``limited`` handlers first pass the sender's rate limit (text messages pass it in the
+        core, with the rest of the fair-share rules).
+        """
+
+        async def run(update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+            message = update.effective_message
+            try:
+                if limited and message is not None and not await self._admitted(message):
+                    return
+                await handler(update, ctx)
+            except Exception:
+                log.exception("telegram: handling an update failed")
+                if message is not None:
+                    with contextlib.suppress(TelegramError):
+                        await message.reply_text(HANDLER_FAILED)
+
+        return run
+
+    async def _admitted(self, message: Message) -> bool:
+        sender = message.from_user
+        if sender is None:
+            return True
+        allowed, notice = self.core.admit(PLATFORM, str(sender.id))
+        if notice:
+            await self._say(message, notice)
+        return allowed
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -201,7 +255,7 @@ class TelegramAdapter:
             await asyncio.sleep(TYPING_EVERY_S)
 
     async def _say(self, message: Message, text: str) -> None:
-        await self._retrying(lambda: message.reply_text(text))
+        await self._retrying(lambda: message.reply_text(fit(text, MAX_MESSAGE_CHARS)))
 
     # -- incoming -----------------------------------------------------------------------------
 
@@ -255,14 +309,38 @@ class TelegramAdapter:
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("telegram: error while handling an update", exc_info=context.error)
 
+    async def _on_unknown_command(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        """One line pointing at /help, for commands this bot does not have.
+
+        In groups, a command addressed to another bot (``/cmd@other_bot``) is that bot's.
+        """
+        message = update.effective_message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return
+        found = _COMMAND.match(message.text or "")
+        target = found.group(2) if found else None
+        if target and target.lower() != (self.app.bot.username or "").lower():
+            return
+        if not await self._admitted(message):
+            return
+        name = f"/{found.group(1)}" if found else "That"
+        await self._say(message, f"{shorten(name, 40)} is not one of my commands; send /help.")
+
     # -- commands -----------------------------------------------------------------------------
 
     async def _is_admin(self, message: Message) -> bool:
+        """Whether the sender administers this chat (anyone does, in their own DM).
+
+        A message sent as the group itself comes from an anonymous administrator.
+        """
         if message.chat.type == ChatType.PRIVATE:
             return True
+        if message.sender_chat is not None and message.sender_chat.id == message.chat_id:
+            return True
         assert message.from_user is not None
+        user_id = message.from_user.id
         member = await self._retrying(
-            lambda: self.app.bot.get_chat_member(message.chat_id, message.from_user.id)  # type: ignore[union-attr]
+            lambda: self.app.bot.get_chat_member(message.chat_id, user_id)
         )
         return member.status in ADMIN_STATUSES
 
@@ -292,8 +370,17 @@ class TelegramAdapter:
         await self._say(message, f"{text.split('Commands:')[0].strip()}{where}\n\n{extra}")
 
     async def _refuse_unless_admin(self, message: Message, what: str) -> bool:
-        if await self._is_admin(message):
-            return False
+        try:
+            if await self._is_admin(message):
+                return False
+        except TelegramError as exc:
+            log.warning("telegram: getChatMember failed in %s: %s", message.chat_id, exc)
+            await self._say(
+                message,
+                f"I could not check whether you may {what}: Telegram did not tell me your role. "
+                "Please try again in a moment.",
+            )
+            return True
         await self._say(message, f"Only chat administrators can {what} in this group.")
         return True
 
@@ -339,7 +426,9 @@ class TelegramAdapter:
             return
         cast = await self.core.set_cast(PLATFORM, key, [n.strip() for n in name.split(",")])
         if cast is None:
-            await self._say(message, f"I don't know a character called {name}. Try: {names}.")
+            await self._say(
+                message, f"I don't know a character called {shorten(name)}. Try: {names}."
+            )
             return
         who = " and ".join(c.name for c in cast)
         verb = "takes" if len(cast) == 1 else "take"
@@ -351,14 +440,23 @@ class TelegramAdapter:
         book = None if name.lower() in ("", "off") else name
         if not await self.core.attach_world_book(PLATFORM, key, book):
             known = ", ".join(sorted(self.core.world_books)) or "none imported yet"
-            await self._say(message, f"No world book called {name} (available: {known}).")
+            await self._say(message, f"No world book called {shorten(name)} (available: {known}).")
             return
         await self._say(message, f"World book {book} attached." if book else "World book detached.")
 
     async def _on_card_upload(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
-        """``/character import`` with a card file attached (or in reply to one)."""
+        """``/character import [replace]`` with a card file attached (or in reply to one).
+
+        Cards are shared by every chat: only bot owners may import them, in any chat.
+        """
         if (message := self._message(update)) is None:
             return
+        assert message.from_user is not None
+        if not self.core.is_owner(PLATFORM, str(message.from_user.id)):
+            await self._say(message, OWNERS_ONLY)
+            return
+        command = (message.caption or message.text or "").split()
+        replace = len(command) > 2 and command[2].lower() == "replace"
         source = message if message.document else message.reply_to_message
         document = source.document if source is not None else None
         if document is None:
@@ -368,19 +466,23 @@ class TelegramAdapter:
                 "or reply to the file with /character import.",
             )
             return
-        if await self._refuse_unless_admin(message, "import characters"):
-            return
         if (document.file_size or 0) > MAX_CARD_BYTES:
-            await self._say(message, "That file is too large to be a character card.")
+            await self._say(
+                message,
+                f"That file is too large to be a character card (at most "
+                f"{MAX_CARD_BYTES // (1024 * 1024)} MB).",
+            )
             return
         data = await (await document.get_file()).download_as_bytearray()
         try:
             card = parse_card_bytes(bytes(data), document.file_name or "card")
-            char = await self.core.import_card(card)
+            imported = await self.core.import_card(card, replace=replace)
         except CardError as exc:
             await self._say(message, f"I could not import that card: {exc}.")
             return
-        await self._say(message, f"Imported {char.name}. Use /character {char.name} to play them.")
+        name = shorten(imported.character.name)
+        done = f"Replaced the earlier {name}" if imported.replaced else f"Imported {name}"
+        await self._say(message, f"{done}. Use /character {name} to play them.")
 
     async def _open_scene(self, message: Message) -> None:
         """Post the character's greeting when a roleplay scene (re)starts."""
@@ -404,7 +506,9 @@ class TelegramAdapter:
             return
         is_dm = message.chat.type == ChatType.PRIVATE
         key = conversation_key(message.chat_id)
-        await self._stream(message.chat_id, self.core.regenerate(PLATFORM, key, is_dm), None)
+        assert message.from_user is not None
+        replies = self.core.regenerate(PLATFORM, key, is_dm, str(message.from_user.id))
+        await self._stream(message.chat_id, replies, None)
 
 
 class _ChatSink:
@@ -428,6 +532,7 @@ class _ChatSink:
     async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
         if final and reply.swipe:
             text = f"{text}\n\n({reply.swipe[0]}/{reply.swipe[1]} · /swipe for another)"
+        text = fit(text, MAX_MESSAGE_CHARS)
         params = (
             ReplyParameters(self.reply_to, allow_sending_without_reply=True)
             if self.reply_to is not None
@@ -451,6 +556,7 @@ class _ChatSink:
     async def edit_chunk(
         self, message_id: str, text: str, reply: OutgoingReply, final: bool
     ) -> None:
+        text = fit(text, MAX_MESSAGE_CHARS)
         html = self._html(text) if self._formatted(reply, final) else None
 
         async def call(formatted: bool) -> Any:

@@ -50,6 +50,8 @@ class ModelSettings:
     cache_slots: int = 4
     # Where evaluated states are saved at shutdown and restored after a restart ("" = nowhere).
     state_dir: str = "data/llama-states"
+    # Disk budget of state_dir per model: the least recently saved states go first past it.
+    state_dir_max_mb: int = 4096
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def validate(self) -> None:
@@ -66,6 +68,8 @@ class ModelSettings:
             raise ValueError("rope_scaling_factor must be positive")
         if self.split_mode not in SPLIT_MODES:
             raise ValueError(f"split_mode must be one of {', '.join(SPLIT_MODES)}")
+        if self.state_dir_max_mb < 0:
+            raise ValueError("state_dir_max_mb must be 0 (no saved states) or more")
         if self.cache_slots < 1:
             raise ValueError("cache_slots must be at least 1")
         if self.chat_template not in TEMPLATES:

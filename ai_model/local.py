@@ -8,7 +8,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,17 @@ from typing import Any
 from ai_model.base import GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.slots import SlotPool
-from ai_model.templates import ChatTemplate, UnknownTemplateError, template_by_name
+from ai_model.templates import (
+    ChatTemplate,
+    UnknownTemplateError,
+    plain_text_leaks,
+    template_by_name,
+)
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
+MAX_REMEMBERED_REPLIES = 4096
 
 
 def _llama_kwargs(settings: ModelSettings, path: Path) -> dict[str, Any]:
@@ -62,6 +69,19 @@ def _llama_kwargs(settings: ModelSettings, path: Path) -> dict[str, Any]:
     return kwargs
 
 
+def special_token_check(llm: Any) -> Callable[[int], bool]:
+    """Whether a token id of ``llm``'s vocabulary is a control or user-defined token."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    mask = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+
+    def check(token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_get_attr(vocab, token) & mask)
+
+    return check
+
+
 class LocalModel:
     """One loaded GGUF file.  Implements :class:`ai_model.base.ChatModel`.
 
@@ -80,9 +100,12 @@ class LocalModel:
         cache_slots: int = 1,
         state_dir: Path | None = None,
         fingerprint: str = "",
+        state_dir_max_mb: int = 4096,
     ) -> None:
         self._llm = llm
-        self.slots = SlotPool(llm, cache_slots, state_dir, fingerprint)
+        self.slots = SlotPool(
+            llm, cache_slots, state_dir, fingerprint, max_disk_bytes=state_dir_max_mb * 2**20
+        )
         self.name = name
         self.template = template
         # llama.cpp rounds the context up (8191 -> 8192); the configured size is the promise.
@@ -90,7 +113,8 @@ class LocalModel:
         # add_bos=True yields [BOS] only when the model's vocabulary asks for one.
         self.bos: tuple[int, ...] = tuple(llm.tokenize(b"", add_bos=True, special=True))
         self._turn = asyncio.Lock()
-        self._generated: dict[str | None, tuple[int, ...]] = {}
+        # Per conversation, the tokens of its last reply; bounded, since conversations are not.
+        self._generated: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
 
     @classmethod
@@ -108,6 +132,15 @@ class LocalModel:
             )
         except UnknownTemplateError as exc:
             raise ModelError(f"{path}: {exc}") from exc
+        leaks = plain_text_leaks(template, llm, special_token_check(llm))
+        if leaks:
+            llm.close()
+            raise ModelError(
+                f"{path}: refusing this model: its vocabulary turns the chat markup "
+                f"{', '.join(repr(m) for m in leaks[:4])} into control tokens even in plain text, "
+                "so users could write their own turns. Use a GGUF whose tokenizer marks these "
+                "tokens as control tokens (not user-defined)."
+            )
         stat = path.stat()
         # A saved state is only valid for the same file and the same load settings.
         fingerprint = hashlib.sha256(
@@ -121,6 +154,7 @@ class LocalModel:
             cache_slots=settings.cache_slots,
             state_dir=Path(settings.state_dir) if settings.state_dir else None,
             fingerprint=fingerprint,
+            state_dir_max_mb=settings.state_dir_max_mb,
         )
 
     @property
@@ -175,6 +209,9 @@ class LocalModel:
                 llm = self._llm
                 produced = llm.input_ids[len(prompt) : llm.n_tokens]
                 self._generated[slot] = tuple(int(t) for t in produced)
+                self._generated.move_to_end(slot)
+                while len(self._generated) > MAX_REMEMBERED_REPLIES:
+                    self._generated.popitem(last=False)
             except Exception as exc:  # reported to the awaiting coroutine, not lost
                 emit(exc)
             finally:

@@ -12,6 +12,7 @@ from ai_model.base import ChatModel, ModelError, ModelFileMissing
 from ai_model.config import ModelSettings
 from ai_model.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_model_path
 from ai_model.local import LocalModel
+from ai_model.vocab import VocabModel
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,18 @@ def resolve(role: str, settings: ModelSettings, base_dir: Path | None = None) ->
 class ModelRegistry:
     """Serves a :class:`ChatModel` per role; roles with the same file and settings share one."""
 
-    def __init__(self, models: Mapping[str, ModelSettings], base_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, ModelSettings],
+        base_dir: Path | None = None,
+        *,
+        vocab_only: bool = False,
+    ) -> None:
         # Resolving first makes a missing file stop start-up, before any platform connects.
         self.resolved = {role: resolve(role, s, base_dir) for role, s in models.items()}
-        self._loaded: dict[tuple[object, ...], LocalModel] = {}
+        # vocab_only: tokenizers and templates without weights (for commands that only count).
+        self.vocab_only = vocab_only
+        self._loaded: dict[tuple[object, ...], LocalModel | VocabModel] = {}
         self._locks: dict[tuple[object, ...], asyncio.Lock] = {}
 
     def _key(self, role: str) -> tuple[object, ...]:
@@ -100,7 +109,16 @@ class ModelRegistry:
             if model is None:
                 r = self.resolved[role]
                 log.info("loading %s for the %s role ...", r.display_name, role)
-                model = await asyncio.to_thread(LocalModel.load, r.settings, r.path, r.display_name)
+                loaded: LocalModel | VocabModel
+                if self.vocab_only:
+                    loaded = await asyncio.to_thread(
+                        VocabModel.load, r.settings, r.path, r.display_name
+                    )
+                else:
+                    loaded = await asyncio.to_thread(
+                        LocalModel.load, r.settings, r.path, r.display_name
+                    )
+                model = loaded
                 log.info(
                     "%s loaded (template %s, ctx %d)",
                     r.display_name,

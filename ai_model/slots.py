@@ -52,14 +52,48 @@ class _Slot:
     used: float = 0.0
 
 
+def prune_states(folder: Path, max_bytes: int) -> list[Path]:
+    """Delete the least recently written state files until ``folder`` fits ``max_bytes``."""
+    try:
+        files = sorted(
+            ((p.stat().st_mtime_ns, p.stat().st_size, p) for p in folder.glob("*.state")),
+            reverse=True,
+        )
+    except OSError as exc:
+        log.warning("could not list saved states in %s: %s", folder, exc)
+        return []
+    removed = []
+    total = 0
+    for _mtime, size, path in files:  # newest first: keep while they fit
+        total += size
+        if total > max_bytes:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError as exc:
+                log.warning("could not remove the saved state %s: %s", path, exc)
+    if removed:
+        log.info("saved states: removed %d old file(s) to stay under the disk budget", len(removed))
+    return removed
+
+
 class SlotPool:
     """The contexts of one loaded model and which conversation each one holds."""
 
-    def __init__(self, llm: Any, n_slots: int, state_dir: Path | None, fingerprint: str) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        n_slots: int,
+        state_dir: Path | None,
+        fingerprint: str,
+        *,
+        max_disk_bytes: int = 4096 * 2**20,
+    ) -> None:
         self.llm = llm
         self.n_slots = max(1, n_slots)
         self.state_dir = state_dir
         self.fingerprint = fingerprint
+        self.max_disk_bytes = max_disk_bytes
         first = _Slot(llm._ctx, llm.input_ids, llm.n_tokens, True)
         self._base_ctx = llm._ctx
         # All contexts are made at load time: allocating a KV cache takes a noticeable moment,
@@ -155,6 +189,7 @@ class SlotPool:
                 saved += 1
             except OSError as exc:
                 log.warning("could not save the state of %s: %s", slot.key, exc)
+        prune_states(self.state_dir, self.max_disk_bytes)
         return saved
 
     def _write(self, slot: _Slot) -> None:

@@ -8,7 +8,8 @@ whenever a string is tokenized with ``special=True``.  Keeping scaffolding and c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,3 +107,32 @@ def encode(pieces: Iterable[Piece], tokenizer: Tokenizer) -> list[int]:
 def render(pieces: Sequence[Piece]) -> str:
     """The prompt as text (for logs and tests); not what the model reads, :func:`encode` is."""
     return "".join(piece.text for piece in pieces)
+
+
+_MARKER = re.compile(r"<\|[^|<>\s]{1,64}\|>")
+ROLES = ("system", "user", "assistant")
+
+
+def template_markers(template: ChatTemplate) -> list[str]:
+    """Every piece of markup the template writes: whole turn frames and each ``<|...|>``."""
+    frames = [template.turn_open.format(role=role) for role in ROLES]
+    frames += [template.turn_close, *template.stop]
+    found = {marker for frame in frames for marker in _MARKER.findall(frame)}
+    return list(dict.fromkeys([*frames, *sorted(found)]))
+
+
+def plain_text_leaks(
+    template: ChatTemplate, tokenizer: Tokenizer, is_control: Callable[[int], bool]
+) -> list[str]:
+    """The template markers that still yield a control (or user-defined special) token when
+    tokenized as plain text.
+
+    llama.cpp matches *user-defined* tokens even when special tokens are off, so a GGUF that
+    marks ``<|im_start|>`` as user-defined would let any user open a turn of their own.
+    """
+    leaks = []
+    for marker in template_markers(template):
+        ids = tokenizer.tokenize(marker.encode("utf-8"), add_bos=False, special=False)
+        if any(is_control(i) for i in ids):
+            leaks.append(marker)
+    return leaks

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     chars_sub = chars.add_subparsers(dest="action", required=True)
     imp = chars_sub.add_parser("import", help="import a card (JSON, PNG or CHARX)")
     imp.add_argument("path")
+    imp.add_argument(
+        "--replace", action="store_true", help="replace an imported character of the same name"
+    )
     exp = chars_sub.add_parser("export", help="write a character's card (JSON, or PNG by suffix)")
     exp.add_argument("name")
     exp.add_argument("path")
@@ -68,7 +71,10 @@ def _dispatch(command: str, settings: Settings, args: argparse.Namespace) -> int
                 print(f"error: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
         name = getattr(args, "name", "")
-        return asyncio.run(app.library_command(settings, command, args.action, name, path, data))
+        replace = bool(getattr(args, "replace", False))
+        return asyncio.run(
+            app.library_command(settings, command, args.action, name, path, data, replace)
+        )
     if command == "console":
         asyncio.run(app.run_console(settings))
     else:

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.base import Adapter
-from ai_model.base import ChatModel, ModelError
 from ai_model.registry import ModelRegistry
 from bot.cards import export_card, parse_card_bytes
 from bot.characters import CardError
@@ -84,31 +83,35 @@ async def run_platforms(settings: Settings) -> None:
                 await adapter.stop()
 
 
-class _NoModels:
-    """Model provider for commands that never generate (card import and listing)."""
-
-    async def get(self, role: str) -> ChatModel:
-        raise ModelError(f"no model is loaded for {role} in this command")
-
-
 async def library_command(
-    settings: Settings, kind: str, action: str, name: str, path: str, data: bytes = b""
+    settings: Settings,
+    kind: str,
+    action: str,
+    name: str,
+    path: str,
+    data: bytes = b"",
+    replace: bool = False,
 ) -> int:
     """``python -m bot character import|export|list`` and ``lorebook import``.
 
-    ``data`` is the file to import, read by the caller (blocking I/O stays off the loop).
+    ``data`` is the file to import, read by the caller (blocking I/O stays off the loop).  The
+    command line is the machine's owner: it may import and replace (``replace``) characters.
+    Only the character model's vocabulary is loaded, to check a card's size in tokens.
     """
     store = Store(await open_database(settings.database_url))
+    models = ModelRegistry(settings.models, vocab_only=True)
     try:
-        core = ConversationCore(settings, store, _NoModels())
+        core = ConversationCore(settings, store, models)
         await core.load_library()
         if action == "list":
             for char in core.characters.all():
                 summary = " ".join(char.description.split())[:70]
                 print(f"{char.name}: {summary}")
         elif action == "import" and kind == "character":
-            imported = await core.import_card(parse_card_bytes(data, Path(path).name))
-            print(f"imported {imported.name}")
+            card = parse_card_bytes(data, Path(path).name)
+            imported = await core.import_card(card, replace=replace)
+            verb = "replaced" if imported.replaced else "imported"
+            print(f"{verb} {imported.character.name}")
         elif action == "import":
             parsed = parse_card_bytes(data, Path(path).name)
             inner = parsed.get("data", parsed)
@@ -128,3 +131,4 @@ async def library_command(
         return 2
     finally:
         await store.close()
+        models.close()

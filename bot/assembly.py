@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from ai_model.base import ChatModel
 from bot.characters import Character
-from bot.lorebook import Lorebook, activate
+from bot.limits import MAX_PINNED_SHARE
+from bot.lorebook import Lorebook, LoreEntry, activate
 from bot.prompt import TurnEncoder, Window, clean_name, fit_window
 from bot.scene import example_text, post_history_text, stop_strings, story_text
 from storage.store import USER, StoredMessage
@@ -36,6 +37,16 @@ class Scene:
     cast: Sequence[Character]
     world_book: Lorebook | None = None
     persona: str = ""
+    lore: Sequence[LoreEntry] = ()  # entries whose keys matched (``lorebook.match_entries``)
+
+    @property
+    def books(self) -> list[Lorebook]:
+        return [b for b in (self.character.book, self.world_book) if b is not None]
+
+
+def pinned_limit(n_ctx: int) -> int:
+    """Tokens the pinned part (with post-history text, cue and reply reserve) may take."""
+    return int(n_ctx * MAX_PINNED_SHARE)
 
 
 def assemble(
@@ -59,17 +70,24 @@ def assemble(
     else:
         char = scene.character
         user = players[-1] if players else "User"
-        lore = activate(
-            [b for b in (char.book, scene.world_book) if b is not None],
-            [m.text for m in history[-LORE_SCAN:]],
-            lambda text: len(model.tokenize(text.encode("utf-8"), False, False)),
-            model.n_ctx // 4,
-        )
-        pinned_text = story_text(char, user=user, persona=scene.persona, lore=lore, cast=scene.cast)
-        if example := example_text(char, user):
-            examples = encoder.system(example)
         if after := post_history_text(char, user):
             post = encoder.system(after)
+        pinned_text = story_text(char, user=user, persona=scene.persona, cast=scene.cast)
+        if scene.lore:
+            # Lore may fill what the card leaves of the pinned share, so that activated entries
+            # never squeeze the conversation below half of the window.
+            fixed = len(encoder.system(pinned_text)) + len(post) + len(encoder.cue()) + reserve
+            lore = activate(
+                scene.books,
+                scene.lore,
+                lambda text: len(model.tokenize(text.encode("utf-8"), False, False)),
+                min(model.n_ctx // 4, pinned_limit(model.n_ctx) - fixed),
+            )
+            pinned_text = story_text(
+                char, user=user, persona=scene.persona, lore=lore, cast=scene.cast
+            )
+        if example := example_text(char, user):
+            examples = encoder.system(example)
         names = [c.display_name for c in scene.cast]
         stops = stop_strings(players, names, char.display_name)
     pinned = [*model.bos, *encoder.system(pinned_text)]

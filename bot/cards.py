@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from bot.characters import CardError, Character, character_from_card
+from bot.limits import (
+    MAX_CARD_BYTES,
+    MAX_CARD_JSON_BYTES,
+    MAX_ZIP_MEMBERS,
+    clean_json,
+    shorten,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
 CARD_KEYWORDS = ("chara", "ccv3")
-MAX_CARD_BYTES = 32 * 1024 * 1024
+_MB = 1024 * 1024
 
 
 def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -53,10 +60,12 @@ def _png_card_texts(data: bytes) -> dict[str, str]:
 
 
 def _decode_b64_json(text: str, where: str) -> dict[str, Any]:
+    if len(text) > MAX_CARD_JSON_BYTES * 4 // 3 + 4:
+        raise CardError(f"the {where} chunk is larger than {MAX_CARD_JSON_BYTES // _MB} MB")
     try:
         raw = base64.b64decode(text.strip(), validate=False)
         parsed = json.loads(raw.decode("utf-8"))
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+    except (binascii.Error, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CardError(f"the {where} chunk is not base64-encoded card JSON") from exc
     if not isinstance(parsed, dict):
         raise CardError(f"the {where} chunk does not hold a JSON object")
@@ -90,33 +99,74 @@ def blank_png() -> bytes:
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
 
 
+def _read_capped(archive: zipfile.ZipFile, member: str, filename: str) -> bytes:
+    """One zip member, decompressed in pieces and abandoned as soon as it passes the cap.
+
+    The sizes in a zip's directory are the archive's own claim; only counting what actually
+    comes out of the decompressor bounds the memory a "zip bomb" can take.
+    """
+    info = archive.getinfo(member)
+    too_big = CardError(
+        f"{filename}: {member} inflates to more than {MAX_CARD_JSON_BYTES // _MB} MB "
+        "(a card's JSON is far smaller)"
+    )
+    if info.file_size > MAX_CARD_JSON_BYTES:
+        raise too_big
+    out = bytearray()
+    with archive.open(info) as src:
+        while chunk := src.read(64 * 1024):
+            out += chunk
+            if len(out) > MAX_CARD_JSON_BYTES:
+                raise too_big
+    return bytes(out)
+
+
+def _charx_json(data: bytes, filename: str) -> bytes:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            if len(archive.infolist()) > MAX_ZIP_MEMBERS:
+                raise CardError(f"{filename} holds more than {MAX_ZIP_MEMBERS} files")
+            return _read_capped(archive, "card.json", filename)
+    except KeyError as exc:
+        raise CardError(f"{filename} is a zip without card.json") from exc
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:
+        raise CardError(f"{filename} is not a valid CHARX/zip file") from exc
+    except (OSError, zlib.error, ValueError) as exc:  # corrupt compressed data
+        raise CardError(f"{filename} is a damaged CHARX/zip file") from exc
+
+
 def parse_card_bytes(data: bytes, filename: str = "card") -> dict[str, Any]:
-    """The card JSON inside ``data``, whatever the container."""
+    """The card JSON inside ``data``, whatever the container, with every string cleaned."""
+    filename = shorten(filename)
     if len(data) > MAX_CARD_BYTES:
-        raise CardError(f"{filename} is larger than {MAX_CARD_BYTES // (1024 * 1024)} MB")
+        raise CardError(f"{filename} is larger than {MAX_CARD_BYTES // _MB} MB")
     if data.startswith(PNG_SIGNATURE):
         texts = _png_card_texts(data)
         if "ccv3" in texts:  # V3 wins when both are present
-            return _decode_b64_json(texts["ccv3"], "ccv3")
-        if "chara" in texts:
-            return _decode_b64_json(texts["chara"], "chara")
-        raise CardError(f"{filename} is a PNG without character data (no chara/ccv3 chunk)")
+            parsed = _decode_b64_json(texts["ccv3"], "ccv3")
+        elif "chara" in texts:
+            parsed = _decode_b64_json(texts["chara"], "chara")
+        else:
+            raise CardError(f"{filename} is a PNG without character data (no chara/ccv3 chunk)")
+        return _cleaned(parsed, filename)
     if data.startswith(ZIP_SIGNATURE):
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                raw = archive.read("card.json")
-        except KeyError as exc:
-            raise CardError(f"{filename} is a zip without card.json") from exc
-        except zipfile.BadZipFile as exc:
-            raise CardError(f"{filename} is not a valid CHARX/zip file") from exc
-        data = raw
+        data = _charx_json(data, filename)
+    if len(data) > MAX_CARD_JSON_BYTES:
+        raise CardError(f"{filename}: the card JSON is larger than {MAX_CARD_JSON_BYTES // _MB} MB")
     try:
         parsed = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CardError(f"{filename} is not a character card (JSON, PNG or CHARX)") from exc
     if not isinstance(parsed, dict):
         raise CardError(f"{filename} does not hold a JSON object")
-    return parsed
+    return _cleaned(parsed, filename)
+
+
+def _cleaned(parsed: dict[str, Any], filename: str) -> dict[str, Any]:
+    try:
+        return dict(clean_json(parsed))
+    except RecursionError as exc:
+        raise CardError(f"{filename}: the card JSON is nested too deeply") from exc
 
 
 def load_card(path: str | Path) -> Character:

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.lorebook import Lorebook
+from bot.limits import MAX_FIELD_CHARS, MAX_GREETINGS, MAX_NAME_CHARS
+from bot.lorebook import Lorebook, LoreError, check_book
 
 SAMPLING_OVERRIDES = ("temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 EXTENSION_KEY = "localbot"  # where our own per-character settings live inside a card
@@ -127,6 +128,50 @@ def character_from_card(card: Mapping[str, Any]) -> Character:
         sampling=sampling,
         card=dict(card),
     )
+
+
+TEXT_FIELDS = (
+    "description",
+    "personality",
+    "scenario",
+    "first_mes",
+    "mes_example",
+    "system_prompt",
+    "post_history_instructions",
+    "creator_notes",
+    "nickname",
+)
+
+
+def card_data(card: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The fields of a card of any version (V1 keeps them at the top level)."""
+    data = card.get("data")
+    return data if isinstance(data, Mapping) else card
+
+
+def check_card(card: Mapping[str, Any]) -> None:
+    """Refuse (raise :class:`CardError`, naming the field) a card that breaks a size limit."""
+    data = card_data(card)
+    name = _text(data, "name").strip()
+    if len(name) > MAX_NAME_CHARS:
+        raise CardError(f"the name has {len(name)} characters (at most {MAX_NAME_CHARS})")
+    for key in TEXT_FIELDS:
+        if len(_text(data, key)) > MAX_FIELD_CHARS:
+            raise CardError(
+                f"the field {key} has {len(_text(data, key))} characters "
+                f"(at most {MAX_FIELD_CHARS})"
+            )
+    greetings = [*_texts(data, "alternate_greetings"), *_texts(data, "group_only_greetings")]
+    if len(greetings) > MAX_GREETINGS:
+        raise CardError(f"the card has {len(greetings)} greetings (at most {MAX_GREETINGS})")
+    if any(len(g) > MAX_FIELD_CHARS for g in greetings):
+        raise CardError(f"a greeting has more than {MAX_FIELD_CHARS} characters")
+    book = data.get("character_book")
+    if isinstance(book, Mapping):
+        try:
+            check_book(book, "character_book")
+        except LoreError as exc:
+            raise CardError(str(exc)) from exc
 
 
 def card_from_fields(

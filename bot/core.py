@@ -15,19 +15,21 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
-from bot.assembly import Scene, assemble
+from bot.assembly import LORE_SCAN, Scene, assemble, pinned_limit
 from bot.characters import (
-    CardError,
     Character,
     CharacterLibrary,
     apply_macros,
-    character_from_card,
     shipped_characters,
 )
+from bot.fairness import LruDict, RateLimiter, Verdict
 from bot.history import HistoryCache, position
-from bot.lorebook import Lorebook
+from bot.library import Imported, Library
+from bot.lorebook import Lorebook, match_entries
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, TurnEncoder, clean_name
 from bot.scene import (
@@ -43,6 +45,27 @@ APOLOGY = (
     "Sorry, something went wrong while I was writing the reply. Your message is saved; "
     "please try again in a moment."
 )
+NOT_STORED = (
+    "Sorry, I could not save your message because of a storage problem on my side. "
+    "Please send it again in a moment."
+)
+RATE_LIMITED = (
+    "You are sending messages faster than I can read them (at most {limit} a minute). "
+    "I will skip your messages for a moment; please slow down."
+)
+QUEUE_FULL = (
+    "I am still answering earlier messages here. I have saved yours as part of the "
+    "conversation, but I will not answer it separately."
+)
+USER_BUSY = (
+    "I am still working on your earlier message. I have saved this one as part of the "
+    "conversation; please wait for my answer before sending more."
+)
+MAX_CAST = 8  # characters in one scene; further names are ignored
+MAX_CONVERSATIONS_CACHED = 4096  # conversation rows and queues kept in memory
+# What a failing database raises through SQLAlchemy and the drivers (a value the driver cannot
+# encode surfaces as ValueError).
+STORAGE_ERRORS = (SQLAlchemyError, OSError, ValueError)
 
 
 class ModelProvider(Protocol):
@@ -58,6 +81,7 @@ class _Ticket:
     channel: _Channel
     previous: asyncio.Future[None] | None
     mine: asyncio.Future[None]
+    user: str | None = None  # who the answer is for, counted against their pending share
 
     async def wait(self) -> None:
         if self.previous is not None and not self.previous.done():
@@ -66,6 +90,7 @@ class _Ticket:
     def release(self) -> None:
         if not self.mine.done():
             self.mine.set_result(None)
+            self.channel.waiting -= 1
         if self.channel.tail is self.mine:
             self.channel.tail = None
 
@@ -76,6 +101,10 @@ class _Channel:
 
     intake: asyncio.Lock = field(default_factory=asyncio.Lock)
     tail: asyncio.Future[None] | None = None
+    waiting: int = 0  # answers queued or running
+
+    def busy(self) -> bool:
+        return self.waiting > 0 or self.intake.locked()
 
 
 class ConversationCore:
@@ -93,40 +122,36 @@ class ConversationCore:
         self.store = store
         self.models = models
         self.rng = rng or random.Random()
-        self.characters = CharacterLibrary(
-            [*shipped_characters(), *settings.characters.values()],
-            default=settings.default_character,
-        )
-        self.world_books: dict[str, Lorebook] = {}
-        self._channels: dict[str, _Channel] = {}
-        self._conversations: dict[str, Conversation] = {}
+        fixed = [*shipped_characters(), *settings.characters.values()]
+        self.characters = CharacterLibrary(fixed, default=settings.default_character)
+        self.library = Library(store, self.characters, {c.name for c in fixed})
+        self.world_books: dict[str, Lorebook] = self.library.world_books
+        self._channels: LruDict[str, _Channel] = LruDict(MAX_CONVERSATIONS_CACHED, _Channel.busy)
+        self._conversations: LruDict[str, Conversation] = LruDict(MAX_CONVERSATIONS_CACHED)
         self._encoders: dict[int, tuple[ChatModel, TurnEncoder]] = {}
+        self._pending: dict[str, int] = {}  # user -> answers queued or running for them
+        self.rate_limiter = RateLimiter(settings.rate_limit)
         self.history = HistoryCache(store)
 
-    # -- characters and world books -----------------------------------------------------------
+    # -- characters and world books (shared by every conversation: owners only) ---------------
+
+    def is_owner(self, platform: str, user_id: str) -> bool:
+        """Whether this platform user may change what all conversations share."""
+        return self.settings.is_owner(platform, user_id)
 
     async def load_library(self) -> None:
-        """Add the cards and world books imported earlier (stored in the database)."""
-        for name, card in (await self.store.cards()).items():
-            try:
-                self.characters.add(character_from_card(card))
-            except CardError as exc:
-                log.warning("stored character %r is unreadable and was skipped: %s", name, exc)
-        for name, data in (await self.store.world_books()).items():
-            self.world_books[name.lower()] = Lorebook.from_json(data)
+        await self.library.load()
 
-    async def import_card(self, card: dict[str, object]) -> Character:
-        """Store a parsed card (any version) and make its character available."""
-        char = character_from_card(card)
-        await self.store.save_card(char.name, card)
-        self.characters.add(char)
-        return char
+    async def import_card(self, card: dict[str, object], *, replace: bool = False) -> Imported:
+        """Check and store a parsed card (any version); :class:`CardError` says why not."""
+        model = await self.models.get("character")
+        reserve = self.settings.models["character"].sampling.max_tokens
+        return await self.library.import_card(
+            card, replace=replace, model=model, encoder=self._encoder(model), reserve=reserve
+        )
 
     async def import_world_book(self, name: str, book: dict[str, object]) -> Lorebook:
-        lore = Lorebook.from_json(book)
-        await self.store.save_world_book(name, book)
-        self.world_books[name.lower()] = lore
-        return lore
+        return await self.library.import_world_book(name, book)
 
     async def attach_world_book(self, platform: str, key: str, name: str | None) -> bool:
         """Give a channel a world book (None detaches it); False if no such book exists."""
@@ -142,6 +167,12 @@ class ConversationCore:
         if conv is None:
             conv = await self.store.conversation(platform, key)
             self._conversations[key] = conv
+        return conv
+
+    def _conv(self, key: str) -> Conversation:
+        """The conversation of a queue that is running (loaded moments ago by its intake)."""
+        conv = self._conversations.get(key)
+        assert conv is not None, f"{key} was forgotten while a message of it was in flight"
         return conv
 
     async def _update_settings(self, platform: str, key: str, **changes: object) -> Conversation:
@@ -182,6 +213,7 @@ class ConversationCore:
 
     async def set_cast(self, platform: str, key: str, names: list[str]) -> list[Character] | None:
         """Put several characters in the channel's scene; None if a name is unknown."""
+        names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))[:MAX_CAST]
         found = [self.characters.find(n) for n in names]
         if not found or any(c is None for c in found):
             return None
@@ -342,12 +374,51 @@ class ConversationCore:
             channel = self._channels[key] = _Channel()
         return channel
 
-    def _ticket(self, key: str) -> _Ticket:
+    def _ticket(self, key: str, user: str | None = None) -> _Ticket:
         """Take the next answering turn of ``key`` (synchronously: arrival order is kept)."""
         channel = self._channel(key)
-        ticket = _Ticket(channel, channel.tail, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(channel, channel.tail, loop.create_future(), user)
         channel.tail = ticket.mine
+        channel.waiting += 1
+        if user is not None:
+            self._pending[user] = self._pending.get(user, 0) + 1
+            ticket.mine.add_done_callback(lambda _f: self._done_pending(user))
         return ticket
+
+    def _done_pending(self, user: str) -> None:
+        left = self._pending.get(user, 0) - 1
+        if left > 0:
+            self._pending[user] = left
+        else:
+            self._pending.pop(user, None)
+
+    def _queue_refusal(self, key: str, user: str) -> str | None:
+        """Why a new answer may not be queued for ``user`` in ``key`` now (None: it may)."""
+        platform, _, user_id = user.partition(":")
+        if self.is_owner(platform, user_id):
+            return None
+        if self._pending.get(user, 0) >= self.settings.max_pending_per_user:
+            return USER_BUSY
+        if self._channel(key).waiting >= self.settings.max_queued:
+            return QUEUE_FULL
+        return None
+
+    def admit(self, platform: str, user_id: str) -> tuple[bool, str | None]:
+        """Apply the per-user rate limit to an input: (let it through?, notice to send).
+
+        Over the limit the user gets one notice; later inputs in the same minute are dropped
+        quietly (and logged), since answering each would be the flood the limit stops.
+        """
+        if self.is_owner(platform, user_id):
+            return True, None  # owners run the bot; their inputs are not rationed
+        verdict = self.rate_limiter.check(f"{platform}:{user_id}")
+        if verdict is Verdict.ALLOW:
+            return True, None
+        if verdict is Verdict.DROP:
+            log.info("rate limit: dropped an input of %s:%s", platform, user_id)
+            return False, None
+        return False, RATE_LIMITED.format(limit=self.settings.rate_limit)
 
     async def respond(self, msg: IncomingMessage) -> AsyncIterator[OutgoingReply]:
         """Store ``msg`` and, if it is for the bot, yield the streamed reply to it.
@@ -357,42 +428,63 @@ class ConversationCore:
         snapshot yielded is an empty "accepted" one, sent before waiting for the turn, so
         adapters can show a typing indicator at once; nothing is yielded for messages only
         stored.  A roleplay conversation that has not started yet first gets its greeting.
+
+        Refusals are notices: over the rate limit (the message is not stored), too many
+        answers already queued here or for this user (stored, not answered), or a storage
+        failure (nothing stored, the user is asked to send it again).
         """
-        channel = self._channel(msg.conversation_key)
+        key = msg.conversation_key
+        allowed, notice = self.admit(msg.platform, msg.author_id)
+        if not allowed:
+            if notice:
+                yield self._notice(key, notice, msg.platform_message_id)
+            return
+        channel = self._channel(key)
         ticket: _Ticket | None = None
         opening: OutgoingReply | None = None
+        refusal: str | None = None
+        user_key = f"{msg.platform}:{msg.author_id}"
         try:
             # The intake lock is first come, first served: messages are stored, and their
             # answering turns taken, in arrival order.
             async with channel.intake:
-                conv = await self.conversation(msg.platform, msg.conversation_key)
-                roleplay = self.mode_of(conv, msg.is_dm) == "roleplay"
-                if roleplay and not conv.settings.get("opened"):
-                    opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
-                    conv = await self.conversation(msg.platform, msg.conversation_key)
-                user = await self._store(
-                    conv,
-                    StoredMessage(
-                        0,
-                        USER,
-                        msg.text,
-                        author_id=msg.author_id,
-                        author_name=msg.author_name,
-                        platform_message_id=msg.platform_message_id,
-                    ),
-                )
-                user_id = user.id
-                reply_all = self.settings.platform(msg.platform).roleplay_reply_all
-                named = roleplay and (reply_all or self._names_cast(conv, msg.text))
-                if msg.addresses_bot or named:
-                    ticket = self._ticket(msg.conversation_key)
+                try:
+                    conv = await self.conversation(msg.platform, key)
+                    roleplay = self.mode_of(conv, msg.is_dm) == "roleplay"
+                    if roleplay and not conv.settings.get("opened"):
+                        opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
+                        conv = await self.conversation(msg.platform, key)
+                    user = await self._store(
+                        conv,
+                        StoredMessage(
+                            0,
+                            USER,
+                            msg.text,
+                            author_id=msg.author_id,
+                            author_name=msg.author_name,
+                            platform_message_id=msg.platform_message_id,
+                        ),
+                    )
+                except STORAGE_ERRORS as exc:
+                    log.error("could not store a message in %s: %s", key, exc)
+                    refusal = NOT_STORED
+                else:
+                    user_id = user.id
+                    reply_all = self.settings.platform(msg.platform).roleplay_reply_all
+                    named = roleplay and (reply_all or self._names_cast(conv, msg.text))
+                    if msg.addresses_bot or named:
+                        refusal = self._queue_refusal(key, user_key)
+                        if refusal is None:
+                            ticket = self._ticket(key, user_key)
             if opening is not None:
                 yield opening
+            if refusal is not None:
+                yield self._notice(key, refusal, msg.platform_message_id)
             if ticket is None:
                 return
-            yield OutgoingReply(msg.conversation_key, "", reply_to=msg.platform_message_id)
+            yield OutgoingReply(key, "", reply_to=msg.platform_message_id)
             await ticket.wait()
-            conv = await self.conversation(msg.platform, msg.conversation_key)
+            conv = self._conv(key)
             mode = self.mode_of(conv, msg.is_dm)
             if mode == "work":
                 speakers: list[Character | None] = [None]
@@ -401,13 +493,15 @@ class ConversationCore:
                 last = conv.settings.get("last_speaker")
                 speakers = list(choose_speakers(cast, msg.text, last, self.rng))
             for char in speakers:
-                async for reply in self._answer(
-                    msg.conversation_key, mode, user_id, char, msg.platform_message_id
-                ):
+                async for reply in self._answer(key, mode, user_id, char, msg.platform_message_id):
                     yield reply
         finally:
             if ticket is not None:
                 ticket.release()
+
+    @staticmethod
+    def _notice(key: str, text: str, reply_to: str | None = None) -> OutgoingReply:
+        return OutgoingReply(key, text, final=True, kind=ReplyKind.NOTICE, reply_to=reply_to)
 
     def _names_cast(self, conv: Conversation, text: str) -> bool:
         return any(
@@ -416,10 +510,25 @@ class ConversationCore:
         )
 
     async def regenerate(
-        self, platform: str, key: str, is_dm: bool
+        self, platform: str, key: str, is_dm: bool, user_id: str | None = None
     ) -> AsyncIterator[OutgoingReply]:
-        """Write the last reply again; earlier versions stay stored for /swipe."""
-        ticket = self._ticket(key)
+        """Write the last reply again; earlier versions stay stored for /swipe.
+
+        The old version stays the one in context until the new one is stored, so a failed
+        generation loses nothing.  ``user_id`` (who asked) is held to the fair-share limits.
+        """
+        user_key = None
+        if user_id is not None:
+            allowed, notice = self.admit(platform, user_id)
+            if not allowed:
+                if notice:
+                    yield self._notice(key, notice)
+                return
+            user_key = f"{platform}:{user_id}"
+            if refusal := self._queue_refusal(key, user_key):
+                yield self._notice(key, refusal)
+                return
+        ticket = self._ticket(key, user_key)
         try:
             await ticket.wait()
             conv = await self.conversation(platform, key)
@@ -437,8 +546,6 @@ class ConversationCore:
                 return
             char = self.characters.find(last.author_name) if last.author_name else None
             mode = self.mode_of(conv, is_dm)
-            await self.store.update_message(last.id, in_context=False)
-            self.history.forget(key)
             async for reply in self._answer(
                 key, mode, last.reply_to_id, char, None, swipe_of=last.swipe_group
             ):
@@ -469,23 +576,36 @@ class ConversationCore:
         upto_id: int,
         char: Character | None,
         reserve: int,
+        replacing: int | None = None,
     ) -> tuple[list[int], list[str], Conversation]:
-        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv."""
+        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv.
+
+        ``replacing`` names a reply's version group that the new reply will replace: none of
+        its versions is part of the prompt.
+        """
         # What existed when message ``upto_id`` arrived, since the reset and the window start
         # (the cache is in conversation order: usually nothing, or little, is past the end).
         history = await self.history.get(conv)
         end = len(history)
         while end and position(history[end - 1])[0] > upto_id:
             end -= 1
+        shown = history[:end]
+        if replacing is not None:
+            shown = [m for m in shown if m.swipe_group != replacing]
         scene = None
         if char is not None:
             book = self.world_books.get(str(conv.settings.get("world_book", "")).lower())
             persona = str(conv.settings.get("persona", ""))
             scene = Scene(char, self.cast_of(conv), book, persona)
+            if scene.books:
+                # Regex keys come from cards: matched off the event loop, each under a timeout.
+                recent = [m.text for m in shown[-LORE_SCAN:]]
+                lore = await asyncio.to_thread(match_entries, scene.books, recent)
+                scene = replace(scene, lore=lore)
         prompt = assemble(
             model,
             self._encoder(model),
-            history[:end],
+            shown,
             system_prompt=self.settings.system_prompt,
             scene=scene,
             window_start=conv.window_start_id,
@@ -507,7 +627,7 @@ class ConversationCore:
         reply_to: str | None,
         swipe_of: int | None = None,
     ) -> AsyncIterator[OutgoingReply]:
-        conv = self._conversations[key]
+        conv = self._conv(key)
         speaker = char.name if char is not None else None
         base = OutgoingReply(key, "", speaker=speaker, reply_to=reply_to)
         sampling = self._sampling(mode, char)
@@ -517,18 +637,18 @@ class ConversationCore:
             model = await self.models.get(ROLE_FOR_MODE[mode])
             try:
                 tokens, stops, conv = await self.build_prompt(
-                    conv, model, user_id, char, sampling.max_tokens
+                    conv, model, user_id, char, sampling.max_tokens, replacing=swipe_of
                 )
             except PromptTooLong as exc:
-                yield await self._too_long(conv, user_id, exc, base)
+                yield await self._too_long(conv, model, user_id, exc, base)
                 return
             others = [s.strip("\n:") for s in stops]
             async for piece in model.stream(tokens, sampling, stops, slot=key):
                 text += piece
                 shown = clean_reply(text, char.display_name, others) if char else text
                 yield replace(base, text=shown, delta=piece)
-        except (ModelError, OSError, RuntimeError, ValueError):
-            log.exception("generation failed in %s", key)
+        except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
+            log.error("generation failed in %s: %s", key, exc, exc_info=_trace(exc))
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
         reply = clean_reply(text, char.display_name, others) if char else text.strip()
@@ -538,18 +658,26 @@ class ConversationCore:
             )
             return
         reply_tokens = len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False))
-        stored = await self._store(
-            conv,
-            StoredMessage(
-                0,
-                ASSISTANT,
-                reply,
-                author_name=speaker,
-                token_count=reply_tokens,
-                reply_to_id=user_id,
-                swipe_of=swipe_of,
-            ),
-        )
+        try:
+            stored = await self._store(
+                conv,
+                StoredMessage(
+                    0,
+                    ASSISTANT,
+                    reply,
+                    author_name=speaker,
+                    token_count=reply_tokens,
+                    reply_to_id=user_id,
+                    swipe_of=swipe_of,
+                ),
+            )
+            if swipe_of is not None:  # the new version is stored: now it may replace the old
+                await self.store.choose_swipe(conv.id, swipe_of, stored.id)
+                self.history.forget(key)
+        except STORAGE_ERRORS as exc:
+            log.error("could not store the reply in %s: %s", key, exc)
+            yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
+            return
         generated = model.generated(key)
         if generated and model.detokenize(generated).strip() == reply:
             # The KV cache holds exactly these tokens: the next prompt matches it to the end.
@@ -559,15 +687,36 @@ class ConversationCore:
         yield replace(base, text=reply, final=True, stored_id=stored.id)
 
     async def _too_long(
-        self, conv: Conversation, user_id: int, exc: PromptTooLong, base: OutgoingReply
+        self,
+        conv: Conversation,
+        model: ChatModel,
+        user_id: int,
+        exc: PromptTooLong,
+        base: OutgoingReply,
     ) -> OutgoingReply:
-        notice = (
-            f"Your message is too long for me to read: it takes about {exc.needed} tokens and "
-            f"I have room for {exc.available}. It is saved; please send a shorter version "
-            "or split it into parts."
-        )
-        # Keep it stored, but out of the model's view: it could never fit the window.
-        await self.store.update_message(user_id, in_context=False, token_count=exc.needed)
-        self.history.forget(conv.key)
+        history_room = model.n_ctx - pinned_limit(model.n_ctx)
+        if exc.needed <= history_room:
+            # The message would fit any sound set-up: the character, its lore or persona take
+            # the room.  The message stays in the conversation.
+            notice = (
+                f"I cannot answer right now: this conversation's character set-up leaves room "
+                f"for only {max(exc.available, 0)} tokens and your message takes about "
+                f"{exc.needed}. Your message is saved; an admin can choose another character."
+            )
+            log.warning("%s: the pinned prompt leaves no room for the history", conv.key)
+        else:
+            notice = (
+                f"Your message is too long for me to read: it takes about {exc.needed} tokens "
+                f"and I have room for {history_room}. It is saved; please send a shorter "
+                "version or split it into parts."
+            )
+            # Keep it stored, but out of the model's view: it could never fit the window.
+            await self.store.update_message(user_id, in_context=False, token_count=exc.needed)
+            self.history.forget(conv.key)
         await self.store.add_message(conv.id, NOTICE, notice, reply_to_id=user_id, in_context=False)
         return replace(base, text=notice, final=True, kind=ReplyKind.NOTICE)
+
+
+def _trace(exc: BaseException) -> bool:
+    """Whether a failure deserves a traceback in the log: not for the expected kinds."""
+    return not isinstance(exc, ModelError | SQLAlchemyError | OSError)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from bot.limits import MAX_AUTHOR_NAME_CHARS, clean_text
+
 
 @dataclass(frozen=True, slots=True)
 class IncomingMessage:
@@ -27,6 +29,14 @@ class IncomingMessage:
     mentions_bot: bool = True
     is_dm: bool = False
     platform_message_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # The one place platform text enters the bot: whatever a platform delivers, what the
+        # core stores and tokenizes is valid text, and a display name is bounded.
+        name = clean_text(self.author_name)[:MAX_AUTHOR_NAME_CHARS]
+        object.__setattr__(self, "author_name", name)
+        object.__setattr__(self, "text", clean_text(self.text))
+        object.__setattr__(self, "author_id", clean_text(self.author_id))
 
     @property
     def addresses_bot(self) -> bool:

@@ -61,11 +61,15 @@ class PromptTooLong(Exception):
 class TurnEncoder:
     """Encodes system text and history turns for one model, caching per message."""
 
-    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, cache_size: int = 50_000):
+    def __init__(
+        self, tokenizer: Tokenizer, template: ChatTemplate, max_cached_tokens: int = 4_000_000
+    ):
         self.tokenizer = tokenizer
         self.template = template
         self._cache: OrderedDict[tuple[int, str, str, bool], Turn] = OrderedDict()
-        self._cache_size = cache_size
+        # Bounded by tokens, not turns: a flood of huge messages must not grow memory.
+        self._max_cached_tokens = max_cached_tokens
+        self._cached_tokens = 0
         self._system: dict[str, tuple[int, ...]] = {}
         self._cue: tuple[int, ...] | None = None
 
@@ -84,10 +88,19 @@ class TurnEncoder:
         if turn is None:
             tokens = tuple(encode(self.pieces(message, named_replies), self.tokenizer))
             anchor = message.reply_to_id if message.reply_to_id is not None else message.id
-            turn = self._cache[key] = Turn(position=anchor, message_id=message.id, tokens=tokens)
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            turn = Turn(position=anchor, message_id=message.id, tokens=tokens)
+            self._keep(key, turn)
         return turn
+
+    def _keep(self, key: tuple[int, str, str, bool], turn: Turn) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cached_tokens -= len(old.tokens)
+        self._cache[key] = turn
+        self._cached_tokens += len(turn.tokens)
+        while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_tokens -= len(dropped.tokens)
 
     def remember_reply(self, message: StoredMessage, content: Sequence[int]) -> None:
         """Use these tokens (what the model generated) for a reply's content from now on."""
@@ -95,7 +108,7 @@ class TurnEncoder:
         opening, closing = self.template.turn("assistant", "")[0::2]
         tokens = (*encode([opening], self.tokenizer), *content, *encode([closing], self.tokenizer))
         anchor = message.reply_to_id if message.reply_to_id is not None else message.id
-        self._cache[key] = Turn(position=anchor, message_id=message.id, tokens=tokens)
+        self._keep(key, Turn(position=anchor, message_id=message.id, tokens=tokens))
 
     def system(self, text: str) -> list[int]:
         """A system turn's tokens; cached, since the same story heads every prompt."""

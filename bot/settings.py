@@ -99,9 +99,21 @@ class Settings:
         }
     )
     config_path: Path | None = None
+    # Who may change what every conversation shares (cards, world books): "platform:user id".
+    owner_ids: frozenset[str] = frozenset()
+    # Messages one user may send per minute; past it, one notice and then silence. 0: no limit.
+    rate_limit: int = 20
+    # Messages one conversation may have waiting for an answer; more get a notice instead.
+    max_queued: int = 4
+    # Messages one user may have waiting for the model at once, across all conversations.
+    max_pending_per_user: int = 2
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
+
+    def is_owner(self, platform: str, user_id: str) -> bool:
+        """Listed in ``owner_ids``; the terminal chat is the machine's owner by definition."""
+        return platform == "console" or f"{platform}:{user_id}" in self.owner_ids
 
 
 def _expect_table(value: object, where: str) -> dict[str, Any]:
@@ -161,9 +173,25 @@ def parse_settings(
     if raw:
         raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
 
-    known_bot = {"database_url", "system_prompt", "default_character"}
+    known_bot = {
+        "database_url",
+        "system_prompt",
+        "default_character",
+        "owner_ids",
+        "rate_limit",
+        "max_queued",
+        "max_pending_per_user",
+    }
     if unknown := sorted(set(bot) - known_bot):
         raise SettingsError(f"unknown setting(s) in [bot]: {', '.join(unknown)}")
+    limits = {
+        key: _count(bot, key)
+        for key in ("rate_limit", "max_queued", "max_pending_per_user")
+        if key in bot
+    }
+    for key in ("max_queued", "max_pending_per_user"):
+        if limits.get(key, 1) < 1:
+            raise SettingsError(f"[bot] {key} must be at least 1")
 
     models: dict[str, ModelSettings] = {}
     for role in ROLES:
@@ -230,7 +258,33 @@ def parse_settings(
         models=models,
         platforms=platforms,
         config_path=config_path,
+        owner_ids=_owner_ids(bot.get("owner_ids", [])),
+        **limits,
     )
+
+
+def _count(table: Mapping[str, Any], key: str) -> Any:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SettingsError(f"[bot] {key} must be a whole number >= 0, not {value!r}")
+    return value
+
+
+def _owner_ids(value: object) -> frozenset[str]:
+    """``["discord:123", "telegram:456"]`` → the set, each entry checked."""
+    if not isinstance(value, list):
+        raise SettingsError('[bot] owner_ids must be a list like ["discord:123"]')
+    owners = set()
+    for entry in value:
+        platform, _, user = str(entry).partition(":")
+        if platform not in ("discord", "telegram", "console") or not user.strip():
+            raise SettingsError(
+                f"[bot] owner_ids: {entry!r} is not 'discord:<user id>' or 'telegram:<user id>'"
+            )
+        owners.add(f"{platform}:{user.strip()}")
+    return frozenset(owners)
 
 
 def load_settings(

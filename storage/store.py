@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Row, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.schema import characters, conversations, messages, world_books
 
+log = logging.getLogger(__name__)
+
 USER = "user"
 ASSISTANT = "assistant"
 NOTICE = "notice"
+
+T = TypeVar("T")
+# A busy or locked database is waited out: SQLite's own busy timeout first, then these pauses.
+BUSY_RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.0, 4.0)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """A write that failed only because another connection holds the database."""
+    text = str(exc).lower()
+    return isinstance(exc, OperationalError) and (
+        "locked" in text or "busy" in text or "deadlock" in text or "could not serialize" in text
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +128,19 @@ class Store:
             async with self._write_conn.begin():
                 yield self._write_conn
 
+    async def _write(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Run ``work`` in a write transaction, waiting out a busy or locked database."""
+        for delay in (*BUSY_RETRY_DELAYS_S, None):
+            try:
+                async with self._writing() as conn:
+                    return await work(conn)
+            except OperationalError as exc:
+                if delay is None or not is_busy(exc):
+                    raise
+                log.warning("database busy (%s): retrying in %.1fs", exc.orig or exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def close(self) -> None:
         if self._writer is not None:
             await self._writer
@@ -135,34 +164,31 @@ class Store:
         if found:
             return found
         now = _now()
-        try:
-            async with self._writing() as conn:
-                await conn.execute(
-                    conversations.insert().values(
-                        platform=platform,
-                        key=key,
-                        mode=None,
-                        character=None,
-                        settings="{}",
-                        reset_after_id=0,
-                        window_start_id=0,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-        except IntegrityError:
-            pass  # created concurrently by another task: read it below
+        insert = conversations.insert().values(
+            platform=platform,
+            key=key,
+            mode=None,
+            character=None,
+            settings="{}",
+            reset_after_id=0,
+            window_start_id=0,
+            created_at=now,
+            updated_at=now,
+        )
+        # Created concurrently by another task (IntegrityError): read it below.
+        with contextlib.suppress(IntegrityError):
+            await self._write(lambda conn: conn.execute(insert))
         created = await self.get_conversation(key)
         assert created is not None
         return created
 
     async def _update_conversation(self, conversation_id: int, **values: Any) -> None:
-        async with self._writing() as conn:
-            await conn.execute(
-                update(conversations)
-                .where(conversations.c.id == conversation_id)
-                .values(**values, updated_at=_now())
-            )
+        statement = (
+            update(conversations)
+            .where(conversations.c.id == conversation_id)
+            .values(**values, updated_at=_now())
+        )
+        await self._write(lambda conn: conn.execute(statement))
 
     async def set_mode(self, conversation_id: int, mode: str | None) -> None:
         await self._update_conversation(conversation_id, mode=mode)
@@ -178,7 +204,8 @@ class Store:
 
     async def reset(self, conversation_id: int) -> int:
         """Start a new conversation after the newest stored message; nothing is deleted."""
-        async with self._writing() as conn:
+
+        async def work(conn: AsyncConnection) -> int:
             last = (
                 await conn.execute(
                     select(func.coalesce(func.max(messages.c.id), 0)).where(
@@ -191,7 +218,9 @@ class Store:
                 .where(conversations.c.id == conversation_id)
                 .values(reset_after_id=last, window_start_id=0, updated_at=_now())
             )
-        return int(last)
+            return int(last)
+
+        return await self._write(work)
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -238,26 +267,40 @@ class Store:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                async with self._writing() as conn:
-                    rows = [values for values, _ in batch]
-                    if conn.dialect.name == "sqlite":
-                        ids = await self._insert_sqlite(conn, rows)
-                    else:
-                        result = await conn.execute(
-                            messages.insert().returning(
-                                messages.c.id, sort_by_parameter_order=True
-                            ),
-                            rows,
-                        )
-                        ids = [int(i) for i in result.scalars()]
-            except Exception as exc:  # every waiting caller learns of the failure
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+                ids = await self._insert_rows([values for values, _ in batch])
+            except Exception:
+                # One bad row must not cost the others theirs: store them one by one, so only
+                # the rows that fail on their own report a failure to their callers.
+                await self._write_each(batch)
                 continue
             for (_, done), message_id in zip(batch, ids, strict=True):
                 if not done.done():
                     done.set_result(message_id)
+
+    async def _write_each(self, batch: list[tuple[dict[str, Any], asyncio.Future[int]]]) -> None:
+        for values, done in batch:
+            try:
+                (message_id,) = await self._insert_rows([values])
+            except Exception as exc:  # this row's caller learns of its own failure
+                if not done.done():
+                    done.set_exception(exc)
+                continue
+            if not done.done():
+                done.set_result(message_id)
+
+    async def _insert_rows(self, rows: list[dict[str, Any]]) -> list[int]:
+        async def work(conn: AsyncConnection) -> list[int]:
+            return await self._insert(conn, rows)
+
+        return await self._write(work)
+
+    async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+        if conn.dialect.name == "sqlite":
+            return await self._insert_sqlite(conn, rows)
+        result = await conn.execute(
+            messages.insert().returning(messages.c.id, sort_by_parameter_order=True), rows
+        )
+        return [int(i) for i in result.scalars()]
 
     async def _insert_sqlite(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
         """Insert message rows through the aiosqlite driver directly.
@@ -291,8 +334,8 @@ class Store:
         allowed = {"token_count", "in_context", "platform_message_id", "text", "swipe_of"}
         if unknown := set(values) - allowed:
             raise ValueError(f"cannot update message field(s): {sorted(unknown)}")
-        async with self._writing() as conn:
-            await conn.execute(update(messages).where(messages.c.id == message_id).values(**values))
+        statement = update(messages).where(messages.c.id == message_id).values(**values)
+        await self._write(lambda conn: conn.execute(statement))
 
     async def history(
         self, conversation_id: int, *, after_id: int = 0, upto_id: int | None = None
@@ -359,19 +402,20 @@ class Store:
     async def choose_swipe(self, conversation_id: int, group: int, message_id: int) -> None:
         """Put version ``message_id`` of ``group`` in context and every other version out."""
         in_group = (messages.c.id == group) | (messages.c.swipe_of == group)
-        async with self._writing() as conn:
-            await conn.execute(
-                update(messages)
-                .where(messages.c.conversation_id == conversation_id, in_group)
-                .values(in_context=messages.c.id == message_id)
-            )
+        statement = (
+            update(messages)
+            .where(messages.c.conversation_id == conversation_id, in_group)
+            .values(in_context=messages.c.id == message_id)
+        )
+        await self._write(lambda conn: conn.execute(statement))
 
     # -- characters and world books -----------------------------------------------------------
 
     async def _save_named(self, table: Any, name: str, data: Mapping[str, Any]) -> None:
         payload = json.dumps(dict(data), ensure_ascii=False)
         now = _now()
-        async with self._writing() as conn:
+
+        async def work(conn: AsyncConnection) -> None:
             found = (
                 await conn.execute(select(table.c.id).where(table.c.name == name))
             ).scalar_one_or_none()
@@ -383,6 +427,8 @@ class Store:
                 await conn.execute(
                     update(table).where(table.c.id == found).values(data=payload, updated_at=now)
                 )
+
+        await self._write(work)
 
     async def _load_named(self, table: Any) -> dict[str, dict[str, Any]]:
         async with self.engine.connect() as conn:

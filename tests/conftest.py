@@ -20,6 +20,8 @@ from storage import Store, open_database
 
 def make_settings(tmp_path: Path, raw: Mapping[str, Any] | None = None, **changes: Any) -> Settings:
     settings = parse_settings(raw or {}, env={})
+    # Tests send bursts no person would; the fair-share limits have tests of their own.
+    changes.setdefault("rate_limit", 0)
     return replace(settings, database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", **changes)
 
 

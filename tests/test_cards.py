@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ai_model.scripted import ScriptedModel
 from bot.cards import blank_png, load_card, parse_card_bytes, write_png_card
 from bot.characters import CardError, character_from_card
 from bot.core import ConversationCore
@@ -152,10 +153,11 @@ def test_png_writer_replaces_old_chunks_and_round_trips(tmp_path: Path) -> None:
 async def test_import_store_and_export_round_trips_unknown_fields(
     make_core: Any, store: Store, tmp_path: Path
 ) -> None:
-    core: ConversationCore = make_core({})
+    models = {"character": ScriptedModel(), "office": ScriptedModel()}
+    core: ConversationCore = make_core(models)
     imported = await core.import_card(copy.deepcopy(V2))
-    assert imported.name == "Seraphine"
-    fresh: ConversationCore = make_core({})  # as after a restart
+    assert imported.character.name == "Seraphine" and not imported.replaced
+    fresh: ConversationCore = make_core(models)  # as after a restart
     await fresh.load_library()
     stored = fresh.characters.find("seraphine")
     assert stored is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -53,8 +54,10 @@ async def bot(
         office_script: Any = ("Here you go.",), character_script: Any = ("*Mira nods.*",)
     ) -> Harness:
         office, character = ScriptedModel(office_script), ScriptedModel(character_script)
+        # Ann is the bot's owner: she may import characters (admin or not).
+        owned = replace(settings, owner_ids=frozenset({"discord:11"}))
         core = ConversationCore(
-            settings, store, FixedModels({"office": office, "character": character})
+            owned, store, FixedModels({"office": office, "character": character})
         )
         platform = PlatformSettings(
             token="TEST", api_base_url=discord_server.api_url, guild_id=int(GUILD)
@@ -297,14 +300,9 @@ async def test_card_import_swipe_world_book_and_cast(bot: Callable[..., Any]) ->
         CHANNEL_ROLEPLAY, BOB, "character", card_option, resolved={"attachments": {aid: attachment}}
     )
     await server.wait_for(lambda: server.responses(token))
-    assert "Manage Channels" in server.responses(token)[0].content
+    assert "Only the bot's owners" in server.responses(token)[0].content
     token = await server.command(
-        CHANNEL_ROLEPLAY,
-        ANN,
-        "character",
-        card_option,
-        admin=True,
-        resolved={"attachments": {aid: attachment}},
+        CHANNEL_ROLEPLAY, ANN, "character", card_option, resolved={"attachments": {aid: attachment}}
     )
     await server.wait_for(
         lambda: (

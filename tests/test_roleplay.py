@@ -10,7 +10,7 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.scripted import ScriptedModel
 from bot.characters import card_from_fields, character_from_card
 from bot.core import ConversationCore
-from bot.lorebook import Lorebook, activate
+from bot.lorebook import Lorebook, activate, match_entries
 from bot.messages import IncomingMessage, OutgoingReply
 from bot.scene import choose_speakers, clean_reply, stop_strings
 from tests.test_core import text_of
@@ -102,11 +102,12 @@ def test_lorebook_activation_rules_and_budget() -> None:
     )
     count = len
     recent = ["old: the moon rises", "a DRAGON near the castle", "an ember and a sword"]
-    got = activate([lore], recent, count, 10_000)
+    got = activate([lore], match_entries([lore], recent), count, 10_000)
     # Scan depth 2: the moon line is too old; "ember" is not "Ember"; the sword needs "broken".
     assert got.before == ("CONSTANT lore", "CASTLE lore", "DRAGON lore")
     assert got.after == ()
-    got = activate([lore], ["a broken sword", "Ember sees the moon"], count, 10_000)
+    recent = ["a broken sword", "Ember sees the moon"]
+    got = activate([lore], match_entries([lore], recent), count, 10_000)
     assert got.before == ("CONSTANT lore", "EMBER lore", "SWORD lore")
     assert got.after == ("AFTER lore",)
     # Over budget, the lowest priority goes first.
@@ -117,7 +118,7 @@ def test_lorebook_activation_rules_and_budget() -> None:
             token_budget=50,
         )
     )
-    got = activate([ranked], ["a"], count, 10_000)
+    got = activate([ranked], match_entries([ranked], ["a"]), count, 10_000)
     assert got.before == ("y" * 40,) and got.dropped == ("low",)
 
 

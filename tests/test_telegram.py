@@ -48,8 +48,10 @@ async def bot(
     ) -> Harness:
         office = ScriptedModel(office_script)
         character = ScriptedModel(character_script)
+        # Ann is the bot's owner: she may import characters (in any chat).
+        owned = replace(settings, owner_ids=frozenset({f"telegram:{ANN}"}))
         core = ConversationCore(
-            settings, store, FixedModels({"office": office, "character": character})
+            owned, store, FixedModels({"office": office, "character": character})
         )
         platform = PlatformSettings(token="123:TEST", api_base_url=telegram.base_url)
         adapter = TelegramAdapter(
@@ -299,7 +301,9 @@ async def test_character_card_upload_imports_it(bot: Callable[..., Any]) -> None
 
     server, *_ = await bot()
 
-    def upload(chat: int, user: int, name: str, file_id: str, data: bytes) -> None:
+    def upload(
+        chat: int, user: int, name: str, file_id: str, data: bytes, caption: str = ""
+    ) -> None:
         server.files[file_id] = data
         document = {
             "file_id": file_id,
@@ -308,7 +312,8 @@ async def test_character_card_upload_imports_it(bot: Callable[..., Any]) -> None
             "mime_type": "image/png",
             "file_size": len(data),
         }
-        server.push(chat, user, name, "/character import", extra={"document": document})
+        text = f"/character import {caption}".strip()
+        server.push(chat, user, name, text, extra={"document": document})
 
     upload(DM, ANN, "Ann", "val", png_with({"ccv3": V3}))
     await server.wait_for(lambda: server.bot_messages(DM))
@@ -318,7 +323,14 @@ async def test_character_card_upload_imports_it(bot: Callable[..., Any]) -> None
     assert "could not import that card" in last_text(server, DM)
     upload(GROUP, BOB, "Bob", "val2", png_with({"ccv3": V3}))
     await wait_reply_count(server, GROUP, 1)
-    assert "Only chat administrators can import characters" in last_text(server, GROUP)
+    assert "Only the bot's owners can import characters" in last_text(server, GROUP)
     server.push(DM, ANN, "Ann", "/character Captain Valeria Storm")
     await wait_reply_count(server, DM, 3)
     assert "Captain Valeria Storm takes the stage" in server.bot_messages(DM)[2].text
+    # A second import of the same name needs the replace flag, and the answer says so.
+    upload(DM, ANN, "Ann", "val3", png_with({"ccv3": V3}))
+    await wait_reply_count(server, DM, 4)
+    assert "already exists" in last_text(server, DM) and "replace" in last_text(server, DM)
+    upload(DM, ANN, "Ann", "val4", png_with({"ccv3": V3}), caption="replace")
+    await wait_reply_count(server, DM, 5)
+    assert "Replaced the earlier Captain Valeria Storm" in last_text(server, DM)

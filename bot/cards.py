@@ -127,6 +127,8 @@ def _charx_json(data: bytes, filename: str) -> bytes:
             if len(archive.infolist()) > MAX_ZIP_MEMBERS:
                 raise CardError(f"{filename} holds more than {MAX_ZIP_MEMBERS} files")
             return _read_capped(archive, "card.json", filename)
+    except CardError:
+        raise
     except KeyError as exc:
         raise CardError(f"{filename} is a zip without card.json") from exc
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as exc:

@@ -47,12 +47,20 @@ BOT_USER = {
 CHANNEL_ROLEPLAY = "2001"
 CHANNEL_WORK = "2002"
 CHANNEL_NO_HOOKS = "2003"  # the bot may not manage webhooks here
+CHANNEL_LOCKED = "2004"  # the mods role is denied Manage Channels here (an overwrite)
 THREAD = "2101"  # a thread under the roleplay channel
+MAX_CONTENT = 2000
 DM_CHANNEL = "3001"
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
+
+
+# Role overwrites per channel id: the mods may not manage the locked channel.
+OVERWRITES: dict[str, list[dict[str, Any]]] = {
+    CHANNEL_LOCKED: [{"id": MOD_ROLE, "type": 0, "allow": "0", "deny": str(MANAGE_CHANNELS)}],
+}
 
 
 def user(uid: str, name: str) -> dict[str, Any]:
@@ -93,6 +101,7 @@ class FakeDiscord:
         self.webhooks: list[dict[str, Any]] = []
         self.typing: list[str] = []
         self.requests: list[tuple[str, str]] = []
+        self.too_long: list[tuple[str, int]] = []  # (path, length) of refused over-limit texts
         self.fail_next: dict[tuple[str, str], str] = {}  # (method, path prefix) -> kind
         self.identified = asyncio.Event()
         self.attachments: dict[str, bytes] = {}
@@ -152,6 +161,7 @@ class FakeDiscord:
 
         base = VIEW_CHANNEL | SEND_MESSAGES | READ_HISTORY | USE_COMMANDS
         deny_hooks = [{"id": BOT_ROLE, "type": 0, "allow": "0", "deny": str(MANAGE_WEBHOOKS)}]
+        locked = OVERWRITES[CHANNEL_LOCKED]
         return {
             "id": GUILD,
             "name": "Realm",
@@ -194,6 +204,7 @@ class FakeDiscord:
                 text_channel(CHANNEL_ROLEPLAY, "tavern", []),
                 text_channel(CHANNEL_WORK, "office", []),
                 text_channel(CHANNEL_NO_HOOKS, "no-hooks", deny_hooks),
+                text_channel(CHANNEL_LOCKED, "announcements", locked),
             ],
             "threads": [
                 {
@@ -227,7 +238,18 @@ class FakeDiscord:
             ],
         }
 
-    def member(self, author: dict[str, Any], admin: bool) -> dict[str, Any]:
+    def member(
+        self, author: dict[str, Any], admin: bool, channel_id: str | None = None
+    ) -> dict[str, Any]:
+        """A member object; ``permissions`` are resolved in ``channel_id`` as Discord does for
+        interactions: role permissions, then the channel's role overwrites (a thread's come
+        from its parent channel)."""
+        perms = VIEW_CHANNEL | SEND_MESSAGES | READ_HISTORY | (MANAGE_CHANNELS if admin else 0)
+        channel = CHANNEL_ROLEPLAY if channel_id == THREAD else channel_id
+        roles = {EVERYONE_ROLE, *([MOD_ROLE] if admin else [])}
+        for overwrite in OVERWRITES.get(channel or "", []):
+            if overwrite["id"] in roles:
+                perms = (perms & ~int(overwrite["deny"])) | int(overwrite["allow"])
         return {
             "user": author,
             "roles": [MOD_ROLE] if admin else [],
@@ -235,9 +257,7 @@ class FakeDiscord:
             "deaf": False,
             "mute": False,
             "flags": 0,
-            "permissions": str(
-                VIEW_CHANNEL | SEND_MESSAGES | READ_HISTORY | (MANAGE_CHANNELS if admin else 0)
-            ),
+            "permissions": str(perms),
         }
 
     def message_json(
@@ -347,7 +367,7 @@ class FakeDiscord:
                 "nsfw": False,
                 "flags": 0,
             }
-            data["member"] = self.member(author, admin)
+            data["member"] = self.member(author, admin, channel_id)
             data["context"] = 0
         await self.dispatch("INTERACTION_CREATE", data)
         return token
@@ -483,6 +503,8 @@ class FakeDiscord:
         if (fault := self._fault(method, path)) is not None:
             return fault
         body = await self._body(request) if method in ("POST", "PATCH", "PUT") else {}
+        if (too_long := self._check_length(path, body)) is not None:
+            return too_long
         parts = path.strip("/").split("/")
         q = request.query
         if path == "/users/@me":
@@ -536,6 +558,21 @@ class FakeDiscord:
         if parts[0] == "interactions":
             return self._interaction_callback(parts, body)
         return self._json({"message": f"fake: {method} {path} not implemented", "code": 0}, 404)
+
+    def _check_length(self, path: str, body: Any) -> web.Response | None:
+        """Refuse content over Discord's limit the way Discord does, and remember it."""
+        if not isinstance(body, dict):
+            return None
+        data = body.get("data") if isinstance(body.get("data"), dict) else body
+        content = data.get("content") if isinstance(data, dict) else None
+        if isinstance(content, str) and len(content) > MAX_CONTENT:
+            self.too_long.append((path, len(content)))
+            error = {"_errors": [{"code": "BASE_TYPE_MAX_LENGTH", "message": "Must be 2000"}]}
+            return self._json(
+                {"message": "Invalid Form Body", "code": 50035, "errors": {"content": error}},
+                400,
+            )
+        return None
 
     async def _channels(self, method: str, parts: list[str], body: dict[str, Any]) -> web.Response:
         cid = parts[1]

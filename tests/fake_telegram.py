@@ -77,7 +77,8 @@ class FakeTelegram:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.commands: list[dict[str, Any]] = []
         self.admins: set[tuple[int, int]] = set()  # (chat id, user id)
-        self.fail_next: dict[str, str] = {}  # method -> "parse" | "flood"
+        self.fail_next: dict[str, str] = {}  # method -> "parse" | "flood" | "error"
+        self.too_long: list[tuple[str, int]] = []  # (method, length) of refused long texts
         self.files: dict[str, bytes] = {}  # file_id -> content, for getFile and downloads
         self.flood_retry_after = 1
         self._next_update = 1
@@ -216,6 +217,9 @@ class FakeTelegram:
         if method != "getUpdates":
             self.calls.append((method, params))
         fault = self.fail_next.get(method)
+        if fault == "error":
+            del self.fail_next[method]
+            return self._error(400, "Bad Request: forced failure")
         if fault == "flood":
             del self.fail_next[method]
             return self._error(
@@ -300,6 +304,7 @@ class FakeTelegram:
         if not text.strip():
             return self._error(400, "Bad Request: message text is empty")
         if len(text) > 4096:
+            self.too_long.append((method, len(text)))
             return self._error(400, "Bad Request: message is too long")
         if parse_mode:
             if self.fail_next.get(method) == "parse":

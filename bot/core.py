@@ -12,6 +12,7 @@ import logging
 import random
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -157,7 +158,8 @@ class ConversationCore:
         """Give a channel a world book (None detaches it); False if no such book exists."""
         if name is not None and name.lower() not in self.world_books:
             return False
-        await self._update_settings(platform, key, world_book=name)
+        async with self._turn(key):
+            await self._update_settings(platform, key, world_book=name)
         return True
 
     # -- conversation state -----------------------------------------------------------------
@@ -194,14 +196,31 @@ class ConversationCore:
         names = conv.settings.get("cast") or [conv.character]
         return [self.characters.get(name) for name in names]
 
+    # Conversation commands take the conversation's turn like messages do: they act after the
+    # answers queued before them, and messages sent after them are answered under their effect.
+
+    @asynccontextmanager
+    async def _turn(self, key: str) -> AsyncIterator[None]:
+        ticket = self._ticket(key)
+        try:
+            await ticket.wait()
+            yield
+        finally:
+            ticket.release()
+
     async def set_mode(self, platform: str, key: str, mode: Mode) -> Conversation:
-        conv = await self.conversation(platform, key)
-        await self.store.set_mode(conv.id, mode)
-        conv = self._conversations[key] = replace(conv, mode=mode)
+        async with self._turn(key):
+            conv = await self.conversation(platform, key)
+            await self.store.set_mode(conv.id, mode)
+            conv = self._conversations[key] = replace(conv, mode=mode)
         return conv
 
     async def set_character(self, platform: str, key: str, name: str) -> Character | None:
         """Give the conversation the named character; None (and no change) if it is unknown."""
+        async with self._turn(key):
+            return await self._set_character(platform, key, name)
+
+    async def _set_character(self, platform: str, key: str, name: str) -> Character | None:
         char = self.characters.find(name)
         if char is None:
             return None
@@ -218,20 +237,35 @@ class ConversationCore:
         if not found or any(c is None for c in found):
             return None
         cast = [c for c in found if c is not None]
-        await self.set_character(platform, key, cast[0].name)
-        await self._update_settings(platform, key, cast=[c.name for c in cast])
+        async with self._turn(key):
+            await self._set_character(platform, key, cast[0].name)
+            await self._update_settings(platform, key, cast=[c.name for c in cast])
         return cast
 
     async def character_of(self, platform: str, key: str) -> Character:
         return self.cast_of(await self.conversation(platform, key))[0]
 
     async def reset(self, platform: str, key: str) -> None:
-        """Start afresh: earlier messages stay stored but no longer reach the model."""
-        conv = await self.conversation(platform, key)
-        last = await self.store.reset(conv.id)
-        self.history.forget(key)
-        self._conversations[key] = replace(conv, reset_after_id=last, window_start_id=0)
-        await self._update_settings(platform, key, opened=None)
+        """Start afresh: earlier messages stay stored but no longer reach the model.
+
+        The boundary is where the command arrived: a message sent after it belongs to the new
+        conversation even when it is stored while earlier answers are still being written, and
+        those answers (to messages before it) do not.
+        """
+        channel = self._channel(key)
+        async with channel.intake:
+            conv = await self.conversation(platform, key)
+            boundary = await self.store.last_message_id(conv.id)
+            ticket = self._ticket(key)
+        try:
+            await ticket.wait()
+            await self.store.reset(conv.id, boundary)
+            self.history.forget(key)
+            conv = self._conv(key)
+            self._conversations[key] = replace(conv, reset_after_id=boundary, window_start_id=0)
+            await self._update_settings(platform, key, opened=None)
+        finally:
+            ticket.release()
 
     async def help_text(self, platform: str, key: str, is_dm: bool) -> str:
         conv = await self.conversation(platform, key)
@@ -276,7 +310,8 @@ class ConversationCore:
             swipe_of=message.swipe_of,
         )
         stored = replace(message, id=message_id)
-        self.history.added(conv.key, stored)
+        current = self._conversations.get(conv.key) or conv
+        self.history.added(conv.key, stored, after=current.reset_after_id)
         return stored
 
     # -- greetings and swipes -----------------------------------------------------------------
@@ -339,6 +374,10 @@ class ConversationCore:
 
     async def swipe(self, platform: str, key: str, step: int = 1) -> OutgoingReply:
         """Bring back another stored version of the last reply (or greeting)."""
+        async with self._turn(key):
+            return await self._swipe(platform, key, step)
+
+    async def _swipe(self, platform: str, key: str, step: int) -> OutgoingReply:
         conv = await self.conversation(platform, key)
         last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
         if last is None:
@@ -542,7 +581,7 @@ class ConversationCore:
                 )
                 return
             if last.reply_to_id is None:  # a greeting: its versions come from the card
-                yield await self.swipe(platform, key, 1)
+                yield await self._swipe(platform, key, 1)
                 return
             char = self.characters.find(last.author_name) if last.author_name else None
             mode = self.mode_of(conv, is_dm)

@@ -50,9 +50,13 @@ class HistoryCache:
             self._cache.popitem(last=False)
         return found
 
-    def added(self, key: str, message: StoredMessage) -> None:
-        """A message was stored in context; keep the cached order."""
-        if not message.in_context:
+    def added(self, key: str, message: StoredMessage, after: int = 0) -> None:
+        """A message was stored in context; keep the cached order.
+
+        ``after`` is the conversation's reset boundary: a reply to a message from before a
+        reset (finished after it) is stored but is not part of the new history.
+        """
+        if not message.in_context or position(message)[0] <= after:
             return
         if key in self._loading:
             self._loading[key].append(message)

@@ -202,17 +202,33 @@ class Store:
     async def set_window_start(self, conversation_id: int, message_id: int) -> None:
         await self._update_conversation(conversation_id, window_start_id=message_id)
 
-    async def reset(self, conversation_id: int) -> int:
-        """Start a new conversation after the newest stored message; nothing is deleted."""
+    async def last_message_id(self, conversation_id: int) -> int:
+        """The id of the newest stored message of the conversation (0 when there is none)."""
+        async with self.engine.connect() as conn:
+            found = await conn.execute(
+                select(func.coalesce(func.max(messages.c.id), 0)).where(
+                    messages.c.conversation_id == conversation_id
+                )
+            )
+            return int(found.scalar_one())
+
+    async def reset(self, conversation_id: int, boundary: int | None = None) -> int:
+        """Start a new conversation after message ``boundary`` (default: the newest one).
+
+        Nothing is deleted; messages at or before the boundary in conversation order (a reply
+        counts where its question is) no longer belong to the history.
+        """
 
         async def work(conn: AsyncConnection) -> int:
-            last = (
-                await conn.execute(
-                    select(func.coalesce(func.max(messages.c.id), 0)).where(
-                        messages.c.conversation_id == conversation_id
+            last = boundary
+            if last is None:
+                last = (
+                    await conn.execute(
+                        select(func.coalesce(func.max(messages.c.id), 0)).where(
+                            messages.c.conversation_id == conversation_id
+                        )
                     )
-                )
-            ).scalar_one()
+                ).scalar_one()
             await conn.execute(
                 update(conversations)
                 .where(conversations.c.id == conversation_id)
@@ -350,7 +366,7 @@ class Store:
         query = select(messages).where(
             messages.c.conversation_id == conversation_id,
             messages.c.in_context.is_(True),
-            messages.c.id > after_id,
+            position > after_id,
         )
         if upto_id is not None:
             query = query.where(position <= upto_id)
@@ -367,7 +383,7 @@ class Store:
                 messages.c.conversation_id == conversation_id,
                 messages.c.role == ASSISTANT,
                 messages.c.in_context.is_(True),
-                messages.c.id > after_id,
+                func.coalesce(messages.c.reply_to_id, messages.c.id) > after_id,
             )
             .order_by(messages.c.id.desc())
             .limit(1)

@@ -50,7 +50,11 @@ CHANNEL_NO_HOOKS = "2003"  # the bot may not manage webhooks here
 CHANNEL_LOCKED = "2004"  # the mods role is denied Manage Channels here (an overwrite)
 THREAD = "2101"  # a thread under the roleplay channel
 MAX_CONTENT = 2000
-DM_CHANNEL = "3001"
+DM_CHANNEL = "3001"  # any channel id starting with 3 is a DM (one per user, as on Discord)
+
+
+def is_dm(channel_id: str) -> bool:
+    return channel_id.startswith("3")
 
 
 def now_iso() -> str:
@@ -281,7 +285,7 @@ class FakeDiscord:
             "flags": 0,
             "components": [],
         }
-        if channel_id != DM_CHANNEL:
+        if not is_dm(channel_id):
             data["guild_id"] = GUILD
         data.update(extra)
         return data
@@ -304,7 +308,7 @@ class FakeDiscord:
         data = self.message_json(mid, channel_id, author, content, **extra)
         if mention_bot:
             data["mentions"] = [BOT_USER]
-        if channel_id != DM_CHANNEL and "webhook_id" not in extra:
+        if not is_dm(channel_id) and "webhook_id" not in extra:
             member = self.member(author, admin)
             member.pop("user")
             data["member"] = member
@@ -349,8 +353,8 @@ class FakeDiscord:
         }
         if resolved:
             data["data"]["resolved"] = resolved
-        if channel_id == DM_CHANNEL:
-            data["channel"] = {"id": DM_CHANNEL, "type": 1, "recipients": [author]}
+        if is_dm(channel_id):
+            data["channel"] = {"id": channel_id, "type": 1, "recipients": [author]}
             data["user"] = author
             data["context"] = 1
         else:

@@ -82,6 +82,7 @@ class FakeTelegram:
         self.files: dict[str, bytes] = {}  # file_id -> content, for getFile and downloads
         self.flood_retry_after = 1
         self._next_update = 1
+        self.confirmed = 0
         self._next_message = 1000
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -152,6 +153,10 @@ class FakeTelegram:
 
     def bot_messages(self, chat_id: int) -> list[SentMessage]:
         return [m for m in self.sent if m.chat_id == chat_id]
+
+    @property
+    def last_update_id(self) -> int:
+        return self._next_update - 1
 
     def methods(self) -> list[str]:
         return [name for name, _ in self.calls]
@@ -290,6 +295,7 @@ class FakeTelegram:
 
     async def _m_getUpdates(self, p: dict[str, Any]) -> web.Response:
         offset = int(p.get("offset") or 0)
+        self.confirmed = max(self.confirmed, offset - 1)  # updates the bot has acknowledged
         timeout = float(p.get("timeout") or 0)
         deadline = time.monotonic() + timeout
         while True:

@@ -192,6 +192,29 @@ async def test_reset_starts_a_fresh_prompt_but_keeps_the_rows(make_core) -> None
     assert await core.store.count_messages(conv.id) == 4
 
 
+async def test_commands_take_the_conversations_turn(make_core) -> None:  # type: ignore[no-untyped-def]
+    model = ScriptedModel(echo_last_user, delay=0.02)
+    core: ConversationCore = make_core({"character": model, "office": model})
+    first = asyncio.create_task(collect(core, dm("old topic")))
+    await asyncio.sleep(0.01)  # the answer to "old topic" is being written
+    reset = asyncio.create_task(core.reset("console", "console:me"))
+    await asyncio.sleep(0)
+    after = asyncio.create_task(collect(core, dm("new topic")))
+    await asyncio.gather(first, reset, after)
+    assert (await first)[-1].text == "re: old topic"  # finished before the reset acted
+    fresh = text_of(model.prompts[-1])
+    assert "new topic" in fresh and "old topic" not in fresh
+    # The answer to the earlier message, stored after the command arrived, stays out too.
+    conv = await core.conversation("console", "console:me")
+    history = await core.store.history(conv.id, after_id=conv.reset_after_id)
+    assert [m.text for m in history] == ["new topic", "re: new topic"]
+    # A mode change waits for the answer in flight, then applies to what follows.
+    pending = asyncio.create_task(collect(core, dm("still work?")))
+    await asyncio.sleep(0.01)
+    await core.set_mode("console", "console:me", "roleplay")
+    assert pending.done() and (await pending)[-1].text == "re: still work?"
+
+
 async def test_real_model_serves_one_generation_at_a_time_in_arrival_order(smollm) -> None:  # type: ignore[no-untyped-def]
     from ai_model.templates import encode
 

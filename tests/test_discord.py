@@ -17,6 +17,7 @@ from bot.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
 from tests.fake_discord import (
+    CHANNEL_LOCKED,
     CHANNEL_NO_HOOKS,
     CHANNEL_ROLEPLAY,
     CHANNEL_WORK,
@@ -407,3 +408,39 @@ async def test_chat_command_continues_in_follow_ups(bot: Callable[..., Any]) -> 
     parts = [p.content for p in server.responses(token)]
     assert all(len(p) <= 2000 for p in parts)
     assert all(f"Step {i}:" in "\n".join(parts) for i in range(120))
+
+
+async def test_admin_rights_follow_the_channel_overwrites_and_threads_use_the_parent(
+    bot: Callable[..., Any],
+) -> None:
+    server, _, _, core = await bot()
+    # A moderator whose role is denied Manage Channels in this one channel.
+    token = await server.command(CHANNEL_LOCKED, BOB, "reset", admin=True)
+    await server.wait_for(lambda: server.responses(token))
+    assert "Manage Channels" in server.responses(token)[0].content
+    token = await server.command(THREAD, BOB, "mode", [opt("mode", "roleplay")], admin=True)
+    await server.wait_for(lambda: server.responses(token))
+    assert "roleplay mode" in server.responses(token)[0].content
+    conv = await core.conversation("discord", f"discord:{THREAD}")
+    assert conv.mode == "roleplay"
+
+
+async def test_typed_commands_get_a_pointer_and_non_owners_cannot_import_by_dm(
+    bot: Callable[..., Any],
+) -> None:
+    from tests.test_cards import V3, png_with
+
+    server, office, _, core = await bot()
+    await server.say(CHANNEL_WORK, BOB, "/reset everything", mention_bot=True)
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    assert "slash commands" in last(server, CHANNEL_WORK) and office.prompts == []
+    aid, attachment = server.attachment("val.png", png_with({"ccv3": V3}))
+    option = [
+        {"type": 1, "name": "import", "options": [{"type": 11, "name": "card", "value": aid}]}
+    ]
+    token = await server.command(
+        DM_CHANNEL, BOB, "character", option, resolved={"attachments": {aid: attachment}}
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "Only the bot's owners" in server.responses(token)[0].content
+    assert core.characters.find("Captain Valeria Storm") is None

@@ -325,3 +325,27 @@ def test_example_settings_document_the_safety_settings() -> None:
     raw = tomllib.loads((ROOT / "config" / "example.toml").read_text())
     for key in ("owner_ids", "rate_limit", "max_queued", "max_pending_per_user"):
         assert key in raw["bot"]
+
+
+async def test_a_message_longer_than_the_window_is_tokenized_whole_once(
+    make_core: Any, store: Store
+) -> None:
+    class Counting(ByteTokenizer):
+        def __init__(self) -> None:
+            super().__init__(CHATML.stop)
+            self.long_calls = 0
+
+        def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+            self.long_calls += len(text) >= 100_000
+            return super().tokenize(text, add_bos, special)
+
+    tokenizer = Counting()
+    model = ScriptedModel(["Sure."], tokenizer=tokenizer)
+    core: ConversationCore = make_core({"office": model})
+    replies = await finals(core, tg("1", "z" * 100_000, "telegram:-3"))
+    assert "too long" in replies[-1].text and replies[-1].kind is ReplyKind.NOTICE
+    for text in ("And now a short one.", "Another."):
+        assert (await finals(core, tg("1", text, "telegram:-3")))[-1].text == "Sure."
+    assert tokenizer.long_calls == 1
+    conv = await store.conversation("telegram", "telegram:-3")
+    assert await store.count_messages(conv.id) == 3 + 1 + 2  # all stored, and the notice

@@ -334,3 +334,47 @@ async def test_character_card_upload_imports_it(bot: Callable[..., Any]) -> None
     upload(DM, ANN, "Ann", "val4", png_with({"ccv3": V3}), caption="replace")
     await wait_reply_count(server, DM, 5)
     assert "Replaced the earlier Captain Valeria Storm" in last_text(server, DM)
+
+
+ANONYMOUS_ADMIN = {"id": 1087968824, "is_bot": True, "first_name": "Group"}
+
+
+async def test_anonymous_admins_may_and_a_failing_member_check_is_refused_politely(
+    bot: Callable[..., Any],
+) -> None:
+    server, _, _, core = await bot()
+    # Sent as the group itself: only an administrator can do that.
+    as_group = {"from": ANONYMOUS_ADMIN, "sender_chat": {"id": GROUP, "type": "supergroup"}}
+    server.push(GROUP, 0, "Group", "/mode roleplay", extra=as_group)
+    await wait_reply_count(server, GROUP, 1)
+    assert "Mode set to roleplay" in server.bot_messages(GROUP)[0].text
+    server.fail_next["getChatMember"] = "error"
+    server.push(GROUP, BOB, "Bob", "/mode work")
+    await server.wait_for(
+        lambda: any("could not check" in m.text for m in server.bot_messages(GROUP))
+    )
+    conv = await core.conversation("telegram", f"telegram:{GROUP}")
+    assert conv.mode == "roleplay"  # unchanged
+
+
+async def test_unknown_commands_get_a_pointer_and_non_owners_cannot_import_by_dm(
+    bot: Callable[..., Any],
+) -> None:
+    from tests.test_cards import V3, png_with
+
+    server, _, _, core = await bot()
+    server.push(DM, BOB, "Bob", "/frobnicate now")
+    await wait_reply_count(server, BOB, 1)
+    assert last_text(server, BOB) == "/frobnicate is not one of my commands; send /help."
+    server.push(GROUP, BOB, "Bob", "/weather@other_bot")  # another bot's command: not ours
+    server.push(GROUP, BOB, "Bob", "/" * 100)
+    await wait_reply_count(server, GROUP, 1)
+    assert "send /help" in last_text(server, GROUP)
+    server.files["card"] = png_with({"ccv3": V3})
+    document = {"file_id": "card", "file_unique_id": "ucard", "file_name": "v.png", "file_size": 9}
+    server.push(BOB, BOB, "Bob", "/character import", extra={"document": document})
+    await wait_reply_count(server, BOB, 2)
+    assert "Only the bot's owners can import characters" in last_text(server, BOB)
+    assert core.characters.find("Captain Valeria Storm") is None
+    await asyncio.sleep(0.3)
+    assert len(server.bot_messages(GROUP)) == 1  # nothing for /weather@other_bot

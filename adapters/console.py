@@ -73,6 +73,9 @@ class ConsoleAdapter:
     async def stop(self) -> None:
         self._stopped.set()
 
+    async def stop_intake(self) -> None:
+        self._stopped.set()
+
     async def send(self, reply: OutgoingReply) -> SentMessage:
         if not reply.text and not reply.final:  # accepted, nothing to show yet
             return SentMessage(self.key, PENDING, "")

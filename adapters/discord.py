@@ -186,6 +186,9 @@ class DiscordAdapter:
     async def stop(self) -> None:
         await self.client.close()
 
+    async def stop_intake(self) -> None:
+        """Nothing to pause on the gateway: the core answers new messages with a notice."""
+
     async def _sync_commands(self) -> None:
         if self.options.guild_id:
             guild = discord.Object(id=self.options.guild_id)

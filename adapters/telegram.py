@@ -203,6 +203,11 @@ class TelegramAdapter:
     async def stop(self) -> None:
         self._stopped.set()
 
+    async def stop_intake(self) -> None:
+        """Stop polling: updates not fetched yet stay on Telegram's side for the next start."""
+        if self.app.updater is not None and self.app.updater.running:
+            await self.app.updater.stop()
+
     # -- sending ------------------------------------------------------------------------------
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:

@@ -16,6 +16,7 @@ from bot.cards import export_card, parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.settings import Settings
+from bot.shutdown import Shutdown
 from storage import Store, open_database
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,35 @@ async def run_platforms(settings: Settings) -> None:
             adapters.append(DiscordAdapter(app.core, settings.platform("discord")))
         if not adapters:
             return
-        try:
-            async with asyncio.TaskGroup() as group:
-                for adapter in adapters:
-                    group.create_task(adapter.start())
-        finally:
+        await _serve(app, adapters)
+
+
+async def _serve(app: App, adapters: list[Adapter]) -> None:
+    """Run the adapters until they end or a stop signal asks for a graceful stop."""
+    shutdown = Shutdown()
+    shutdown.install()
+    running = [asyncio.create_task(adapter.start()) for adapter in adapters]
+    stop = asyncio.create_task(shutdown.requested.wait())
+    try:
+        await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+        if stop.done():
             for adapter in adapters:
-                await adapter.stop()
+                await adapter.stop_intake()
+            grace = app.settings.shutdown_grace_s
+            left = await app.core.drain(grace)
+            if left:
+                log.warning("%d conversation(s) still answering after %ss: stopping", left, grace)
+            else:
+                log.info("answers in flight finished")
+    finally:
+        stop.cancel()
+        for adapter in adapters:
+            await adapter.stop()
+        results = await asyncio.gather(*running, return_exceptions=True)
+        shutdown.uninstall()
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
 
 
 async def library_command(

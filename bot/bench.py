@@ -102,10 +102,15 @@ class Bench:
             cache_slots=sizes.channels + 1,
             sampling=SamplingSettings(max_tokens=32, seed=7),
         )
+        # One synthetic user sends everything: the fair-share limits, which would ration
+        # them, are off, so that the figures measure the pipeline itself.
         self.settings = replace(
             Settings(),
             database_url=f"sqlite+aiosqlite:///{folder / 'bench.db'}",
             models={"character": model, "office": model},
+            rate_limit=0,
+            max_queued=1_000_000,
+            max_pending_per_user=1_000_000,
         )
 
     async def open(self) -> tuple[ModelRegistry, Store, ConversationCore]:

@@ -58,6 +58,9 @@ QUEUE_FULL = (
     "I am still answering earlier messages here. I have saved yours as part of the "
     "conversation, but I will not answer it separately."
 )
+RESTARTING = (
+    "I am restarting right now and could not take your message. Please send it again in a minute."
+)
 USER_BUSY = (
     "I am still working on your earlier message. I have saved this one as part of the "
     "conversation; please wait for my answer before sending more."
@@ -133,6 +136,20 @@ class ConversationCore:
         self._pending: dict[str, int] = {}  # user -> answers queued or running for them
         self.rate_limiter = RateLimiter(settings.rate_limit)
         self.history = HistoryCache(store)
+        self.closing = False  # set by a graceful stop: no new work is taken
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking messages; wait up to ``grace_s`` seconds for the answers in flight.
+
+        Returns how many conversations were still answering when the time ran out.
+        """
+        self.closing = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while True:
+            busy = sum(1 for key in list(self._channels) if self._channel(key).busy())
+            if not busy or asyncio.get_running_loop().time() >= deadline:
+                return busy
+            await asyncio.sleep(0.05)
 
     # -- characters and world books (shared by every conversation: owners only) ---------------
 
@@ -473,6 +490,9 @@ class ConversationCore:
         failure (nothing stored, the user is asked to send it again).
         """
         key = msg.conversation_key
+        if self.closing:
+            yield self._notice(key, RESTARTING, msg.platform_message_id)
+            return
         allowed, notice = self.admit(msg.platform, msg.author_id)
         if not allowed:
             if notice:

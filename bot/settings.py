@@ -107,6 +107,8 @@ class Settings:
     max_queued: int = 4
     # Messages one user may have waiting for the model at once, across all conversations.
     max_pending_per_user: int = 2
+    # On SIGTERM/SIGINT, how long answers in flight may take to finish before the bot stops.
+    shutdown_grace_s: int = 20
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -181,12 +183,13 @@ def parse_settings(
         "rate_limit",
         "max_queued",
         "max_pending_per_user",
+        "shutdown_grace_s",
     }
     if unknown := sorted(set(bot) - known_bot):
         raise SettingsError(f"unknown setting(s) in [bot]: {', '.join(unknown)}")
     limits = {
         key: _count(bot, key)
-        for key in ("rate_limit", "max_queued", "max_pending_per_user")
+        for key in ("rate_limit", "max_queued", "max_pending_per_user", "shutdown_grace_s")
         if key in bot
     }
     for key in ("max_queued", "max_pending_per_user"):

@@ -63,6 +63,17 @@ def make_core(settings: Settings, store: Store):  # type: ignore[no-untyped-def]
     return make
 
 
+@pytest.fixture
+async def telegram() -> AsyncIterator[Any]:
+    """A local Bot API server (``tests.fake_telegram``) for the real python-telegram-bot."""
+    from tests.fake_telegram import FakeTelegram
+
+    server = FakeTelegram()
+    await server.start()
+    yield server
+    await server.stop()
+
+
 @pytest.fixture(scope="session")
 def smollm_llama() -> Iterator[Any]:
     """One real llama.cpp instance of the embedded model for the whole session."""

@@ -107,14 +107,21 @@ def bombs() -> dict[str, bytes]:
     }
 
 
-def hostile_settings(settings: Settings, platform: str) -> Settings:
+async def hostile_core(
+    settings: Settings, store: Store, smollm: LocalModel, platform: str
+) -> tuple[Recorder, ConversationCore]:
+    """The core with default fair-share limits, one owner, and short replies."""
     quick = ModelSettings(n_ctx=2048, sampling=SamplingSettings(max_tokens=12, seed=7))
-    return replace(
+    settings = replace(
         settings,
         owner_ids=frozenset({f"{platform}:{OWNER}"}),
         rate_limit=20,
         models={"character": quick, "office": quick},
     )
+    model = Recorder(smollm)
+    core = ConversationCore(settings, store, FixedModels({"office": model, "character": model}))
+    await core.load_library()
+    return model, core
 
 
 async def settle(core: ConversationCore, activity: Callable[[], int], fetched: Callable[[], bool]):  # type: ignore[no-untyped-def]
@@ -149,6 +156,21 @@ def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+async def check_the_rest(
+    store: Store,
+    sent_normal: int,
+    caplog: pytest.LogCaptureFixture,
+    model: Recorder,
+    core: ConversationCore,
+) -> None:
+    """What holds whatever the platform: others' messages, the log, prompts, the library."""
+    assert await count_normal(store) == (sent_normal, sent_normal)
+    assert tracebacks(caplog) == []
+    assert model.prompts and frame_violations(model) == []
+    shipped = next(c for c in shipped_characters() if c.name == "Mira")
+    assert core.characters.get("Mira").description == shipped.description
+
+
 def report(platform: str, cases: list[Case], seconds: float) -> None:
     sizes = hostile_corpus.sizes(cases)
     print(f"\n{platform}: {len(cases)} hostile inputs in {seconds:.0f}s")
@@ -168,13 +190,7 @@ async def test_hostile_corpus_over_telegram(
     assert len(cases) >= 200
     server = FakeTelegram()
     await server.start()
-    model = Recorder(smollm)
-    core = ConversationCore(
-        hostile_settings(settings, "telegram"),
-        store,
-        FixedModels({"office": model, "character": model}),
-    )
-    await core.load_library()
+    model, core = await hostile_core(settings, store, smollm, "telegram")
     platform = PlatformSettings(token="123:TEST", api_base_url=server.base_url)
     adapter = TelegramAdapter(core, platform, poll_timeout=1, limits=StreamLimits(4096, 0.05, 10))
     task = asyncio.create_task(adapter.start())
@@ -206,14 +222,7 @@ async def test_hostile_corpus_over_telegram(
             assert all(m.text != "…" and HANDLER_FAILED not in m.text for m in got), case.category
         assert server.too_long == []
         assert all(len(m.text) <= 4096 for m in server.sent)
-        assert await count_normal(store) == (sent_normal, sent_normal)
-        assert tracebacks(caplog) == []
-        assert model.prompts and frame_violations(model) == []
-        mira = core.characters.get("Mira")
-        assert (
-            mira.description
-            == next(c for c in shipped_characters() if c.name == "Mira").description
-        )
+        await check_the_rest(store, sent_normal, caplog, model, core)
         report("telegram", cases, time.monotonic() - started)
     finally:
         await adapter.stop()
@@ -254,13 +263,7 @@ async def test_hostile_corpus_over_discord(
     cases = hostile_corpus.build(bombs)
     server = FakeDiscord()
     await server.start()
-    model = Recorder(smollm)
-    core = ConversationCore(
-        hostile_settings(settings, "discord"),
-        store,
-        FixedModels({"office": model, "character": model}),
-    )
-    await core.load_library()
+    model, core = await hostile_core(settings, store, smollm, "discord")
     platform = PlatformSettings(token="TEST", api_base_url=server.api_url, guild_id=int(GUILD))
     adapter = DiscordAdapter(core, platform, limits=StreamLimits(2000, 0.05, 10))
     task = asyncio.create_task(adapter.start())
@@ -289,14 +292,7 @@ async def test_hostile_corpus_over_discord(
         assert server.too_long == []
         assert all(len(p.content) <= 2000 for p in server.posted)
         assert all("went wrong on my side" not in p.content for p in server.posted)
-        assert await count_normal(store) == (sent_normal, sent_normal)
-        assert tracebacks(caplog) == []
-        assert model.prompts and frame_violations(model) == []
-        mira = core.characters.get("Mira")
-        assert (
-            mira.description
-            == next(c for c in shipped_characters() if c.name == "Mira").description
-        )
+        await check_the_rest(store, sent_normal, caplog, model, core)
         report("discord", cases, time.monotonic() - started)
     finally:
         await adapter.stop()

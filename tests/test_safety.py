@@ -24,6 +24,7 @@ from bot.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
 from bot.lorebook import Lorebook, LoreError, check_book
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from storage import Store
+from tests.hostile_corpus import zip_bomb
 from tests.test_core import text_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,21 +146,11 @@ async def test_per_conversation_maps_stay_bounded_under_a_flood(make_core: Any) 
 # -- cards and lorebooks -----------------------------------------------------------------------
 
 
-def _zip_bomb(path: Path, size: int, method: int) -> None:
-    with (
-        zipfile.ZipFile(path, "w", compression=method, compresslevel=9) as archive,
-        archive.open("card.json", "w", force_zip64=True) as member,
-    ):
-        block = b"\x20" * (1 << 20)
-        for _ in range(size >> 20):
-            member.write(block)
-
-
 @pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_DEFLATED])
 def test_a_charx_bomb_is_refused_with_little_memory(tmp_path: Path, method: int) -> None:
     bomb = tmp_path / "bomb.charx"
     inflated = (1 << 30) if method == zipfile.ZIP_BZIP2 else (256 << 20)
-    _zip_bomb(bomb, inflated, method)
+    bomb.write_bytes(zip_bomb(inflated, method))
     if method == zipfile.ZIP_BZIP2:
         assert bomb.stat().st_size < 2048  # a 1 KB zip that inflates to 1 GB
     out = _peak_growth(bomb, "parse_card_bytes(data, 'bomb.charx')")

@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,14 +25,6 @@ max_tokens = 160
 seed = 3
 temperature = 0.8
 """
-
-
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def start_bot(tmp_path: Path, server: FakeTelegram) -> asyncio.subprocess.Process:

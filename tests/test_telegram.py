@@ -26,14 +26,6 @@ GROUP = -100200
 ANN, BOB = 501, 502
 
 
-@pytest.fixture
-async def telegram() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram()
-    await server.start()
-    yield server
-    await server.stop()
-
-
 Harness = tuple[FakeTelegram, ScriptedModel, ScriptedModel, ConversationCore]
 
 

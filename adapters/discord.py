@@ -270,9 +270,6 @@ class DiscordAdapter:
         typing = asyncio.create_task(self._typing(channel))
         try:
             return await stream_reply(chain(first, replies), sink, self.limits)
-        except discord.HTTPException:
-            log.exception("discord: could not deliver a reply in %s", getattr(channel, "id", "?"))
-            return []
         finally:
             typing.cancel()
 

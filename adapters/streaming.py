@@ -6,13 +6,20 @@ and when to edit, so the throttling and splitting rules live in one place.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from adapters.text import split_message
 from bot.messages import OutgoingReply
+
+log = logging.getLogger(__name__)
+
+# Pauses between attempts to deliver a finished reply: about 30 s of outage is waited out.
+DELIVERY_RETRY_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 class MessageSink(Protocol):
@@ -46,6 +53,7 @@ class StreamLimits:
     max_chars: int
     edit_interval: float = 1.0
     min_new_chars: int = 20
+    retry_delays: tuple[float, ...] = DELIVERY_RETRY_S
 
 
 async def stream_reply(
@@ -59,39 +67,87 @@ async def stream_reply(
     Intermediate snapshots are written at most once per ``edit_interval`` and only after
     ``min_new_chars`` new characters; the final snapshot is always written, each chunk once more
     with ``final=True`` so the sink can apply formatting.
+
+    Delivery never decides the reply: when a send or an edit fails, the snapshots are still read
+    to the end (so the reply is written and stored), and each final text is then delivered with
+    retries (``limits.retry_delays``), editing what was shown before the failure.
     """
     all_ids: list[str] = []
     sent: list[tuple[str, str]] = []  # (message id, text it shows) of the current reply
+    undelivered: list[tuple[OutgoingReply, list[tuple[str, str]]]] = []
     last_write = float("-inf")
     written = 0
+    broken = False
 
-    async def write(reply: OutgoingReply, final: bool) -> None:
+    async def write(reply: OutgoingReply, final: bool, shown: list[tuple[str, str]]) -> None:
         chunks = split_message(reply.text, limits.max_chars) or ["…"]
         for i, chunk in enumerate(chunks):
-            if i < len(sent):
-                message_id, shown = sent[i]
-                if shown != chunk or final:
+            if i < len(shown):
+                message_id, text = shown[i]
+                if text != chunk or final:
                     await sink.edit_chunk(message_id, chunk, reply, final)
-                    sent[i] = (message_id, chunk)
+                    shown[i] = (message_id, chunk)
             else:
                 message_id = await sink.send_chunk(chunk, reply, final)
-                sent.append((message_id, chunk))
+                shown.append((message_id, chunk))
                 all_ids.append(message_id)
 
     async for reply in replies:
-        if reply.final:
-            await write(reply, True)
-            # Several replies may follow one message (a greeting, then several characters):
-            # the next snapshot starts new messages.
-            sent, last_write, written = [], float("-inf"), 0
+        if broken:
+            if reply.final:
+                undelivered.append((reply, sent))
+                sent = []
             continue
-        now = clock()
-        if now - last_write < limits.edit_interval:
-            continue
-        if len(reply.text) - written < limits.min_new_chars and written:
-            continue
-        if not reply.text.strip():
-            continue
-        await write(reply, False)
-        last_write, written = clock(), len(reply.text)
+        try:
+            if reply.final:
+                await write(reply, True, sent)
+                # Several replies may follow one message (a greeting, then several
+                # characters): the next snapshot starts new messages.
+                sent, last_write, written = [], float("-inf"), 0
+                continue
+            now = clock()
+            if now - last_write < limits.edit_interval:
+                continue
+            if len(reply.text) - written < limits.min_new_chars and written:
+                continue
+            if not reply.text.strip():
+                continue
+            await write(reply, False, sent)
+            last_write, written = clock(), len(reply.text)
+        except Exception as exc:  # the platform's failure, of whatever kind
+            log.warning(
+                "delivery in %s failed (%r): the reply is finished first, then delivered",
+                reply.conversation_key,
+                exc,
+            )
+            broken = True
+            if reply.final:
+                undelivered.append((reply, sent))
+                sent = []
+    for reply, shown in undelivered:
+        await _with_retries(write, reply, shown, limits)
     return all_ids
+
+
+async def _with_retries(
+    write: Callable[[OutgoingReply, bool, list[tuple[str, str]]], Awaitable[None]],
+    reply: OutgoingReply,
+    shown: list[tuple[str, str]],
+    limits: StreamLimits,
+) -> bool:
+    for delay in (*limits.retry_delays, None):
+        try:
+            await write(reply, True, shown)
+            return True
+        except Exception as exc:
+            if delay is None:
+                # Stored all the same: /regenerate and /swipe still reach it.
+                log.error(
+                    "could not deliver the reply %s in %s: %r",
+                    reply.stored_id,
+                    reply.conversation_key,
+                    exc,
+                )
+                return False
+            await asyncio.sleep(delay)
+    return False

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +108,7 @@ class FakeDiscord:
         self.requests: list[tuple[str, str]] = []
         self.too_long: list[tuple[str, int]] = []  # (path, length) of refused over-limit texts
         self.fail_next: dict[tuple[str, str], str] = {}  # (method, path prefix) -> kind
+        self.forbidden_until = 0.0  # posting messages is refused (403) until this monotonic time
         self.identified = asyncio.Event()
         self.attachments: dict[str, bytes] = {}
         self._interaction_channel: dict[str, str] = {}  # token -> channel id
@@ -461,6 +463,9 @@ class FakeDiscord:
         )
 
     def _fault(self, method: str, path: str) -> web.Response | None:
+        if path.endswith("/messages") and time.monotonic() < self.forbidden_until:
+            # discord.py retries 5xx itself; a 403 reaches the adapter at once.
+            return self._json({"message": "Missing Permissions", "code": 50013}, 403)
         for (m, prefix), kind in list(self.fail_next.items()):
             if m == method and path.startswith(prefix):
                 del self.fail_next[(m, prefix)]

@@ -79,6 +79,9 @@ class FakeTelegram:
         self.admins: set[tuple[int, int]] = set()  # (chat id, user id)
         self.fail_next: dict[str, str] = {}  # method -> "parse" | "flood" | "error"
         self.too_long: list[tuple[str, int]] = []  # (method, length) of refused long texts
+        # An outage: these methods answer 500 until down_until (time.monotonic()).
+        self.down_methods = {"sendMessage", "editMessageText"}
+        self.down_until = 0.0
         self.files: dict[str, bytes] = {}  # file_id -> content, for getFile and downloads
         self.flood_retry_after = 1
         self._next_update = 1
@@ -221,6 +224,8 @@ class FakeTelegram:
         params = await self._params(request)
         if method != "getUpdates":
             self.calls.append((method, params))
+        if method in self.down_methods and time.monotonic() < self.down_until:
+            return self._error(500, "Internal Server Error: forced outage")
         fault = self.fail_next.get(method)
         if fault == "error":
             del self.fail_next[method]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -28,6 +29,7 @@ from tests.fake_discord import (
     user,
 )
 from tests.test_core import text_of
+from tests.waiting import stored_replies
 
 ANN = user("11", "Ann")
 BOB = user("12", "Bob")
@@ -444,3 +446,16 @@ async def test_typed_commands_get_a_pointer_and_non_owners_cannot_import_by_dm(
     await server.wait_for(lambda: server.responses(token))
     assert "Only the bot's owners" in server.responses(token)[0].content
     assert core.characters.find("Captain Valeria Storm") is None
+
+
+async def test_a_refused_send_does_not_cost_the_reply_it_is_stored_then_delivered(
+    bot: Callable[..., Any], store: Store
+) -> None:
+    server, _, _, core = await bot(office_script=["Stored first, shown later."])
+    server.forbidden_until = time.monotonic() + 2.0
+    await server.say(CHANNEL_WORK, ANN, "Hello?", mention_bot=True)
+    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+    assert await stored_replies(store, conv.id) == ["Stored first, shown later."]
+    assert time.monotonic() < server.forbidden_until  # stored while sends were refused
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK), 30)
+    assert [p.content for p in server.in_channel(CHANNEL_WORK)] == ["Stored first, shown later."]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
@@ -20,6 +21,7 @@ from storage import Store
 from tests.conftest import FixedModels
 from tests.fake_telegram import BOT, FakeTelegram
 from tests.test_core import text_of
+from tests.waiting import stored_replies
 
 DM = 501  # a private chat's id is the user's id
 GROUP = -100200
@@ -355,7 +357,7 @@ async def test_unknown_commands_get_a_pointer_and_non_owners_cannot_import_by_dm
     from tests.test_cards import V3, png_with
 
     server, _, _, core = await bot()
-    server.push(DM, BOB, "Bob", "/frobnicate now")
+    server.push(BOB, BOB, "Bob", "/frobnicate now")  # in his own private chat
     await wait_reply_count(server, BOB, 1)
     assert last_text(server, BOB) == "/frobnicate is not one of my commands; send /help."
     server.push(GROUP, BOB, "Bob", "/weather@other_bot")  # another bot's command: not ours
@@ -370,3 +372,17 @@ async def test_unknown_commands_get_a_pointer_and_non_owners_cannot_import_by_dm
     assert core.characters.find("Captain Valeria Storm") is None
     await asyncio.sleep(0.3)
     assert len(server.bot_messages(GROUP)) == 1  # nothing for /weather@other_bot
+
+
+async def test_an_outage_does_not_cost_the_reply_it_is_stored_then_delivered_once(
+    bot: Callable[..., Any], store: Store
+) -> None:
+    server, office, _, core = await bot(office_script=["Here is the whole answer, at last."])
+    office.delay = 0.01
+    server.down_until = time.monotonic() + 3.0  # sends and edits answer 500 meanwhile
+    server.push(DM, ANN, "Ann", "Are you there?")
+    conv = await core.conversation("telegram", f"telegram:{DM}")
+    assert await stored_replies(store, conv.id) == ["Here is the whole answer, at last."]
+    assert time.monotonic() < server.down_until  # stored while the platform was down
+    await server.wait_for(lambda: server.bot_messages(DM), 30)
+    assert [m.text for m in server.bot_messages(DM)] == ["Here is the whole answer, at last."]

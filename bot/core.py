@@ -58,6 +58,11 @@ QUEUE_FULL = (
     "I am still answering earlier messages here. I have saved yours as part of the "
     "conversation, but I will not answer it separately."
 )
+SLOW_STORAGE = (
+    "Saving messages is slow on my side right now. Yours is not lost: I will answer as soon "
+    "as I can."
+)
+SLOW_STORAGE_S = 2.0  # storing a message for longer than this gets the sender a notice
 RESTARTING = (
     "I am restarting right now and could not take your message. Please send it again in a minute."
 )
@@ -513,17 +518,23 @@ class ConversationCore:
                     if roleplay and not conv.settings.get("opened"):
                         opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
                         conv = await self.conversation(msg.platform, key)
-                    user = await self._store(
-                        conv,
-                        StoredMessage(
-                            0,
-                            USER,
-                            msg.text,
-                            author_id=msg.author_id,
-                            author_name=msg.author_name,
-                            platform_message_id=msg.platform_message_id,
-                        ),
+                    storing = asyncio.ensure_future(
+                        self._store(
+                            conv,
+                            StoredMessage(
+                                0,
+                                USER,
+                                msg.text,
+                                author_id=msg.author_id,
+                                author_name=msg.author_name,
+                                platform_message_id=msg.platform_message_id,
+                            ),
+                        )
                     )
+                    # A busy or locked database is waited out; say so rather than go quiet.
+                    if not (await asyncio.wait({storing}, timeout=SLOW_STORAGE_S))[0]:
+                        yield self._notice(key, SLOW_STORAGE, msg.platform_message_id)
+                    user = await storing
                 except STORAGE_ERRORS as exc:
                     log.error("could not store a message in %s: %s", key, exc)
                     refusal = NOT_STORED

@@ -18,7 +18,7 @@ from ai_model.slots import prune_states
 from ai_model.templates import CHATML, LLAMA3, TEMPLATES, plain_text_leaks
 from bot.cards import parse_card_bytes
 from bot.characters import CardError, card_from_fields, character_from_card
-from bot.core import QUEUE_FULL, USER_BUSY, ConversationCore
+from bot.core import QUEUE_FULL, SLOW_STORAGE, USER_BUSY, ConversationCore
 from bot.fairness import LruDict, RateLimiter, Verdict
 from bot.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
 from bot.lorebook import Lorebook, LoreError, check_book
@@ -340,3 +340,39 @@ async def test_a_message_longer_than_the_window_is_tokenized_whole_once(
     assert tokenizer.long_calls == 1
     conv = await store.conversation("telegram", "telegram:-3")
     assert await store.count_messages(conv.id) == 3 + 1 + 2  # all stored, and the notice
+
+
+async def test_a_database_locked_for_10_s_delays_messages_but_loses_none(
+    make_core: Any, store: Store, settings: Any
+) -> None:
+    import sqlite3
+    import threading
+
+    path = settings.database_url.split("///", 1)[1]
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with sqlite3.connect(path, isolation_level=None) as other:
+            other.execute("BEGIN IMMEDIATE")  # another process writing, say a backup job
+            locked.set()
+            release.wait(10)
+            other.execute("COMMIT")
+
+    model = ScriptedModel(["Answered."])
+    core: ConversationCore = make_core({"office": model})
+    for i in range(3):  # the conversations exist already: only the messages wait
+        await core.conversation("telegram", f"telegram:-{60 + i}")
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    await asyncio.to_thread(locked.wait)
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(finals(core, tg(str(i), f"hello {i}", f"telegram:-{60 + i}")) for i in range(3))
+    )
+    holder.join()
+    assert time.monotonic() - started >= 9.5  # they really waited for the lock
+    for replies in results:
+        assert [r.text for r in replies] == [SLOW_STORAGE, "Answered."]
+    for i in range(3):
+        conv = await store.conversation("telegram", f"telegram:-{60 + i}")
+        assert [m.text for m in await store.history(conv.id)] == [f"hello {i}", "Answered."]

@@ -18,7 +18,8 @@ from ai_model.slots import prune_states
 from ai_model.templates import CHATML, LLAMA3, TEMPLATES, plain_text_leaks
 from bot.cards import parse_card_bytes
 from bot.characters import CardError, card_from_fields, character_from_card
-from bot.core import QUEUE_FULL, SLOW_STORAGE, USER_BUSY, ConversationCore
+from bot.conversations import QUEUE_FULL, USER_BUSY
+from bot.core import SLOW_STORAGE, ConversationCore
 from bot.fairness import LruDict, RateLimiter, Verdict
 from bot.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
 from bot.lorebook import Lorebook, LoreError, check_book
@@ -149,19 +150,19 @@ async def test_per_conversation_maps_stay_bounded_under_a_flood(make_core: Any) 
 @pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_DEFLATED])
 def test_a_charx_bomb_is_refused_with_little_memory(tmp_path: Path, method: int) -> None:
     bomb = tmp_path / "bomb.charx"
-    inflated = (1 << 30) if method == zipfile.ZIP_BZIP2 else (256 << 20)
+    inflated = (1 << 30) if method == zipfile.ZIP_BZIP2 else (128 << 20)
     bomb.write_bytes(zip_bomb(inflated, method))
     if method == zipfile.ZIP_BZIP2:
         assert bomb.stat().st_size < 2048  # a 1 KB zip that inflates to 1 GB
     out = _peak_growth(bomb, "parse_card_bytes(data, 'bomb.charx')")
-    assert "refused:" in out and "inflates to more than" in out
+    assert "refused:" in out and "inflates to more than" in out, out
     growth_kb = int(out.split("growth_kb")[1])
     print(f"charx bomb ({inflated >> 20} MB inflated): peak RSS growth {growth_kb} KB")
     assert growth_kb < 50 * 1024
     if method == zipfile.ZIP_DEFLATED:
         # The control: the same measurement sees a plain, uncapped read of the same member.
         out = _peak_growth(bomb, "zipfile.ZipFile(io.BytesIO(data)).read('card.json')")
-        assert int(out.split("growth_kb")[1]) > 200 * 1024
+        assert int(out.split("growth_kb")[1]) > 100 * 1024, out
 
 
 def _peak_growth(bomb: Path, call: str) -> str:
@@ -182,7 +183,7 @@ def _peak_growth(bomb: Path, call: str) -> str:
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr
     return out.stdout

@@ -1,0 +1,258 @@
+"""Per-conversation state and its queues: who answers next, and each user's fair share.
+
+Within one conversation, messages are stored and answered in arrival order, one at a time, and
+conversation commands take their turn among them; different conversations only share the model
+queue.  :class:`ConversationState` is the base of the core: the commands
+(:mod:`bot.commands`) and the answer pipeline (:mod:`bot.core`) build on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from ai_model.base import ChatModel
+from bot.characters import Character, CharacterLibrary, shipped_characters
+from bot.fairness import LruDict, RateLimiter, Verdict
+from bot.history import HistoryCache
+from bot.library import Library
+from bot.lorebook import Lorebook
+from bot.messages import OutgoingReply, ReplyKind
+from bot.prompt import TurnEncoder
+from bot.settings import Mode, Settings, parse_mode
+from storage.store import Conversation, Store, StoredMessage
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITED = (
+    "You are sending messages faster than I can read them (at most {limit} a minute). "
+    "I will skip your messages for a moment; please slow down."
+)
+QUEUE_FULL = (
+    "I am still answering earlier messages here. I have saved yours as part of the "
+    "conversation, but I will not answer it separately."
+)
+USER_BUSY = (
+    "I am still working on your earlier message. I have saved this one as part of the "
+    "conversation; please wait for my answer before sending more."
+)
+MAX_CONVERSATIONS_CACHED = 4096  # conversation rows and queues kept in memory
+# What a failing database raises through SQLAlchemy and the drivers (a value the driver cannot
+# encode surfaces as ValueError).
+STORAGE_ERRORS = (SQLAlchemyError, OSError, ValueError)
+
+
+class ModelProvider(Protocol):
+    """Where the core gets the model of a role (``ai_model.registry.ModelRegistry``)."""
+
+    async def get(self, role: str) -> ChatModel: ...
+
+
+@dataclass(slots=True)
+class Ticket:
+    """A place in a conversation's answering queue."""
+
+    channel: ChannelQueue
+    previous: asyncio.Future[None] | None
+    mine: asyncio.Future[None]
+    user: str | None = None  # who the answer is for, counted against their pending share
+
+    async def wait(self) -> None:
+        if self.previous is not None and not self.previous.done():
+            await asyncio.wait({self.previous})
+
+    def release(self) -> None:
+        if not self.mine.done():
+            self.mine.set_result(None)
+            self.channel.waiting -= 1
+        if self.channel.tail is self.mine:
+            self.channel.tail = None
+
+
+@dataclass(slots=True)
+class ChannelQueue:
+    """Per-conversation ordering: stores happen in arrival order, answers one at a time."""
+
+    intake: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tail: asyncio.Future[None] | None = None
+    waiting: int = 0  # answers queued or running
+
+    def busy(self) -> bool:
+        return self.waiting > 0 or self.intake.locked()
+
+
+class ConversationState:
+    """Conversations, their queues, the shared library, and the fair-share bookkeeping."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        models: ModelProvider,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.rng = rng or random.Random()
+        fixed = [*shipped_characters(), *settings.characters.values()]
+        self.characters = CharacterLibrary(fixed, default=settings.default_character)
+        self.library = Library(store, self.characters, {c.name for c in fixed})
+        self.world_books: dict[str, Lorebook] = self.library.world_books
+        self._channels: LruDict[str, ChannelQueue] = LruDict(
+            MAX_CONVERSATIONS_CACHED, ChannelQueue.busy
+        )
+        self._conversations: LruDict[str, Conversation] = LruDict(MAX_CONVERSATIONS_CACHED)
+        self._encoders: dict[int, tuple[ChatModel, TurnEncoder]] = {}
+        self._pending: dict[str, int] = {}  # user -> answers queued or running for them
+        self.rate_limiter = RateLimiter(settings.rate_limit)
+        self.history = HistoryCache(store)
+        self.closing = False  # set by a graceful stop: no new work is taken
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking messages; wait up to ``grace_s`` seconds for the answers in flight.
+
+        Returns how many conversations were still answering when the time ran out.
+        """
+        self.closing = True
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while True:
+            busy = sum(1 for key in list(self._channels) if self._channel(key).busy())
+            if not busy or asyncio.get_running_loop().time() >= deadline:
+                return busy
+            await asyncio.sleep(0.05)
+
+    def is_owner(self, platform: str, user_id: str) -> bool:
+        """Whether this platform user may change what all conversations share."""
+        return self.settings.is_owner(platform, user_id)
+
+    async def conversation(self, platform: str, key: str) -> Conversation:
+        conv = self._conversations.get(key)
+        if conv is None:
+            conv = await self.store.conversation(platform, key)
+            self._conversations[key] = conv
+        return conv
+
+    def _conv(self, key: str) -> Conversation:
+        """The conversation of a queue that is running (loaded moments ago by its intake)."""
+        conv = self._conversations.get(key)
+        assert conv is not None, f"{key} was forgotten while a message of it was in flight"
+        return conv
+
+    async def _update_settings(self, platform: str, key: str, **changes: object) -> Conversation:
+        conv = await self.conversation(platform, key)
+        settings = {k: v for k, v in {**conv.settings, **changes}.items() if v is not None}
+        await self.store.set_settings(conv.id, settings)
+        conv = self._conversations[key] = replace(conv, settings=settings)
+        return conv
+
+    def mode_of(self, conv: Conversation, is_dm: bool) -> Mode:
+        stored = parse_mode(conv.mode or "")
+        if stored is not None:
+            return stored
+        platform = self.settings.platform(conv.platform)
+        return platform.dm_mode if is_dm else platform.default_mode
+
+    def cast_of(self, conv: Conversation) -> list[Character]:
+        """The characters of the channel's scene: the chosen one, or several for a group."""
+        names = conv.settings.get("cast") or [conv.character]
+        return [self.characters.get(name) for name in names]
+
+    async def _store(self, conv: Conversation, message: StoredMessage) -> StoredMessage:
+        """Store ``message`` (its id is assigned) and keep the history cache in step."""
+        message_id = await self.store.add_message(
+            conv.id,
+            message.role,
+            message.text,
+            author_id=message.author_id,
+            author_name=message.author_name,
+            token_count=message.token_count,
+            platform_message_id=message.platform_message_id,
+            reply_to_id=message.reply_to_id,
+            in_context=message.in_context,
+            swipe_of=message.swipe_of,
+        )
+        stored = replace(message, id=message_id)
+        current = self._conversations.get(conv.key) or conv
+        self.history.added(conv.key, stored, after=current.reset_after_id)
+        return stored
+
+    def _encoder(self, model: ChatModel) -> TurnEncoder:
+        entry = self._encoders.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, TurnEncoder(model, model.template))
+            self._encoders[id(model)] = entry
+        return entry[1]
+
+    def _channel(self, key: str) -> ChannelQueue:
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = self._channels[key] = ChannelQueue()
+        return channel
+
+    def _ticket(self, key: str, user: str | None = None) -> Ticket:
+        """Take the next answering turn of ``key`` (synchronously: arrival order is kept)."""
+        channel = self._channel(key)
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(channel, channel.tail, loop.create_future(), user)
+        channel.tail = ticket.mine
+        channel.waiting += 1
+        if user is not None:
+            self._pending[user] = self._pending.get(user, 0) + 1
+            ticket.mine.add_done_callback(lambda _f: self._done_pending(user))
+        return ticket
+
+    def _done_pending(self, user: str) -> None:
+        left = self._pending.get(user, 0) - 1
+        if left > 0:
+            self._pending[user] = left
+        else:
+            self._pending.pop(user, None)
+
+    @asynccontextmanager
+    async def _turn(self, key: str) -> AsyncIterator[None]:
+        ticket = self._ticket(key)
+        try:
+            await ticket.wait()
+            yield
+        finally:
+            ticket.release()
+
+    def _queue_refusal(self, key: str, user: str) -> str | None:
+        """Why a new answer may not be queued for ``user`` in ``key`` now (None: it may)."""
+        platform, _, user_id = user.partition(":")
+        if self.is_owner(platform, user_id):
+            return None
+        if self._pending.get(user, 0) >= self.settings.max_pending_per_user:
+            return USER_BUSY
+        if self._channel(key).waiting >= self.settings.max_queued:
+            return QUEUE_FULL
+        return None
+
+    def admit(self, platform: str, user_id: str) -> tuple[bool, str | None]:
+        """Apply the per-user rate limit to an input: (let it through?, notice to send).
+
+        Over the limit the user gets one notice; later inputs in the same minute are dropped
+        quietly (and logged), since answering each would be the flood the limit stops.
+        """
+        if self.is_owner(platform, user_id):
+            return True, None  # owners run the bot; their inputs are not rationed
+        verdict = self.rate_limiter.check(f"{platform}:{user_id}")
+        if verdict is Verdict.ALLOW:
+            return True, None
+        if verdict is Verdict.DROP:
+            log.info("rate limit: dropped an input of %s:%s", platform, user_id)
+            return False, None
+        return False, RATE_LIMITED.format(limit=self.settings.rate_limit)
+
+    @staticmethod
+    def _notice(key: str, text: str, reply_to: str | None = None) -> OutgoingReply:
+        return OutgoingReply(key, text, final=True, kind=ReplyKind.NOTICE, reply_to=reply_to)

@@ -172,7 +172,9 @@ class TelegramAdapter:
         sender = message.from_user
         if sender is None:
             return True
-        allowed, notice = self.core.admit(PLATFORM, str(sender.id))
+        # Anonymous admins all post as one Telegram user: count them by their group instead.
+        who = f"chat{message.sender_chat.id}" if message.sender_chat else str(sender.id)
+        allowed, notice = self.core.admit(PLATFORM, who)
         if notice:
             await self._say(message, notice)
         return allowed

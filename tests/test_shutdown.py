@@ -21,7 +21,7 @@ SETTINGS = """
 [bot]
 shutdown_grace_s = 60
 [models.office.sampling]
-max_tokens = 160
+max_tokens = 400
 seed = 3
 temperature = 0.8
 """
@@ -58,10 +58,15 @@ async def test_sigterm_mid_stream_finishes_the_answer_saves_state_and_exits_0(
     bot = await start_bot(tmp_path, telegram)
     await telegram.wait_for(lambda: "setMyCommands" in telegram.methods(), 120)
     telegram.push(501, 501, "Ann", "Write a long story about a dragon who learns to bake bread.")
-    # Mid-stream: the reply has been sent and edited at least once, and is not final yet.
-    await telegram.wait_for(lambda: any(m.edits for m in telegram.bot_messages(501)), 120)
-    assert telegram.bot_messages(501)[-1].parse_mode is None
+
+    # Mid-stream: the reply has been sent and edited, and is not final yet.
+    def streaming() -> bool:
+        shown = telegram.bot_messages(501)
+        return bool(shown and shown[-1].edits and shown[-1].parse_mode is None)
+
+    await telegram.wait_for(streaming, 120)
     bot.send_signal(signal.SIGTERM)
+    at_signal = telegram.bot_messages(501)[-1].text
     assert await asyncio.wait_for(bot.wait(), 90) == 0, (tmp_path / "bot.log").read_text()
     log = (tmp_path / "bot.log").read_text()
     assert "Traceback" not in log
@@ -69,6 +74,7 @@ async def test_sigterm_mid_stream_finishes_the_answer_saves_state_and_exits_0(
     assert len(reply) == 1
     shown = telegram.bot_messages(501)[-1]
     assert shown.parse_mode == "HTML"  # the final edit went out before the bot stopped
+    assert len(shown.text) > len(at_signal)  # the answer went on after the signal
     assert reply[0].split()[-1] in shown.text
     assert list((tmp_path / "data" / "llama-states").glob("*.state"))  # KV state saved
 

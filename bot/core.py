@@ -136,8 +136,12 @@ class ConversationCore(ConversationCommands):
                 last = conv.settings.get("last_speaker")
                 speakers = list(choose_speakers(cast, msg.text, last, self.rng))
             for char in speakers:
+                final: OutgoingReply | None = None
                 async for reply in self._answer(key, mode, user_id, char, msg.platform_message_id):
+                    final = reply
                     yield reply
+                if final is None or final.kind is not ReplyKind.ANSWER:
+                    break  # a refusal or an apology ends the turn: the next would answer nothing
         finally:
             if ticket is not None:
                 ticket.release()

@@ -383,3 +383,16 @@ async def test_a_database_locked_for_10_s_delays_messages_but_loses_none(
     for i in range(3):
         conv = await store.conversation("telegram", f"telegram:-{60 + i}")
         assert [m.text for m in await store.history(conv.id)] == [f"hello {i}", "Answered."]
+
+
+async def test_a_refused_message_gets_one_notice_not_one_per_character(make_core: Any) -> None:
+    model = ScriptedModel(["Hm."])
+    core: ConversationCore = make_core({"character": model, "office": model})
+    key = "telegram:-88"
+    await core.set_mode("telegram", key, "roleplay")
+    await core.set_cast("telegram", key, ["Mira", "Captain Reyes"])
+    # The scene's first message names both characters: both would speak, in turn.
+    replies = await finals(core, tg("1", "Mira, Captain Reyes: " + "z" * 40_000, key))
+    assert [r.kind for r in replies] == [ReplyKind.ANSWER, ReplyKind.NOTICE]  # greeting, refusal
+    assert "too long" in replies[-1].text
+    assert model.prompts == []  # no character answered the refused message

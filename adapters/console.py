@@ -94,6 +94,8 @@ class ConsoleAdapter:
         new = reply.text[len(sent.text) :] if reply.text.startswith(sent.text) else reply.delta
         counter = f"  ({reply.swipe[0]}/{reply.swipe[1]}, /swipe for others)" if reply.swipe else ""
         self._write(new + (counter + "\n" if reply.final else ""))
+        if reply.final:
+            await self.core.delivered(reply, [])  # shown in full: the message is answered
         return SentMessage(sent.conversation_key, sent.message_id, reply.text)
 
     async def _open_scene(self) -> None:

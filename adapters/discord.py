@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +22,21 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from adapters.base import SentMessage
-from adapters.streaming import StreamLimits, chain, single, stream_reply
+from adapters.streaming import (
+    DeliveredOnly,
+    DeliveryTracker,
+    StreamLimits,
+    chain,
+    single,
+    stream_reply,
+)
 from adapters.text import split_message
 from bot.cards import parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.limits import MAX_CARD_BYTES, fit, shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from bot.recovery import Recovery, Resumable
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
 log = logging.getLogger(__name__)
@@ -92,8 +100,11 @@ class _Client(discord.Client):
         await self.adapter._sync_commands()
 
     async def on_ready(self) -> None:
+        # Every READY is a new session (a RESUME fires on_resumed instead): what was posted
+        # while the bot was away was never dispatched to it.
         log.info("discord: connected as %s", self.user)
         self.adapter.ready.set()
+        self.adapter._spawn(self.adapter._after_connect())
 
     async def on_message(self, message: discord.Message) -> None:
         try:
@@ -164,6 +175,10 @@ class DiscordAdapter:
         self.tree = _Tree(self.client, self)
         self.ready = asyncio.Event()
         self._webhooks: dict[int, discord.Webhook] = {}
+        self.recovery = Recovery(core)
+        self._recovery_started = False
+        self.recovered = asyncio.Event()  # set once recovery and the first catch-up are done
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._add_commands()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -184,7 +199,94 @@ class DiscordAdapter:
                 await self.client.close()
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         await self.client.close()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def _after_connect(self) -> None:
+        """After the first READY, finish what a stop left undone; after every READY, fetch
+        the messages that arrived while the bot was away."""
+        started = asyncio.get_running_loop().time()
+        jobs: list[asyncio.Task[Any]] = []
+        try:
+            if not self._recovery_started:
+                self._recovery_started = True
+                plan = await self.recovery.plan(PLATFORM)
+                jobs += [asyncio.create_task(self._resume(job)) for job in plan.resume]
+                jobs += [asyncio.create_task(self.send(notice)) for notice in plan.notices]
+            jobs += await self._catch_up()
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("discord: recovering a message failed: %r", result)
+            if jobs:
+                took = asyncio.get_running_loop().time() - started
+                log.info("discord: recovery finished in %.1fs (%d job(s))", took, len(jobs))
+        except Exception:
+            log.exception("discord: recovery after connecting failed")
+        finally:
+            self.recovered.set()
+
+    async def _channel(self, key: str) -> Any:
+        channel_id = int(key.split(":", 1)[1])
+        return self.client.get_channel(channel_id) or await self.client.fetch_channel(channel_id)
+
+    async def _resume(self, job: Resumable) -> None:
+        try:
+            channel = await self._channel(job.conversation_key)
+        except discord.HTTPException as exc:
+            log.warning(
+                "discord: cannot reach %s to finish an answer: %s", job.conversation_key, exc
+            )
+            job.ticket.release()
+            return
+        quote = job.platform_message_id
+        reference = (
+            discord.MessageReference(
+                message_id=int(quote), channel_id=channel.id, fail_if_not_exists=False
+            )
+            if quote and quote.isdigit()
+            else None
+        )
+        sink = _ChannelSink(self, channel, reference=reference)
+        is_dm = isinstance(channel, discord.DMChannel)
+        await self._stream(channel, self.recovery.resume(job, is_dm), sink, resume=job.pieces)
+
+    async def _catch_up(self) -> list[asyncio.Task[Any]]:
+        """Handle, as if they had just arrived, the messages posted in known channels since
+        the newest one stored (within the recover window, at most ``catch_up_limit`` each)."""
+        since = self.recovery.window_start()
+        limit = self.core.settings.catch_up_limit
+        tasks: list[asyncio.Task[Any]] = []
+        if limit <= 0:
+            return tasks
+        for key, last_seen in await self.recovery.catch_up_points(PLATFORM):
+            if not last_seen.isdigit():
+                continue
+            try:
+                channel = await self._channel(key)
+                missed = [
+                    m
+                    async for m in channel.history(
+                        limit=limit, after=discord.Object(int(last_seen)), oldest_first=True
+                    )
+                    if m.created_at >= since
+                ]
+            except discord.HTTPException as exc:
+                log.info("discord: cannot look through %s for missed messages: %s", key, exc)
+                continue
+            if missed:
+                log.info("discord: %d message(s) arrived in %s while away", len(missed), key)
+            # Created in order: each reaches its conversation's intake in arrival order.
+            tasks += [asyncio.create_task(self.client.on_message(m)) for m in missed]
+        return tasks
 
     async def stop_intake(self) -> None:
         """Nothing to pause on the gateway: the core answers new messages with a notice."""
@@ -262,14 +364,20 @@ class DiscordAdapter:
         channel: Any,
         replies: AsyncIterator[OutgoingReply],
         sink: _ChannelSink | _InteractionSink,
+        resume: tuple[str, ...] = (),
     ) -> list[str]:
         """Stream ``replies``; nothing is sent when the core stays silent."""
         first = await anext(replies, None)
         if first is None:
             return []
+        tracker: DeliveryTracker = self.core
+        if isinstance(sink, _InteractionSink):
+            tracker = DeliveredOnly(self.core)
         typing = asyncio.create_task(self._typing(channel))
         try:
-            return await stream_reply(chain(first, replies), sink, self.limits)
+            return await stream_reply(
+                chain(first, replies), sink, self.limits, tracker=tracker, resume=resume
+            )
         finally:
             typing.cancel()
 
@@ -546,7 +654,7 @@ class _ChannelSink:
         self,
         adapter: DiscordAdapter,
         channel: Any,
-        reference: discord.Message | None = None,
+        reference: discord.Message | discord.MessageReference | None = None,
         replace_id: str | None = None,
     ) -> None:
         self.adapter = adapter
@@ -645,6 +753,21 @@ class _ChannelSink:
         await partial.edit(content=body, allowed_mentions=NO_MENTIONS)
         await self._remember(reply, message_id, final)
 
+    async def delete_chunk(self, message_id: str) -> None:
+        if self._via_webhook.get(message_id):
+            await self._with_webhook(
+                lambda hook: hook.delete_message(int(message_id), thread=self._thread())
+            )
+            return
+        try:
+            await self.channel.get_partial_message(int(message_id)).delete()
+        except discord.Forbidden:  # posted through the webhook by an earlier run
+            if not self.adapter.can_use_webhooks(self.channel):
+                raise
+            await self._with_webhook(
+                lambda hook: hook.delete_message(int(message_id), thread=self._thread())
+            )
+
 
 class _InteractionSink:
     """Streams a /chat answer into the interaction's (deferred) response and follow-ups."""
@@ -668,3 +791,6 @@ class _InteractionSink:
             await self.interaction.edit_original_response(content=text)
         else:
             await self.interaction.followup.edit_message(int(message_id), content=text)
+
+    async def delete_chunk(self, message_id: str) -> None:
+        await self.interaction.followup.delete_message(int(message_id))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,8 +18,9 @@ from bot.messages import OutgoingReply
 
 log = logging.getLogger(__name__)
 
-# Pauses between attempts to deliver a finished reply: about 30 s of outage is waited out.
-DELIVERY_RETRY_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+# Pauses between attempts to deliver a finished reply: about 2 minutes of outage is waited out
+# (then the reply stays stored, undelivered, and the next start delivers it).
+DELIVERY_RETRY_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
 
 class MessageSink(Protocol):
@@ -30,6 +31,34 @@ class MessageSink(Protocol):
     async def edit_chunk(
         self, message_id: str, text: str, reply: OutgoingReply, final: bool
     ) -> None: ...
+
+    async def delete_chunk(self, message_id: str) -> None: ...
+
+
+class DeliveryTracker(Protocol):
+    """Told what reached the platform (the core records it; see ``bot.core``).
+
+    Both are called only for replies that answer a stored message (``reply.answers``), and
+    never raise: a failure to record is the tracker's to log.
+    """
+
+    async def piece_sent(self, reply: OutgoingReply, pieces: list[str]) -> None: ...
+
+    async def delivered(self, reply: OutgoingReply, pieces: list[str]) -> None: ...
+
+
+class DeliveredOnly:
+    """A tracker that reports final deliveries but not the pieces: for messages a restart
+    could not edit (a Discord interaction's response expires with its token)."""
+
+    def __init__(self, tracker: DeliveryTracker) -> None:
+        self.tracker = tracker
+
+    async def piece_sent(self, reply: OutgoingReply, pieces: list[str]) -> None:
+        return None
+
+    async def delivered(self, reply: OutgoingReply, pieces: list[str]) -> None:
+        await self.tracker.delivered(reply, pieces)
 
 
 async def chain(
@@ -61,6 +90,9 @@ async def stream_reply(
     sink: MessageSink,
     limits: StreamLimits,
     clock: Callable[[], float] = time.monotonic,
+    *,
+    tracker: DeliveryTracker | None = None,
+    resume: Sequence[str] = (),
 ) -> list[str]:
     """Render reply snapshots into messages; return the platform ids of all messages sent.
 
@@ -71,9 +103,14 @@ async def stream_reply(
     Delivery never decides the reply: when a send or an edit fails, the snapshots are still read
     to the end (so the reply is written and stored), and each final text is then delivered with
     retries (``limits.retry_delays``), editing what was shown before the failure.
+
+    ``tracker`` hears of each new message of an answer and of its final delivery.  ``resume``
+    lists messages an earlier run streamed the answer into: the first reply edits them
+    (deleting any it no longer needs) instead of sending new ones.
     """
     all_ids: list[str] = []
-    sent: list[tuple[str, str]] = []  # (message id, text it shows) of the current reply
+    # (message id, text it shows) of the current reply
+    sent: list[tuple[str, str]] = [(message_id, "") for message_id in resume]
     undelivered: list[tuple[OutgoingReply, list[tuple[str, str]]]] = []
     last_write = float("-inf")
     written = 0
@@ -91,6 +128,18 @@ async def stream_reply(
                 message_id = await sink.send_chunk(chunk, reply, final)
                 shown.append((message_id, chunk))
                 all_ids.append(message_id)
+                if tracker is not None and reply.answers is not None:
+                    await tracker.piece_sent(reply, [m for m, _ in shown])
+        if final:
+            # Messages an earlier, longer version was streamed into: no stub stays behind.
+            while len(shown) > len(chunks):
+                message_id, _ = shown.pop()
+                try:
+                    await sink.delete_chunk(message_id)
+                except Exception as exc:  # cosmetic by now: the answer itself is shown
+                    log.warning("could not delete message %s: %r", message_id, exc)
+            if tracker is not None and reply.answers is not None:
+                await tracker.delivered(reply, [m for m, _ in shown])
 
     async for reply in replies:
         if broken:

@@ -1,8 +1,13 @@
-"""Telegram adapter: python-telegram-bot ``Application`` with long polling.
+"""Telegram adapter: python-telegram-bot's handlers, fed by the adapter's own long polling.
 
 DMs are always answered; in groups the bot answers when @mentioned, replied to, or addressed by a
 command, and in roleplay groups also when the character is named.  Replies stream by editing,
 throttled for Telegram's flood limits; the final edit is HTML with a plain-text fallback.
+
+The adapter polls ``getUpdates`` itself rather than through PTB's ``Updater``, which confirms a
+batch (by asking for the next offset) before its handlers have run: here the next offset is asked
+for only once every message of the batch is stored, so a crash loses nothing that Telegram will
+not deliver again (a message delivered twice is recognised by its id and skipped).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, TypeVar
 
 from telegram import BotCommand, Message, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEntityType, ParseMode
-from telegram.error import BadRequest, RetryAfter, TelegramError
+from telegram.error import BadRequest, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.base import SentMessage
@@ -29,6 +34,7 @@ from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.limits import MAX_CARD_BYTES, fit, shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from bot.recovery import Recovery, Resumable
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,8 @@ EDIT_INTERVAL_S = 1.5
 MIN_NEW_CHARS = 40
 TYPING_EVERY_S = 4.5  # a chat action shows for about 5 seconds
 MAX_RETRIES = 5
+POLL_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # pauses after failed getUpdates calls
+STORE_WAIT_S = 120.0  # a batch whose messages are not stored by then is confirmed anyway
 SUFFIX_ROOM = 64  # characters kept free in each chunk for the swipe counter
 ADMIN_STATUSES = {ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER}
 OWNERS_ONLY = (
@@ -110,6 +118,12 @@ class TelegramAdapter:
             .build()
         )
         self._stopped = asyncio.Event()
+        self._offset: int | None = None  # the next getUpdates offset: confirms what is before
+        self._settled: dict[int, asyncio.Future[None]] = {}  # update id -> stored (or not)
+        self._poller: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.recovery = Recovery(core)
+        self.recovered = asyncio.Event()  # set once the start-up recovery has finished
         self._add_handlers()
 
     def _add_handlers(self) -> None:
@@ -134,11 +148,10 @@ class TelegramAdapter:
                 guard(self._on_card_upload, limited=True),
             )
         )
-        app.add_handler(
-            MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, guard(self._on_text))
-        )
+        text = guard(self._on_text, stores=True)
+        app.add_handler(MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, text))
         app.add_handler(MessageHandler(only_new & filters.COMMAND, guard(self._on_unknown_command)))
-        app.add_handler(MessageHandler(only_new & filters.CAPTION, guard(self._on_text)))
+        app.add_handler(MessageHandler(only_new & filters.CAPTION, text))
         unsupported = filters.Sticker.ALL | filters.PHOTO | filters.VOICE | filters.VIDEO
         app.add_handler(
             MessageHandler(
@@ -147,15 +160,18 @@ class TelegramAdapter:
         )
         app.add_error_handler(self._on_error)
 
-    def _guarded(self, handler: Handler, *, limited: bool = False) -> Handler:
+    def _guarded(self, handler: Handler, *, limited: bool = False, stores: bool = False) -> Handler:
         """``handler`` that never raises: a failure is logged and the user gets an apology.
 
         ``limited`` handlers first pass the sender's rate limit (text messages pass it in the
-        core, with the rest of the fair-share rules).
+        core, with the rest of the fair-share rules).  The update of a handler that ``stores``
+        its message is confirmed once it is stored; any other, as soon as it is handled.
         """
 
         async def run(update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
             message = update.effective_message
+            if not stores:
+                self._settle(update.update_id)
             try:
                 if limited and message is not None and not await self._admitted(message):
                     return
@@ -182,22 +198,22 @@ class TelegramAdapter:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, register the command menu, poll until :meth:`stop`."""
+        """Connect, register the command menu, finish what a stop left undone, poll until
+        :meth:`stop`."""
         await self.app.initialize()
         try:
             await self._retrying(
                 lambda: self.app.bot.set_my_commands([BotCommand(n, d) for n, d in COMMANDS])
             )
             await self.app.start()
-            assert self.app.updater is not None
-            await self.app.updater.start_polling(
-                poll_interval=0.0, timeout=int(self.poll_timeout), drop_pending_updates=False
-            )
+            await self._recover()
+            self._poller = asyncio.create_task(self._poll())
             log.info("telegram: polling as @%s", self.app.bot.username)
             await self._stopped.wait()
         finally:
-            if self.app.updater is not None and self.app.updater.running:
-                await self.app.updater.stop()
+            await self.stop_intake()
+            for task in list(self._tasks):
+                task.cancel()
             if self.app.running:
                 await self.app.stop()
             await self.app.shutdown()
@@ -206,9 +222,111 @@ class TelegramAdapter:
         self._stopped.set()
 
     async def stop_intake(self) -> None:
-        """Stop polling: updates not fetched yet stay on Telegram's side for the next start."""
-        if self.app.updater is not None and self.app.updater.running:
-            await self.app.updater.stop()
+        """Stop polling: updates not fetched yet stay on Telegram's side for the next start.
+
+        The updates already stored are confirmed with one last ``getUpdates``.
+        """
+        poller, self._poller = self._poller, None
+        if poller is None:
+            return
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
+        if self._offset is not None:
+            try:
+                await self.app.bot.get_updates(offset=self._offset, timeout=0, limit=1)
+            except TelegramError as exc:  # they are delivered again, and skipped, next time
+                log.info("telegram: could not confirm the last updates: %s", exc)
+
+    # -- polling ------------------------------------------------------------------------------
+
+    async def _poll(self) -> None:
+        """Fetch updates; ask for the next ones only when these are stored."""
+        failures = 0
+        while True:
+            try:
+                updates = await self.app.bot.get_updates(
+                    offset=self._offset, timeout=int(self.poll_timeout)
+                )
+            except (Forbidden, InvalidToken):
+                log.error("telegram: the bot token was refused; stopping")
+                self._stopped.set()
+                return
+            except RetryAfter as exc:
+                await asyncio.sleep(_retry_after_seconds(exc))
+                continue
+            except TelegramError as exc:
+                pause = POLL_RETRY_S[min(failures, len(POLL_RETRY_S) - 1)]
+                failures += 1
+                log.warning("telegram: getUpdates failed (%s); retrying in %.0fs", exc, pause)
+                await asyncio.sleep(pause)
+                continue
+            failures = 0
+            if not updates:
+                continue
+            settled = []
+            for update in updates:
+                done = self._settled[update.update_id] = asyncio.get_running_loop().create_future()
+                settled.append(done)
+                self._spawn(self._process(update))
+            waited = asyncio.get_running_loop().time()
+            _, late = await asyncio.wait(settled, timeout=STORE_WAIT_S)
+            log.debug(
+                "telegram: %d update(s) stored in %.2fs",
+                len(updates),
+                asyncio.get_running_loop().time() - waited,
+            )
+            if late:
+                log.warning(
+                    "telegram: %d update(s) not stored after %.0fs", len(late), STORE_WAIT_S
+                )
+            self._offset = updates[-1].update_id + 1
+
+    async def _process(self, update: Update) -> None:
+        try:
+            await self.app.process_update(update)
+        finally:
+            self._settle(update.update_id)
+
+    def _settle(self, update_id: int) -> None:
+        done = self._settled.pop(update_id, None)
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Answer what a crash or a stop left unanswered, before new updates are taken."""
+        started = asyncio.get_running_loop().time()
+        plan = await self.recovery.plan(PLATFORM)
+        jobs: list[asyncio.Task[Any]] = [
+            asyncio.create_task(self._resume(job)) for job in plan.resume
+        ]
+        jobs += [asyncio.create_task(self.send(notice)) for notice in plan.notices]
+
+        async def finish() -> None:
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("telegram: recovering an answer failed: %r", result)
+            if jobs:
+                took = asyncio.get_running_loop().time() - started
+                log.info("telegram: recovery finished in %.1fs (%d job(s))", took, len(jobs))
+            self.recovered.set()
+
+        self._spawn(finish())
+
+    async def _resume(self, job: Resumable) -> None:
+        chat_id = self._chat_id(job.conversation_key)
+        quote = job.platform_message_id
+        sink = _ChatSink(self, chat_id, int(quote) if quote and quote.isdigit() else None)
+        replies = self.recovery.resume(job, is_dm=chat_id > 0)
+        await self._stream(chat_id, replies, sink=sink, resume=job.pieces)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -240,16 +358,24 @@ class TelegramAdapter:
         return int(key.split(":", 1)[1])
 
     async def _stream(
-        self, chat_id: int, replies: AsyncIterator[OutgoingReply], reply_to: int | None
+        self,
+        chat_id: int,
+        replies: AsyncIterator[OutgoingReply],
+        reply_to: int | None = None,
+        *,
+        sink: _ChatSink | None = None,
+        resume: tuple[str, ...] = (),
     ) -> list[str]:
         """Stream ``replies`` into the chat; nothing is sent when the core stays silent."""
         first = await anext(replies, None)
         if first is None:
             return []
-        sink = _ChatSink(self, chat_id, reply_to)
+        sink = sink or _ChatSink(self, chat_id, reply_to)
         typing = asyncio.create_task(self._typing(chat_id))
         try:
-            return await stream_reply(chain(first, replies), sink, self.limits)
+            return await stream_reply(
+                chain(first, replies), sink, self.limits, tracker=self.core, resume=resume
+            )
         finally:
             typing.cancel()
 
@@ -305,7 +431,8 @@ class TelegramAdapter:
         clean = handle.sub("", text).strip() or text
         msg = self._incoming(message, clean, self._mentions_bot(message, text))
         reply_to = None if msg.is_dm else message.message_id
-        await self._stream(message.chat_id, self.core.respond(msg), reply_to)
+        replies = self.core.respond(msg, on_stored=lambda: self._settle(update.update_id))
+        await self._stream(message.chat_id, replies, reply_to)
 
     async def _on_other(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -579,6 +706,11 @@ class _ChatSink:
         except BadRequest as exc:
             if "not modified" not in str(exc).lower():
                 raise
+
+    async def delete_chunk(self, message_id: str) -> None:
+        await self.adapter._retrying(
+            lambda: self.bot.delete_message(chat_id=self.chat_id, message_id=int(message_id))
+        )
 
     async def _with_fallback(self, call: Callable[[bool], Awaitable[Any]], html: bool) -> Any:
         if html:

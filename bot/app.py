@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from ai_model.registry import ModelRegistry
 from bot.cards import export_card, parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
+from bot.faults import KillPoints
 from bot.settings import Settings
 from bot.shutdown import Shutdown
 from storage import Store, open_database
@@ -42,7 +44,10 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
         log.info("%s", line)
     store = Store(await open_database(settings.database_url))
     try:
-        core = ConversationCore(settings, store, registry)
+        # The crash tests' kill points (bot.faults): inert unless LOCALBOT_KILL_AT is set.
+        core = ConversationCore(
+            settings, store, registry, kill_points=KillPoints.from_env(os.environ)
+        )
         await core.load_library()
         yield App(settings, registry, store, core)
     finally:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ai_model.base import ChatModel
 from bot.characters import Character, CharacterLibrary, shipped_characters
 from bot.fairness import LruDict, RateLimiter, Verdict
+from bot.faults import KillPoints
 from bot.history import HistoryCache
 from bot.library import Library
 from bot.lorebook import Lorebook
@@ -98,8 +99,10 @@ class ConversationState:
         models: ModelProvider,
         *,
         rng: random.Random | None = None,
+        kill_points: KillPoints | None = None,
     ) -> None:
         self.settings = settings
+        self.kill_points = kill_points or KillPoints()
         self.store = store
         self.models = models
         self.rng = rng or random.Random()
@@ -179,6 +182,8 @@ class ConversationState:
             reply_to_id=message.reply_to_id,
             in_context=message.in_context,
             swipe_of=message.swipe_of,
+            reply_state=message.reply_state,
+            delivered=message.delivered,
         )
         stored = replace(message, id=message_id)
         current = self._conversations.get(conv.key) or conv

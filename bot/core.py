@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,12 +22,22 @@ from bot.characters import Character
 from bot.commands import ConversationCommands
 from bot.conversations import STORAGE_ERRORS, ModelProvider, Ticket
 from bot.history import position
+from bot.limits import shorten
 from bot.lorebook import match_entries
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, clean_name
 from bot.scene import choose_speakers, clean_reply
 from bot.settings import ROLE_FOR_MODE, Mode
-from storage.store import ASSISTANT, NOTICE, USER, Conversation, StoredMessage
+from storage.store import (
+    ANSWERING,
+    ASSISTANT,
+    FAILED,
+    NOTICE,
+    RECEIVED,
+    USER,
+    Conversation,
+    StoredMessage,
+)
 
 __all__ = ["APOLOGY", "ConversationCore", "ModelProvider"]
 
@@ -54,7 +64,9 @@ RESTARTING = (
 class ConversationCore(ConversationCommands):
     """Turns incoming messages into streamed, persisted replies."""
 
-    async def respond(self, msg: IncomingMessage) -> AsyncIterator[OutgoingReply]:
+    async def respond(
+        self, msg: IncomingMessage, on_stored: Callable[[], None] | None = None
+    ) -> AsyncIterator[OutgoingReply]:
         """Store ``msg`` and, if it is for the bot, yield the streamed reply to it.
 
         A message is for the bot when the adapter says it addresses the bot (DM, mention, reply,
@@ -63,34 +75,50 @@ class ConversationCore(ConversationCommands):
         adapters can show a typing indicator at once; nothing is yielded for messages only
         stored.  A roleplay conversation that has not started yet first gets its greeting.
 
+        ``on_stored`` is called once the message is safely stored, or once it is clear that it
+        will not be (refused, or stored before: a platform may deliver a message twice after a
+        crash, and the second delivery is skipped).  Adapters confirm the message to the
+        platform only then.
+
         Refusals are notices: over the rate limit (the message is not stored), too many
         answers already queued here or for this user (stored, not answered), or a storage
         failure (nothing stored, the user is asked to send it again).
         """
+        settled = _Once(on_stored)
         key = msg.conversation_key
-        if self.closing:
-            yield self._notice(key, RESTARTING, msg.platform_message_id)
-            return
-        allowed, notice = self.admit(msg.platform, msg.author_id)
-        if not allowed:
-            if notice:
-                yield self._notice(key, notice, msg.platform_message_id)
-            return
-        channel = self._channel(key)
         ticket: Ticket | None = None
-        opening: OutgoingReply | None = None
-        refusal: str | None = None
-        user_key = f"{msg.platform}:{msg.author_id}"
         try:
+            if self.closing:
+                settled()
+                yield self._notice(key, RESTARTING, msg.platform_message_id)
+                return
+            self.kill_points.reached("received")
+            allowed, notice = self.admit(msg.platform, msg.author_id)
+            if not allowed:
+                settled()
+                if notice:
+                    yield self._notice(key, notice, msg.platform_message_id)
+                return
+            channel = self._channel(key)
+            opening: OutgoingReply | None = None
+            refusal: str | None = None
+            user_key = f"{msg.platform}:{msg.author_id}"
             # The intake lock is first come, first served: messages are stored, and their
             # answering turns taken, in arrival order.
             async with channel.intake:
                 try:
                     conv = await self.conversation(msg.platform, key)
+                    if await self._seen_before(conv, msg):
+                        return
                     roleplay = self.mode_of(conv, msg.is_dm) == "roleplay"
                     if roleplay and not conv.settings.get("opened"):
                         opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
                         conv = await self.conversation(msg.platform, key)
+                    reply_all = self.settings.platform(msg.platform).roleplay_reply_all
+                    named = roleplay and (reply_all or self._names_cast(conv, msg.text))
+                    wanted = msg.addresses_bot or named
+                    if wanted:
+                        refusal = self._queue_refusal(key, user_key)
                     storing = asyncio.ensure_future(
                         self._store(
                             conv,
@@ -101,6 +129,7 @@ class ConversationCore(ConversationCommands):
                                 author_id=msg.author_id,
                                 author_name=msg.author_name,
                                 platform_message_id=msg.platform_message_id,
+                                reply_state=RECEIVED if wanted and refusal is None else None,
                             ),
                         )
                     )
@@ -112,39 +141,95 @@ class ConversationCore(ConversationCommands):
                     log.error("could not store a message in %s: %s", key, exc)
                     refusal = NOT_STORED
                 else:
-                    user_id = user.id
-                    reply_all = self.settings.platform(msg.platform).roleplay_reply_all
-                    named = roleplay and (reply_all or self._names_cast(conv, msg.text))
-                    if msg.addresses_bot or named:
-                        refusal = self._queue_refusal(key, user_key)
-                        if refusal is None:
-                            ticket = self._ticket(key, user_key)
+                    if wanted and refusal is None:
+                        ticket = self._ticket(key, user_key)
+                finally:
+                    settled()
             if opening is not None:
                 yield opening
             if refusal is not None:
                 yield self._notice(key, refusal, msg.platform_message_id)
             if ticket is None:
                 return
+            self.kill_points.reached("stored")
             yield OutgoingReply(key, "", reply_to=msg.platform_message_id)
             await ticket.wait()
-            conv = self._conv(key)
-            mode = self.mode_of(conv, msg.is_dm)
-            if mode == "work":
-                speakers: list[Character | None] = [None]
-            else:
-                cast = self.cast_of(conv)
-                last = conv.settings.get("last_speaker")
-                speakers = list(choose_speakers(cast, msg.text, last, self.rng))
-            for char in speakers:
-                final: OutgoingReply | None = None
-                async for reply in self._answer(key, mode, user_id, char, msg.platform_message_id):
-                    final = reply
-                    yield reply
-                if final is None or final.kind is not ReplyKind.ANSWER:
-                    break  # a refusal or an apology ends the turn: the next would answer nothing
+            async for reply in self.answer_turn(
+                key, msg.is_dm, user.id, msg.text, msg.platform_message_id
+            ):
+                yield reply
         finally:
+            settled()
             if ticket is not None:
                 ticket.release()
+
+    async def _seen_before(self, conv: Conversation, msg: IncomingMessage) -> bool:
+        """Whether this platform message was stored already (delivered again after a crash:
+        it is answered, or recovered at start-up, from its first delivery)."""
+        if msg.platform_message_id is None:
+            return False
+        found = await self.store.find_platform_message(conv.id, msg.platform_message_id)
+        if found is not None:
+            log.info("%s: message %s was stored before; skipped", conv.key, msg.platform_message_id)
+        return found is not None
+
+    async def answer_turn(
+        self, key: str, is_dm: bool, user_id: int, text: str, reply_to: str | None
+    ) -> AsyncIterator[OutgoingReply]:
+        """The answers to stored message ``user_id``, once its turn has come.
+
+        Moves the message to answering, and to failed (with the reason) when the turn ends
+        with a notice instead of an answer; delivery reports move it to answered.
+        """
+        conv = self._conv(key)
+        mode = self.mode_of(conv, is_dm)
+        if mode == "work":
+            speakers: list[Character | None] = [None]
+        else:
+            cast = self.cast_of(conv)
+            last = conv.settings.get("last_speaker")
+            speakers = list(choose_speakers(cast, text, last, self.rng))
+        await self._set_state(user_id, ANSWERING)
+        answered = False
+        for char in speakers:
+            final: OutgoingReply | None = None
+            async for reply in self._answer(key, mode, user_id, char, reply_to):
+                if reply.final and reply.kind is not ReplyKind.ANSWER and not answered:
+                    await self._set_state(user_id, FAILED, f"{reply.kind.value}: {reply.text}")
+                final = reply
+                yield reply
+            if final is None or final.kind is not ReplyKind.ANSWER:
+                break  # a refusal or an apology ends the turn: the next would answer nothing
+            answered = True
+
+    async def _set_state(self, user_id: int, state: str, error: str | None = None) -> None:
+        try:
+            await self.store.set_reply_state(user_id, state, error=error and shorten(error, 500))
+        except STORAGE_ERRORS as exc:  # the answer matters more than its bookkeeping
+            log.warning("could not record message %s as %s: %s", user_id, state, exc)
+
+    # -- delivery reports (adapters.streaming.DeliveryTracker) -------------------------------
+
+    async def piece_sent(self, reply: OutgoingReply, pieces: list[str]) -> None:
+        """A new platform message of the answer to ``reply.answers`` is showing."""
+        if reply.answers is None or reply.kind is not ReplyKind.ANSWER:
+            return
+        try:
+            await self.store.set_reply_state(reply.answers, ANSWERING, pieces=pieces)
+        except STORAGE_ERRORS as exc:
+            log.warning("could not record the pieces of answer %s: %s", reply.answers, exc)
+        self.kill_points.reached("streaming")
+
+    async def delivered(self, reply: OutgoingReply, pieces: list[str]) -> None:
+        """The final text of a stored answer reached the platform."""
+        if reply.answers is None or reply.stored_id is None:
+            return
+        try:
+            await self.store.mark_delivered(
+                reply.stored_id, pieces[0] if pieces else None, reply.answers
+            )
+        except STORAGE_ERRORS as exc:
+            log.warning("could not record answer %s as delivered: %s", reply.stored_id, exc)
 
     def _names_cast(self, conv: Conversation, text: str) -> bool:
         return any(
@@ -265,7 +350,9 @@ class ConversationCore(ConversationCommands):
     ) -> AsyncIterator[OutgoingReply]:
         conv = self._conv(key)
         speaker = char.name if char is not None else None
-        base = OutgoingReply(key, "", speaker=speaker, reply_to=reply_to)
+        # A new version (/regenerate) answers nothing new: only first answers are tracked.
+        answers = user_id if swipe_of is None else None
+        base = OutgoingReply(key, "", speaker=speaker, reply_to=reply_to, answers=answers)
         sampling = self._sampling(mode, char)
         others: list[str] = []
         text = ""
@@ -305,6 +392,7 @@ class ConversationCore(ConversationCommands):
                     token_count=reply_tokens,
                     reply_to_id=user_id,
                     swipe_of=swipe_of,
+                    delivered=False if answers is not None else None,
                 ),
             )
             if swipe_of is not None:  # the new version is stored: now it may replace the old
@@ -320,6 +408,7 @@ class ConversationCore(ConversationCommands):
             self._encoder(model).remember_reply(stored, generated)
         if char is not None:
             await self._update_settings(conv.platform, key, last_speaker=char.name)
+        self.kill_points.reached("replied")
         yield replace(base, text=reply, final=True, stored_id=stored.id)
 
     async def _too_long(
@@ -351,6 +440,20 @@ class ConversationCore(ConversationCommands):
             self.history.forget(conv.key)
         await self.store.add_message(conv.id, NOTICE, notice, reply_to_id=user_id, in_context=False)
         return replace(base, text=notice, final=True, kind=ReplyKind.NOTICE)
+
+
+class _Once:
+    """Calls ``callback`` (if any) the first time it is called."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def __call__(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 def _trace(exc: BaseException) -> bool:

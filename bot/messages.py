@@ -68,3 +68,6 @@ class OutgoingReply:
     reply_to: str | None = None
     swipe: tuple[int, int] | None = None  # (version shown, versions stored), for swipes
     stored_id: int | None = None  # the database id of a final, stored reply
+    # The database id of the user message this answers: adapters report its delivery
+    # (``bot.core.ConversationCore.piece_sent`` / ``delivered``) so a restart can finish it.
+    answers: int | None = None

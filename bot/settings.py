@@ -109,6 +109,13 @@ class Settings:
     max_pending_per_user: int = 2
     # On SIGTERM/SIGINT, how long answers in flight may take to finish before the bot stops.
     shutdown_grace_s: int = 20
+    # At start-up, messages received this many seconds ago or less that never got a complete
+    # answer are answered; older ones get one "I was offline" notice (or nothing, when
+    # offline_notice is false).
+    recover_window: int = 3600
+    offline_notice: bool = True
+    # Discord: after a restart or a new session, messages missed per channel that are fetched.
+    catch_up_limit: int = 50
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -184,14 +191,29 @@ def parse_settings(
         "max_queued",
         "max_pending_per_user",
         "shutdown_grace_s",
+        "recover_window",
+        "offline_notice",
+        "catch_up_limit",
     }
     if unknown := sorted(set(bot) - known_bot):
         raise SettingsError(f"unknown setting(s) in [bot]: {', '.join(unknown)}")
-    limits = {
+    limits: dict[str, Any] = {
         key: _count(bot, key)
-        for key in ("rate_limit", "max_queued", "max_pending_per_user", "shutdown_grace_s")
+        for key in (
+            "rate_limit",
+            "max_queued",
+            "max_pending_per_user",
+            "shutdown_grace_s",
+            "catch_up_limit",
+        )
         if key in bot
     }
+    if "recover_window" in bot:
+        limits["recover_window"] = _duration(bot["recover_window"], "recover_window")
+    if "offline_notice" in bot:
+        if not isinstance(bot["offline_notice"], bool):
+            raise SettingsError("[bot] offline_notice must be true or false")
+        limits["offline_notice"] = bot["offline_notice"]
     for key in ("max_queued", "max_pending_per_user"):
         if limits.get(key, 1) < 1:
             raise SettingsError(f"[bot] {key} must be at least 1")
@@ -273,6 +295,19 @@ def _count(table: Mapping[str, Any], key: str) -> Any:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise SettingsError(f"[bot] {key} must be a whole number >= 0, not {value!r}")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(value: object, key: str) -> int:
+    """Seconds, from a whole number of seconds or a string like "90s", "30m", "1h", "2d"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    text = str(value).strip().lower()
+    if text[-1:] in _UNITS and text[:-1].strip().isdigit():
+        return int(text[:-1]) * _UNITS[text[-1]]
+    raise SettingsError(f'[bot] {key} must be seconds or a duration like "1h", not {value!r}')
 
 
 def _owner_ids(value: object) -> frozenset[str]:

@@ -104,9 +104,28 @@ def _add_cards_world_books_and_swipes(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE messages ADD COLUMN swipe_of INTEGER"))
 
 
+def _add_reply_states(conn: Connection) -> None:
+    # A user message that expects an answer moves through reply_state: received -> answering
+    # -> answered, or -> failed (reply_error says why).  reply_pieces lists the platform ids of
+    # the answer streamed so far, so a restart can edit them instead of leaving a stub.  A bot
+    # reply's delivered is false until its final text reached the platform.  Older rows keep
+    # NULL: they predate the states and are never recovered.
+    for statement in (
+        "ALTER TABLE messages ADD COLUMN reply_state VARCHAR(16)",
+        "ALTER TABLE messages ADD COLUMN reply_error TEXT",
+        "ALTER TABLE messages ADD COLUMN reply_pieces TEXT",
+        "ALTER TABLE messages ADD COLUMN delivered BOOLEAN",
+        "CREATE INDEX ix_messages_reply_state ON messages (reply_state, created_at)",
+        "CREATE INDEX ix_messages_platform_message_id "
+        "ON messages (conversation_id, platform_message_id)",
+    ):
+        conn.execute(text(statement))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
     Migration(2, "add_cards_world_books_and_swipes", _add_cards_world_books_and_swipes),
+    Migration(3, "add_reply_states", _add_reply_states),
 )
 
 

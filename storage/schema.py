@@ -61,7 +61,16 @@ messages = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     # Versions of one bot message (swipes) point at the first version's id.
     Column("swipe_of", Integer, nullable=True),
+    # User messages that expect an answer: received -> answering -> answered | failed.
+    Column("reply_state", String(16), nullable=True),
+    Column("reply_error", Text, nullable=True),
+    # JSON list of the platform ids showing the answer streamed so far (edited on recovery).
+    Column("reply_pieces", Text, nullable=True),
+    # Bot replies: whether the final text reached the platform (NULL: stored before states).
+    Column("delivered", Boolean, nullable=True),
     Index("ix_messages_conversation_id_id", "conversation_id", "id"),
+    Index("ix_messages_reply_state", "reply_state", "created_at"),
+    Index("ix_messages_platform_message_id", "conversation_id", "platform_message_id"),
 )
 
 

@@ -24,6 +24,13 @@ USER = "user"
 ASSISTANT = "assistant"
 NOTICE = "notice"
 
+# The life of a user message that expects an answer (messages.reply_state).
+RECEIVED = "received"  # stored, waiting for its turn
+ANSWERING = "answering"  # the model is writing the answer, or it is being delivered
+ANSWERED = "answered"  # a complete answer reached the platform
+FAILED = "failed"  # the user got a notice instead (reply_error says why)
+OPEN_STATES = (RECEIVED, ANSWERING)
+
 T = TypeVar("T")
 # A busy or locked database is waited out: SQLite's own busy timeout first, then these pauses.
 BUSY_RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.0, 4.0)
@@ -63,6 +70,8 @@ class StoredMessage:
     in_context: bool = True
     platform_message_id: str | None = None
     swipe_of: int | None = None
+    reply_state: str | None = None
+    delivered: bool | None = None
 
     @property
     def swipe_group(self) -> int:
@@ -99,7 +108,19 @@ def _message(r: Row[Any]) -> StoredMessage:
         in_context=r.in_context,
         platform_message_id=r.platform_message_id,
         swipe_of=r.swipe_of,
+        reply_state=r.reply_state,
+        delivered=r.delivered,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Unanswered:
+    """A user message whose answer never completed: what a restart must finish."""
+
+    message: StoredMessage
+    conversation_key: str
+    platform: str
+    pieces: tuple[str, ...]  # platform ids of the answer streamed before the stop
 
 
 class Store:
@@ -253,6 +274,8 @@ class Store:
         reply_to_id: int | None = None,
         in_context: bool = True,
         swipe_of: int | None = None,
+        reply_state: str | None = None,
+        delivered: bool | None = None,
     ) -> int:
         """Store a message and return its id once it is committed.
 
@@ -271,6 +294,10 @@ class Store:
             reply_to_id=reply_to_id,
             in_context=in_context,
             swipe_of=swipe_of,
+            reply_state=reply_state,
+            reply_error=None,
+            reply_pieces=None,
+            delivered=delivered,
             created_at=_now(),
         )
         done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -347,11 +374,128 @@ class Store:
         return ids
 
     async def update_message(self, message_id: int, **values: Any) -> None:
-        allowed = {"token_count", "in_context", "platform_message_id", "text", "swipe_of"}
+        allowed = {
+            "token_count",
+            "in_context",
+            "platform_message_id",
+            "text",
+            "swipe_of",
+            "reply_state",
+            "reply_error",
+            "delivered",
+        }
         if unknown := set(values) - allowed:
             raise ValueError(f"cannot update message field(s): {sorted(unknown)}")
         statement = update(messages).where(messages.c.id == message_id).values(**values)
         await self._write(lambda conn: conn.execute(statement))
+
+    # -- reply states ---------------------------------------------------------------------------
+
+    async def set_reply_state(
+        self,
+        message_id: int,
+        state: str,
+        *,
+        error: str | None = None,
+        pieces: list[str] | None = None,
+    ) -> None:
+        """Move a user message to ``state``; ``pieces`` replaces the streamed ids when given."""
+        values: dict[str, Any] = {"reply_state": state, "reply_error": error}
+        if pieces is not None:
+            values["reply_pieces"] = json.dumps(pieces) if pieces else None
+        statement = update(messages).where(messages.c.id == message_id).values(**values)
+        await self._write(lambda conn: conn.execute(statement))
+
+    async def mark_delivered(self, reply_id: int, platform_id: str | None, answers: int) -> None:
+        """Reply ``reply_id`` reached the platform: it and its question are done, together."""
+
+        async def work(conn: AsyncConnection) -> None:
+            values: dict[str, Any] = {"delivered": True}
+            if platform_id:
+                values["platform_message_id"] = platform_id
+            await conn.execute(update(messages).where(messages.c.id == reply_id).values(**values))
+            await conn.execute(
+                update(messages)
+                .where(messages.c.id == answers)
+                .values(reply_state=ANSWERED, reply_error=None, reply_pieces=None)
+            )
+
+        await self._write(work)
+
+    async def find_platform_message(
+        self, conversation_id: int, platform_message_id: str
+    ) -> StoredMessage | None:
+        """The user message stored for a platform message, if it was stored before."""
+        query = select(messages).where(
+            messages.c.conversation_id == conversation_id,
+            messages.c.platform_message_id == platform_message_id,
+            messages.c.role == USER,
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query.limit(1))).first()
+        return _message(row) if row is not None else None
+
+    async def unanswered(
+        self, platform: str, *, since: datetime | None = None, before: datetime | None = None
+    ) -> list[Unanswered]:
+        """User messages of ``platform`` still received or answering, oldest first."""
+        query = (
+            select(messages, conversations.c.key, conversations.c.platform.label("conv_platform"))
+            .join(conversations, conversations.c.id == messages.c.conversation_id)
+            .where(
+                conversations.c.platform == platform,
+                messages.c.role == USER,
+                messages.c.reply_state.in_(OPEN_STATES),
+            )
+            .order_by(messages.c.id)
+        )
+        if since is not None:
+            query = query.where(messages.c.created_at >= since)
+        if before is not None:
+            query = query.where(messages.c.created_at < before)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            Unanswered(
+                _message(r), r.key, r.conv_platform, tuple(json.loads(r.reply_pieces or "[]"))
+            )
+            for r in rows
+        ]
+
+    async def replies_to(self, message_id: int) -> list[StoredMessage]:
+        """The bot replies stored for one user message (every version), oldest first."""
+        query = (
+            select(messages)
+            .where(messages.c.reply_to_id == message_id, messages.c.role == ASSISTANT)
+            .order_by(messages.c.id)
+        )
+        async with self.engine.connect() as conn:
+            return [_message(r) for r in (await conn.execute(query)).all()]
+
+    async def recent_channels(
+        self, platform: str, since: datetime, limit: int
+    ) -> list[tuple[str, str]]:
+        """(conversation key, platform id of its newest stored user message) for the
+        ``limit`` conversations of ``platform`` most recently active since ``since``."""
+        newest = (
+            select(
+                messages.c.conversation_id,
+                func.max(messages.c.id).label("last_id"),
+            )
+            .where(messages.c.role == USER, messages.c.platform_message_id.is_not(None))
+            .group_by(messages.c.conversation_id)
+            .subquery()
+        )
+        query = (
+            select(conversations.c.key, messages.c.platform_message_id)
+            .join(newest, newest.c.conversation_id == conversations.c.id)
+            .join(messages, messages.c.id == newest.c.last_id)
+            .where(conversations.c.platform == platform, messages.c.created_at >= since)
+            .order_by(newest.c.last_id.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [(r.key, str(r.platform_message_id)) for r in (await conn.execute(query))]
 
     async def history(
         self, conversation_id: int, *, after_id: int = 0, upto_id: int | None = None

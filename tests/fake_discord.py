@@ -10,7 +10,6 @@ an "Unknown Webhook" (10015) error.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ CHANNEL_NO_HOOKS = "2003"  # the bot may not manage webhooks here
 CHANNEL_LOCKED = "2004"  # the mods role is denied Manage Channels here (an overwrite)
 THREAD = "2101"  # a thread under the roleplay channel
 MAX_CONTENT = 2000
+DISCORD_EPOCH_MS = 1420070400000
 DM_CHANNEL = "3001"  # any channel id starting with 3 is a DM (one per user, as on Discord)
 
 
@@ -99,7 +99,10 @@ class Posted:
 
 class FakeDiscord:
     def __init__(self) -> None:
-        self._ids = itertools.count(10**17)
+        self._last_id = 0
+        # User messages as Discord stores them, by channel: what channel history returns.
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.deleted: list[Posted] = []
         self.posted: list[Posted] = []
         self.commands: dict[str, list[dict[str, Any]]] = {}  # scope -> commands
         self.callbacks: list[dict[str, Any]] = []
@@ -120,7 +123,11 @@ class FakeDiscord:
     # -- helpers for tests ------------------------------------------------------------------
 
     def new_id(self) -> str:
-        return str(next(self._ids))
+        """A snowflake: milliseconds since Discord's epoch in the high bits, as discord.py
+        reads a message's creation time from it."""
+        stamp = (int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22
+        self._last_id = max(stamp, self._last_id + 1)
+        return str(self._last_id)
 
     @property
     def api_url(self) -> str:
@@ -301,9 +308,14 @@ class FakeDiscord:
         mention_bot: bool = False,
         reply_to: str | None = None,
         admin: bool = False,
+        offline: bool = False,
         **extra: Any,
     ) -> str:
-        """A user (or bot/webhook, via ``extra``) posts a message; returns its id."""
+        """A user (or bot/webhook, via ``extra``) posts a message; returns its id.
+
+        ``offline``: the message is stored in the channel's history but not dispatched, as
+        for a bot that is not connected.
+        """
         mid = self.new_id()
         if mention_bot:
             content = f"<@{APP_ID}> {content}"
@@ -323,7 +335,9 @@ class FakeDiscord:
                 "guild_id": GUILD,
             }
             data["referenced_message"] = self._posted_json(original)
-        await self.dispatch("MESSAGE_CREATE", data)
+        self.history.setdefault(channel_id, []).append(data)
+        if not offline:
+            await self.dispatch("MESSAGE_CREATE", data)
         return mid
 
     async def command(
@@ -450,6 +464,9 @@ class FakeDiscord:
                 await self.dispatch("READY", ready)
                 await self.dispatch("GUILD_CREATE", self.guild_json())
                 self.identified.set()
+        if self._ws is ws:  # the bot went away
+            self._ws = None
+            self.identified.clear()
         return ws
 
     @staticmethod
@@ -561,7 +578,7 @@ class FakeDiscord:
             self.commands[scope] = commands
             return self._json(commands)
         if parts[0] == "channels":
-            return await self._channels(method, parts, body)
+            return await self._channels(method, parts, body, q)
         if parts[0] == "webhooks":
             return await self._webhook_call(method, parts, body, q)
         if parts[0] == "interactions":
@@ -583,8 +600,43 @@ class FakeDiscord:
             )
         return None
 
-    async def _channels(self, method: str, parts: list[str], body: dict[str, Any]) -> web.Response:
+    def channel_json(self, cid: str) -> dict[str, Any]:
+        if is_dm(cid):
+            user_id = str(int(cid) + 10)  # a DM channel's one recipient
+            return {"id": cid, "type": 1, "recipients": [user(user_id, "DM user")]}
+        found = [c for c in self.guild_json()["channels"] if c["id"] == cid]
+        return found[0] if found else {}
+
+    def _history(self, cid: str, q: Any) -> web.Response:
+        """GET /channels/{id}/messages: newest first, ``limit`` of those after ``after``."""
+        messages = [*self.history.get(cid, []), *map(self._posted_json, self.in_channel(cid))]
+        messages.sort(key=lambda m: int(m["id"]))
+        limit = int(q.get("limit", 50))
+        if "after" in q:
+            messages = [m for m in messages if int(m["id"]) > int(q["after"])][:limit]
+        else:
+            if "before" in q:
+                messages = [m for m in messages if int(m["id"]) < int(q["before"])]
+            messages = messages[-limit:]
+        self.requests.append(("HISTORY", cid))
+        return self._json(list(reversed(messages)))
+
+    async def _channels(
+        self, method: str, parts: list[str], body: dict[str, Any], q: Any = None
+    ) -> web.Response:
         cid = parts[1]
+        if len(parts) == 2 and method == "GET":
+            channel = self.channel_json(cid)
+            if not channel:
+                return self._json({"message": "Unknown Channel", "code": 10003}, 404)
+            return self._json(channel)
+        if parts[2:] == ["messages"] and method == "GET":
+            return self._history(cid, q or {})
+        if len(parts) == 4 and parts[2] == "messages" and method == "DELETE":
+            posted = self.find(parts[3])
+            self.posted.remove(posted)
+            self.deleted.append(posted)
+            return web.Response(status=204)
         if parts[2:] == ["typing"]:
             self.typing.append(cid)
             return web.Response(status=204)
@@ -639,6 +691,11 @@ class FakeDiscord:
             )
             self.posted.append(posted)
             return self._json(self._posted_json(posted))
+        if method == "DELETE" and parts[3] == "messages":
+            posted = self.find(parts[4])
+            self.posted.remove(posted)
+            self.deleted.append(posted)
+            return web.Response(status=204)
         if method == "PATCH" and parts[3] == "messages":
             posted = self.find(parts[4])
             posted.edits.append(body.get("content") or "")

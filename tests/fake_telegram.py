@@ -82,10 +82,14 @@ class FakeTelegram:
         # An outage: these methods answer 500 until down_until (time.monotonic()).
         self.down_methods = {"sendMessage", "editMessageText"}
         self.down_until = 0.0
+        # "500": refused at once; "mixed": every other call hangs past the client's timeout.
+        self.down_kind = "500"
+        self._down_calls = 0
         self.files: dict[str, bytes] = {}  # file_id -> content, for getFile and downloads
         self.flood_retry_after = 1
         self._next_update = 1
         self.confirmed = 0
+        self.deleted: list[SentMessage] = []
         self._next_message = 1000
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -225,6 +229,10 @@ class FakeTelegram:
         if method != "getUpdates":
             self.calls.append((method, params))
         if method in self.down_methods and time.monotonic() < self.down_until:
+            self._down_calls += 1
+            if self.down_kind == "mixed" and self._down_calls % 2:
+                await asyncio.sleep(max(0.0, self.down_until - time.monotonic()))
+                return self._error(504, "Gateway Timeout: forced outage")
             return self._error(500, "Internal Server Error: forced outage")
         fault = self.fail_next.get(method)
         if fault == "error":
@@ -336,6 +344,14 @@ class FakeTelegram:
         self._next_message += 1
         self.sent.append(message)
         return self._ok(self._message_json(message))
+
+    async def _m_deleteMessage(self, p: dict[str, Any]) -> web.Response:
+        found = [m for m in self.sent if m.message_id == int(p["message_id"])]
+        if not found:
+            return self._error(400, "Bad Request: message to delete not found")
+        self.sent.remove(found[0])
+        self.deleted.append(found[0])
+        return self._ok(True)
 
     async def _m_editMessageText(self, p: dict[str, Any]) -> web.Response:
         text, parse_mode = str(p["text"]), p.get("parse_mode")

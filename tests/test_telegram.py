@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from adapters.streaming import StreamLimits
 from adapters.telegram import COMMANDS, TelegramAdapter
@@ -60,6 +61,14 @@ async def bot(
     for adapter, task in running:
         await adapter.stop()
         await asyncio.wait_for(task, 10)
+
+
+async def reply_state(store: Store, message_id: int) -> str | None:
+    async with store.engine.connect() as conn:
+        found = await conn.execute(
+            text("SELECT reply_state FROM messages WHERE id = :id"), {"id": message_id}
+        )
+        return found.scalar_one_or_none()
 
 
 def last_text(server: FakeTelegram, chat_id: int) -> str:
@@ -379,10 +388,17 @@ async def test_an_outage_does_not_cost_the_reply_it_is_stored_then_delivered_onc
 ) -> None:
     server, office, _, core = await bot(office_script=["Here is the whole answer, at last."])
     office.delay = 0.01
-    server.down_until = time.monotonic() + 3.0  # sends and edits answer 500 meanwhile
+    # For 30 s, sends and edits fail: half with a 500, half hanging until the client's
+    # timeout gives up on them.
+    server.down_kind = "mixed"
+    server.down_until = time.monotonic() + 30.0
     server.push(DM, ANN, "Ann", "Are you there?")
     conv = await core.conversation("telegram", f"telegram:{DM}")
     assert await stored_replies(store, conv.id) == ["Here is the whole answer, at last."]
-    assert time.monotonic() < server.down_until  # stored while the platform was down
-    await server.wait_for(lambda: server.bot_messages(DM), 30)
+    assert time.monotonic() < server.down_until - 25  # stored at once, the platform down
+    await server.wait_for(lambda: server.bot_messages(DM), 120)
+    assert time.monotonic() >= server.down_until
+    await asyncio.sleep(0.5)
     assert [m.text for m in server.bot_messages(DM)] == ["Here is the whole answer, at last."]
+    (user,) = [m for m in await store.history(conv.id) if m.role == "user"]
+    assert await reply_state(store, user.id) == "answered"

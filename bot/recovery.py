@@ -1,0 +1,153 @@
+"""Finishing, after a restart, the answers a crash or a stop left undone.
+
+Every user message that expects an answer carries its reply state in storage (received →
+answering → answered, or failed).  At start-up each platform adapter asks :class:`Recovery`
+for the messages of its platform still received or answering:
+
+- those within ``[bot] recover_window`` are answered once, in their conversation's order: a
+  stored but undelivered answer is delivered, otherwise the answer is written again; either
+  edits the messages a cut-off stream left on the platform (``pieces``) or quotes the message;
+- older ones are closed as failed, and each conversation gets one short "I was offline" notice
+  (or none, with ``offline_notice = false``).
+
+Discord also fetches the messages that arrived while the bot was away (:meth:`catch_up_points`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from bot.conversations import STORAGE_ERRORS, Ticket
+from bot.core import ConversationCore
+from bot.messages import OutgoingReply, ReplyKind
+from storage.store import ANSWERED, FAILED, Unanswered
+
+log = logging.getLogger(__name__)
+
+OFFLINE = (
+    "Sorry, I was offline when you sent this and could not answer it then. "
+    "If you still need an answer, please send it again."
+)
+MAX_OFFLINE_NOTICES = 100  # per start: a long outage must not turn into a flood of notices
+# Discord catch-up: channels with a stored user message in the last week, at most this many.
+CATCH_UP_ACTIVE = timedelta(days=7)
+MAX_CATCH_UP_CHANNELS = 200
+
+
+@dataclass(slots=True)
+class Resumable:
+    """One message to answer again, holding its place in its conversation's queue."""
+
+    item: Unanswered
+    ticket: Ticket
+
+    @property
+    def conversation_key(self) -> str:
+        return self.item.conversation_key
+
+    @property
+    def platform_message_id(self) -> str | None:
+        return self.item.message.platform_message_id
+
+    @property
+    def pieces(self) -> tuple[str, ...]:
+        return self.item.pieces
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryPlan:
+    resume: list[Resumable]
+    notices: list[OutgoingReply]  # one "I was offline" per conversation with older messages
+
+
+class Recovery:
+    """What one platform must finish after a restart, and the answers that finish it."""
+
+    def __init__(self, core: ConversationCore) -> None:
+        self.core = core
+
+    def _window_start(self) -> datetime:
+        return datetime.now(UTC) - timedelta(seconds=self.core.settings.recover_window)
+
+    async def plan(self, platform: str) -> RecoveryPlan:
+        """The unfinished messages of ``platform``; each recent one takes its answering turn
+        now, so that it is answered before anything that arrives after the restart."""
+        since = self._window_start()
+        store = self.core.store
+        recent = await store.unanswered(platform, since=since)
+        # Synchronously after the query: no new message can take a turn in between.
+        resume = [Resumable(item, self.core._ticket(item.conversation_key)) for item in recent]
+        older = await store.unanswered(platform, before=since)
+        notices: dict[str, OutgoingReply] = {}
+        for item in older:
+            await store.set_reply_state(item.message.id, FAILED, error="offline", pieces=[])
+            key = item.conversation_key
+            if self.core.settings.offline_notice and len(notices) < MAX_OFFLINE_NOTICES:
+                notices[key] = OutgoingReply(
+                    key,
+                    OFFLINE,
+                    final=True,
+                    kind=ReplyKind.NOTICE,
+                    reply_to=item.message.platform_message_id,
+                )
+        if resume or older:
+            log.info(
+                "%s: %d unanswered message(s) to finish, %d older one(s) closed (%d notice(s))",
+                platform,
+                len(resume),
+                len(older),
+                len(notices),
+            )
+        return RecoveryPlan(resume, list(notices.values()))
+
+    async def resume(self, job: Resumable, is_dm: bool) -> AsyncIterator[OutgoingReply]:
+        """The answer to one unfinished message, to stream with ``resume=job.pieces``."""
+        core, item = self.core, job.item
+        message = item.message
+        key = item.conversation_key
+        try:
+            await job.ticket.wait()
+            conv = await core.conversation(item.platform, key)
+            if message.id <= conv.reset_after_id:
+                # Reset since: the answer would belong to a conversation that is over.
+                await core.store.set_reply_state(message.id, FAILED, error="reset", pieces=[])
+                return
+            replies = await core.store.replies_to(message.id)
+            pending = [r for r in replies if r.delivered is False and r.in_context]
+            if pending:  # written before the stop, never shown in full: show it now
+                for stored in pending:
+                    yield OutgoingReply(
+                        key,
+                        stored.text,
+                        final=True,
+                        speaker=stored.author_name,
+                        reply_to=message.platform_message_id,
+                        stored_id=stored.id,
+                        answers=message.id,
+                    )
+                return
+            if replies and not job.pieces:  # answered; only the bookkeeping was cut off
+                await core.store.set_reply_state(message.id, ANSWERED, pieces=[])
+                return
+            yield OutgoingReply(key, "", reply_to=message.platform_message_id)
+            async for reply in core.answer_turn(
+                key, is_dm, message.id, message.text, message.platform_message_id
+            ):
+                yield reply
+        except STORAGE_ERRORS as exc:
+            log.error("%s: could not finish message %s: %s", key, message.id, exc)
+        finally:
+            job.ticket.release()
+
+    async def catch_up_points(self, platform: str) -> list[tuple[str, str]]:
+        """(conversation key, platform id of its newest stored user message) of the channels
+        to look through for messages that arrived while the bot was away."""
+        since = datetime.now(UTC) - CATCH_UP_ACTIVE
+        return await self.core.store.recent_channels(platform, since, MAX_CATCH_UP_CHANNELS)
+
+    def window_start(self) -> datetime:
+        """Messages older than this are not caught up."""
+        return self._window_start()

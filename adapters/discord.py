@@ -201,6 +201,7 @@ class DiscordAdapter:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.close()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
@@ -247,15 +248,7 @@ class DiscordAdapter:
             )
             job.ticket.release()
             return
-        quote = job.platform_message_id
-        reference = (
-            discord.MessageReference(
-                message_id=int(quote), channel_id=channel.id, fail_if_not_exists=False
-            )
-            if quote and quote.isdigit()
-            else None
-        )
-        sink = _ChannelSink(self, channel, reference=reference)
+        sink = _ChannelSink(self, channel, reference=_quote(channel, job.platform_message_id))
         is_dm = isinstance(channel, discord.DMChannel)
         await self._stream(channel, self.recovery.resume(job, is_dm), sink, resume=job.pieces)
 
@@ -635,15 +628,25 @@ class DiscordAdapter:
 
     async def send(self, reply: OutgoingReply) -> SentMessage:
         """Send a whole reply to its channel (split at Discord's limit)."""
-        channel = self.client.get_channel(int(reply.conversation_key.split(":", 1)[1]))
-        ids = await stream_reply(single(reply), _ChannelSink(self, channel), self.limits)
+        channel = await self._channel(reply.conversation_key)
+        sink = _ChannelSink(self, channel, reference=_quote(channel, reply.reply_to))
+        ids = await stream_reply(single(reply), sink, self.limits)
         return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
 
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
-        channel = self.client.get_channel(int(reply.conversation_key.split(":", 1)[1]))
+        channel = await self._channel(reply.conversation_key)
         chunk = (split_message(reply.text, MAX_MESSAGE_CHARS) or [reply.text])[0]
         await _ChannelSink(self, channel).edit_chunk(sent.message_id, chunk, reply, reply.final)
         return SentMessage(sent.conversation_key, sent.message_id, chunk)
+
+
+def _quote(channel: Any, message_id: str | None) -> discord.MessageReference | None:
+    """A reply reference to a user's message that may be gone by now."""
+    if not message_id or not message_id.isdigit():
+        return None
+    return discord.MessageReference(
+        message_id=int(message_id), channel_id=channel.id, fail_if_not_exists=False
+    )
 
 
 class _ChannelSink:

@@ -7,8 +7,10 @@ and when to edit, so the throttling and splitting rules live in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -141,7 +143,7 @@ async def stream_reply(
             if tracker is not None and reply.answers is not None:
                 await tracker.delivered(reply, [m for m, _ in shown])
 
-    async for reply in replies:
+    async for reply in _ahead(replies):
         if broken:
             if reply.final:
                 undelivered.append((reply, sent))
@@ -176,6 +178,50 @@ async def stream_reply(
     for reply, shown in undelivered:
         await _with_retries(write, reply, shown, limits)
     return all_ids
+
+
+async def _ahead(replies: AsyncIterator[OutgoingReply]) -> AsyncIterator[OutgoingReply]:
+    """``replies``, read to the end in a task of their own as fast as they come.
+
+    A slow or hanging platform call then never holds up the generation or the storing of the
+    reply.  A snapshot the writer had no time for is replaced by the next one (each carries
+    the whole text so far); final snapshots are always kept, in order.
+    """
+    buffer: deque[OutgoingReply] = deque()
+    ready = asyncio.Event()
+    finished = False
+    failure: Exception | None = None
+
+    async def pump() -> None:
+        nonlocal finished, failure
+        try:
+            async for reply in replies:
+                if buffer and not buffer[-1].final and not reply.final:
+                    buffer[-1] = reply
+                else:
+                    buffer.append(reply)
+                ready.set()
+        except Exception as exc:  # the writer re-raises it once it has caught up
+            failure = exc
+        finally:
+            finished = True
+            ready.set()
+
+    task = asyncio.create_task(pump())
+    try:
+        while buffer or not finished:
+            if not buffer:
+                ready.clear()
+                await ready.wait()
+                continue
+            yield buffer.popleft()
+        if failure is not None:
+            raise failure
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _with_retries(

@@ -212,8 +212,11 @@ class TelegramAdapter:
             await self._stopped.wait()
         finally:
             await self.stop_intake()
+            # Handlers still running (their answers past the grace period) stop here, and
+            # are waited for: none may touch the database after it is closed.
             for task in list(self._tasks):
                 task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             if self.app.running:
                 await self.app.stop()
             await self.app.shutdown()
@@ -344,7 +347,8 @@ class TelegramAdapter:
     async def send(self, reply: OutgoingReply) -> SentMessage:
         """Send a whole reply (split at Telegram's limit); returns its first message."""
         chat_id = self._chat_id(reply.conversation_key)
-        ids = await stream_reply(single(reply), _ChatSink(self, chat_id, None), self.limits)
+        quote = int(reply.reply_to) if reply.reply_to and reply.reply_to.isdigit() else None
+        ids = await stream_reply(single(reply), _ChatSink(self, chat_id, quote), self.limits)
         return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
 
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:

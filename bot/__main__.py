@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ai_model.base import ModelError
 from bot.settings import Settings, SettingsError, load_settings
+from bot.shutdown import Shutdown
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _dispatch(command: str, settings: Settings, args: argparse.Namespace) -> int:
+def _dispatch(
+    command: str, settings: Settings, args: argparse.Namespace, shutdown: Shutdown | None = None
+) -> int:
     from ai_model.registry import ModelRegistry
     from bot import app
 
@@ -78,12 +81,16 @@ def _dispatch(command: str, settings: Settings, args: argparse.Namespace) -> int
     if command == "console":
         asyncio.run(app.run_console(settings))
     else:
-        asyncio.run(app.run_platforms(settings))
+        asyncio.run(app.run_platforms(settings, shutdown))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    shutdown = None
+    if (args.command or "run") == "run":
+        shutdown = Shutdown()
+        shutdown.install_early()  # a stop during start-up is a graceful one too
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -91,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = load_settings(args.config)
-        return _dispatch(args.command or "run", settings, args)
+        return _dispatch(args.command or "run", settings, args, shutdown)
     except SettingsError as exc:
         print(f"error: settings: {exc}", file=sys.stderr)
         return 2

@@ -62,8 +62,11 @@ async def run_console(settings: Settings) -> None:
         await ConsoleAdapter(app.core, sys.stdin, sys.stdout).start()
 
 
-async def run_platforms(settings: Settings) -> None:
-    """Run every platform with a token in the environment; the console when there is none."""
+async def run_platforms(settings: Settings, shutdown: Shutdown | None = None) -> None:
+    """Run every platform with a token in the environment; the console when there is none.
+
+    ``shutdown`` may have caught a stop signal already (installed before the loop started).
+    """
     if not any(settings.platform(name).token for name in ("discord", "telegram")):
         log.info("no DISCORD_TOKEN or TELEGRAM_BOT_TOKEN set: opening the console chat")
         await run_console(settings)
@@ -80,12 +83,11 @@ async def run_platforms(settings: Settings) -> None:
             adapters.append(DiscordAdapter(app.core, settings.platform("discord")))
         if not adapters:
             return
-        await _serve(app, adapters)
+        await _serve(app, adapters, shutdown or Shutdown())
 
 
-async def _serve(app: App, adapters: list[Adapter]) -> None:
+async def _serve(app: App, adapters: list[Adapter], shutdown: Shutdown) -> None:
     """Run the adapters until they end or a stop signal asks for a graceful stop."""
-    shutdown = Shutdown()
     shutdown.install()
     running = [asyncio.create_task(adapter.start()) for adapter in adapters]
     stop = asyncio.create_task(shutdown.requested.wait())

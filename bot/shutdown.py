@@ -23,11 +23,22 @@ class Shutdown:
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
+        self._early: signal.Signals | None = None
+
+    def install_early(self) -> None:
+        """Catch SIGTERM before the event loop runs (imports, settings, opening the
+        database), so that a stop asked for during start-up is still a graceful one."""
+        signal.signal(signal.SIGTERM, self._on_early_signal)
+
+    def _on_early_signal(self, signum: int, _frame: object) -> None:
+        self._early = signal.Signals(signum)
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self._early is not None:
+            self._on_signal(self._early)
 
     def uninstall(self) -> None:
         loop = asyncio.get_running_loop()

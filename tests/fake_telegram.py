@@ -158,6 +158,15 @@ class FakeTelegram:
         self.new_update.set()
         return message_id
 
+    def redeliver(self, message_id: int) -> None:
+        """Deliver a user message again under a new update id (as after a lost confirmation)."""
+        update = next(
+            u for u in self.updates if u.get("message", {}).get("message_id") == message_id
+        )
+        self.updates.append({**update, "update_id": self._next_update})
+        self._next_update += 1
+        self.new_update.set()
+
     def bot_messages(self, chat_id: int) -> list[SentMessage]:
         return [m for m in self.sent if m.chat_id == chat_id]
 

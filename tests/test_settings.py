@@ -49,11 +49,20 @@ def test_environment_supplies_secrets_database_and_api_urls() -> None:
         ({"platforms": {"telegram": {"default_mode": "party"}}}, "roleplay' or 'work'"),
         ({"models": {"office": {"kv_cache_type": "f8"}}}, "kv_cache_type"),
         ({"bot": {"default_character": "Nobody"}}, "Nobody"),
+        ({"bot": {"recover_window": "soon"}}, "recover_window"),
+        ({"bot": {"offline_notice": "yes"}}, "offline_notice"),
+        ({"bot": {"catch_up_limit": -1}}, "catch_up_limit"),
     ],
 )
 def test_invalid_settings_are_reported_clearly(raw: dict[str, object], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         parse_settings(raw, env={})
+
+
+def test_recover_window_takes_seconds_or_a_duration() -> None:
+    assert parse_settings({}, env={}).recover_window == 3600  # an hour by default
+    for value, seconds in (("30m", 1800), ("2h", 7200), ("90s", 90), ("1d", 86400), (600, 600)):
+        assert parse_settings({"bot": {"recover_window": value}}, env={}).recover_window == seconds
 
 
 def test_shipped_example_parses_to_the_defaults() -> None:

@@ -16,5 +16,6 @@ lint: bootstrap
 	$(PY) -m ruff format --check $(PACKAGES) tests
 	$(PY) -m mypy
 
+# The storage and core tests also run on a throwaway PostgreSQL (installed when missing).
 test: lint
-	$(PY) -m pytest
+	LOCALBOT_PG_BIN="$$(scripts/ensure_postgres.sh)" $(PY) -m pytest

@@ -22,7 +22,8 @@ def make_settings(tmp_path: Path, raw: Mapping[str, Any] | None = None, **change
     settings = parse_settings(raw or {}, env={})
     # Tests send bursts no person would; the fair-share limits have tests of their own.
     changes.setdefault("rate_limit", 0)
-    return replace(settings, database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", **changes)
+    changes.setdefault("database_url", f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    return replace(settings, **changes)
 
 
 @pytest.fixture(autouse=True)
@@ -31,9 +32,35 @@ def _work_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """One throwaway PostgreSQL server for the session (``tests.postgres``)."""
+    from tests.postgres import start_server
+
+    yield from start_server()
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path)
+def backend() -> str:
+    """The database the ``settings`` point at.  Modules whose tests must hold on both
+    override it: ``@pytest.fixture(params=BACKENDS)``."""
+    return "sqlite"
+
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture
+async def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "postgresql":
+        server = request.getfixturevalue("postgres")
+        return str(await server.new_database())
+    return f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return make_settings(tmp_path, database_url=database_url)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
+import pytest
+
 from ai_model.base import ChatModel, GenerationError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
@@ -16,7 +18,13 @@ from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import Settings
 from storage import Store, open_database
 from storage.store import ASSISTANT, USER
-from tests.conftest import FixedModels
+from tests.conftest import BACKENDS, FixedModels
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here that uses the database runs on SQLite and on PostgreSQL."""
+    return str(request.param)
 
 
 def text_of(prompt: Sequence[int]) -> str:

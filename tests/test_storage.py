@@ -1,14 +1,26 @@
-"""Storage on a real SQLite file: migrations, WAL, persistence, ordering and reset."""
+"""Storage on a real SQLite file and a real PostgreSQL: migrations, persistence, ordering,
+reset, reply states, and two processes writing at once."""
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from storage import Store, open_database
 from storage.migrations import MIGRATIONS
-from storage.store import ASSISTANT, USER
+from storage.store import ANSWERING, ASSISTANT, RECEIVED, USER
+from tests.conftest import BACKENDS
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here that uses the database runs on SQLite and on PostgreSQL."""
+    return str(request.param)
 
 
 async def test_migrations_run_once_in_order_and_enable_wal(tmp_path: Path) -> None:
@@ -87,3 +99,68 @@ async def test_out_of_context_messages_are_stored_but_not_in_history(store: Stor
     await store.update_message(mid, in_context=False)
     assert await store.history(conv.id) == []
     assert await store.count_messages(conv.id) == 1
+
+
+async def test_migrations_run_once_on_postgresql(postgres: Any) -> None:
+    url = await postgres.new_database()
+    for _ in range(2):  # the second start finds everything applied
+        engine = await open_database(url)
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT version, name FROM schema_migrations"))).all()
+            tables = {
+                r[0]
+                for r in await conn.execute(
+                    text("SELECT table_name FROM information_schema.tables")
+                )
+            }
+        await engine.dispose()
+        assert sorted(tuple(r) for r in rows) == [(m.version, m.name) for m in MIGRATIONS]
+        assert {"conversations", "messages", "characters", "world_books"} <= tables
+
+
+async def test_reply_states_and_recovery_queries(store: Store) -> None:
+    conv = await store.conversation("telegram", "telegram:7")
+    asked = await store.add_message(
+        conv.id, USER, "question", platform_message_id="70", reply_state=RECEIVED
+    )
+    other = await store.add_message(conv.id, USER, "aside", platform_message_id="71")
+    assert [u.message.id for u in await store.unanswered("telegram")] == [asked]
+    assert await store.unanswered("discord") == []
+    await store.set_reply_state(asked, ANSWERING, pieces=["900", "901"])
+    (open_one,) = await store.unanswered("telegram")
+    assert open_one.pieces == ("900", "901") and open_one.conversation_key == "telegram:7"
+    reply = await store.add_message(
+        conv.id, ASSISTANT, "answer", reply_to_id=asked, delivered=False
+    )
+    assert [r.delivered for r in await store.replies_to(asked)] == [False]
+    await store.mark_delivered(reply, "900", asked)
+    assert await store.unanswered("telegram") == []
+    assert [r.delivered for r in await store.replies_to(asked)] == [True]
+    found = await store.find_platform_message(conv.id, "71")
+    assert found is not None and found.id == other and found.reply_state is None
+    assert await store.find_platform_message(conv.id, "72") is None
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert await store.recent_channels("telegram", since, 10) == [("telegram:7", "71")]
+
+
+async def test_two_processes_writing_keep_each_conversations_order(database_url: str) -> None:
+    # Two bot processes (two engines) share the database; each owns its conversations (the
+    # sharding rule) and writes them in its own order, concurrently with the other.
+    stores = [Store(await open_database(database_url)) for _ in range(2)]
+    try:
+
+        async def write(store: Store, key: str) -> None:
+            conv = await store.conversation("discord", key)
+            for i in range(40):
+                asked = await store.add_message(conv.id, USER, f"{key} q{i}")
+                await store.add_message(conv.id, ASSISTANT, f"{key} a{i}", reply_to_id=asked)
+
+        keys = [f"discord:{n}" for n in range(4)]
+        await asyncio.gather(*(write(stores[n % 2], key) for n, key in enumerate(keys)))
+        for key in keys:
+            conv = await stores[0].conversation("discord", key)
+            texts = [m.text for m in await stores[0].history(conv.id)]
+            assert texts == [f"{key} {kind}{i}" for i in range(40) for kind in ("q", "a")]
+    finally:
+        for store in stores:
+            await store.close()

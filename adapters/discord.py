@@ -80,6 +80,8 @@ class DiscordOptions:
     admin_role_ids: frozenset[int] = frozenset()
     admin_user_ids: frozenset[int] = frozenset()
     avatars: dict[str, str] = field(default_factory=dict)  # character name -> avatar URL
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
 
     @classmethod
     def from_settings(cls, settings: PlatformSettings) -> DiscordOptions:
@@ -88,12 +90,20 @@ class DiscordOptions:
             admin_role_ids=frozenset(settings.admin_role_ids),
             admin_user_ids=frozenset(settings.admin_user_ids),
             avatars=dict(settings.character_avatars),
+            shard_count=settings.shard_count,
+            shard_ids=settings.shard_ids,
         )
 
 
-class _Client(discord.Client):
+class _Client(discord.AutoShardedClient):
+    """The gateway connection: every shard of the bot, or ``shard_ids`` of ``shard_count``."""
+
     def __init__(self, adapter: DiscordAdapter, intents: discord.Intents) -> None:
-        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS)
+        options = adapter.options
+        shards: dict[str, Any] = {"shard_count": options.shard_count}
+        if options.shard_ids is not None:
+            shards["shard_ids"] = list(options.shard_ids)
+        super().__init__(intents=intents, allowed_mentions=NO_MENTIONS, **shards)
         self.adapter = adapter
 
     async def setup_hook(self) -> None:
@@ -221,7 +231,7 @@ class DiscordAdapter:
                 self._recovery_started = True
                 plan = await self.recovery.plan(PLATFORM)
                 jobs += [asyncio.create_task(self._resume(job)) for job in plan.resume]
-                jobs += [asyncio.create_task(self.send(notice)) for notice in plan.notices]
+                jobs += [asyncio.create_task(self._notify(notice)) for notice in plan.notices]
             jobs += await self._catch_up()
             results = await asyncio.gather(*jobs, return_exceptions=True)
             for result in results:
@@ -239,13 +249,35 @@ class DiscordAdapter:
         channel_id = int(key.split(":", 1)[1])
         return self.client.get_channel(channel_id) or await self.client.fetch_channel(channel_id)
 
+    async def _notify(self, notice: OutgoingReply) -> None:
+        if await self._owned_channel(notice.conversation_key) is not None:
+            await self.send(notice)
+
+    def _owns_shard(self, guild_id: int | None) -> bool:
+        """Whether this process runs the shard of ``guild_id`` (DMs belong to shard 0)."""
+        ids = self.options.shard_ids
+        if ids is None:
+            return True
+        if guild_id is None:
+            return 0 in ids
+        return (guild_id >> 22) % (self.options.shard_count or 1) in ids
+
+    async def _owned_channel(self, key: str) -> Any | None:
+        """The channel of conversation ``key`` if this process's shards serve it, else None:
+        another process owns it (the sharding rule), and finishes its answers."""
+        channel = await self._channel(key)
+        guild = getattr(channel, "guild", None)
+        return channel if self._owns_shard(guild.id if guild is not None else None) else None
+
     async def _resume(self, job: Resumable) -> None:
         try:
-            channel = await self._channel(job.conversation_key)
+            channel = await self._owned_channel(job.conversation_key)
         except discord.HTTPException as exc:
             log.warning(
                 "discord: cannot reach %s to finish an answer: %s", job.conversation_key, exc
             )
+            channel = None
+        if channel is None:
             job.ticket.release()
             return
         sink = _ChannelSink(self, channel, reference=_quote(channel, job.platform_message_id))
@@ -264,7 +296,9 @@ class DiscordAdapter:
             if not last_seen.isdigit():
                 continue
             try:
-                channel = await self._channel(key)
+                channel = await self._owned_channel(key)
+                if channel is None:
+                    continue
                 missed = [
                     m
                     async for m in channel.history(

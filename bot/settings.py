@@ -78,6 +78,10 @@ class PlatformSettings:
     admin_user_ids: tuple[int, ...] = ()
     # Discord: avatar URLs for character webhook posts, by character name.
     character_avatars: Mapping[str, str] = field(default_factory=dict)
+    # Discord sharding: how many shards the bot has in all, and which of them this process
+    # runs (None: all).  Processes must run disjoint shard ids (README, "Scaling out").
+    shard_count: int | None = None
+    shard_ids: tuple[int, ...] | None = None
     token: str | None = field(default=None, repr=False)
 
 
@@ -260,9 +264,10 @@ def parse_settings(
         for key in ("default_mode", "dm_mode"):
             if key in table:
                 table[key] = _mode(table[key], f"platforms.{name}.{key}")
-        for key in ("admin_role_ids", "admin_user_ids"):
+        for key in ("admin_role_ids", "admin_user_ids", "shard_ids"):
             if key in table:
                 table[key] = tuple(int(v) for v in table[key])
+        _check_shards(table, f"platforms.{name}")
         if name in base_url_env and env.get(base_url_env[name]):
             table["api_base_url"] = env[base_url_env[name]]
         token = (env.get(token_env[name], "").strip() or None) if name in token_env else None
@@ -295,6 +300,19 @@ def _count(table: Mapping[str, Any], key: str) -> Any:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise SettingsError(f"[bot] {key} must be a whole number >= 0, not {value!r}")
     return value
+
+
+def _check_shards(table: Mapping[str, Any], where: str) -> None:
+    count, ids = table.get("shard_count"), table.get("shard_ids")
+    if count is not None and (not isinstance(count, int) or count < 1):
+        raise SettingsError(f"[{where}] shard_count must be a whole number >= 1")
+    if ids is not None:
+        if count is None:
+            raise SettingsError(f"[{where}] shard_ids needs shard_count")
+        if not ids or any(i < 0 or i >= count for i in ids) or len(set(ids)) != len(ids):
+            raise SettingsError(
+                f"[{where}] shard_ids must be distinct numbers from 0 to {count - 1}"
+            )
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

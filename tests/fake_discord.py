@@ -31,6 +31,10 @@ SEND_IN_THREADS = 1 << 38
 
 GUILD = "1000"
 EVERYONE_ROLE = GUILD
+# A second guild, on shard 1 of 2: (4194304 >> 22) % 2 == 1 (GUILD is on shard 0).
+GUILD2 = str(1 << 22)
+CHANNEL_G2 = "2201"
+BOT_ROLE2 = "5002"
 MOD_ROLE = "1001"
 BOT_ROLE = "1002"
 APP_ID = "900"
@@ -116,6 +120,8 @@ class FakeDiscord:
         self.attachments: dict[str, bytes] = {}
         self._interaction_channel: dict[str, str] = {}  # token -> channel id
         self._ws: web.WebSocketResponse | None = None
+        self.shards: dict[int, web.WebSocketResponse] = {}  # shard id -> its connection
+        self.shard_count = 1
         self._seq = 0
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -142,12 +148,18 @@ class FakeDiscord:
     async def wait_for(self, predicate: Any, within: float = 60.0) -> None:
         await wait_until(predicate, within)
 
-    def guild_json(self) -> dict[str, Any]:
+    def guild_of(self, channel_id: str) -> str | None:
+        """The guild a channel belongs to (None: a DM)."""
+        if is_dm(channel_id):
+            return None
+        return GUILD2 if channel_id == CHANNEL_G2 else GUILD
+
+    def guild_json(self, guild_id: str = GUILD) -> dict[str, Any]:
         def text_channel(cid: str, name: str, overwrites: list[dict[str, Any]]) -> dict[str, Any]:
             return {
                 "id": cid,
                 "type": 0,
-                "guild_id": GUILD,
+                "guild_id": guild_id,
                 "name": name,
                 "position": int(cid) % 10,
                 "permission_overwrites": overwrites,
@@ -175,6 +187,28 @@ class FakeDiscord:
         base = VIEW_CHANNEL | SEND_MESSAGES | READ_HISTORY | USE_COMMANDS
         deny_hooks = [{"id": BOT_ROLE, "type": 0, "allow": "0", "deny": str(MANAGE_WEBHOOKS)}]
         locked = OVERWRITES[CHANNEL_LOCKED]
+        if guild_id == GUILD2:
+            return {
+                **self.guild_json(GUILD),
+                "id": GUILD2,
+                "name": "Second realm",
+                "roles": [
+                    role(GUILD2, "@everyone", base, 0),
+                    role(BOT_ROLE2, "bot", base | MANAGE_WEBHOOKS, 1),
+                ],
+                "channels": [text_channel(CHANNEL_G2, "office-2", [])],
+                "threads": [],
+                "members": [
+                    {
+                        "user": BOT_USER,
+                        "roles": [BOT_ROLE2],
+                        "joined_at": now_iso(),
+                        "deaf": False,
+                        "mute": False,
+                        "flags": 0,
+                    }
+                ],
+            }
         return {
             "id": GUILD,
             "name": "Realm",
@@ -294,8 +328,9 @@ class FakeDiscord:
             "flags": 0,
             "components": [],
         }
-        if not is_dm(channel_id):
-            data["guild_id"] = GUILD
+        guild = self.guild_of(channel_id)
+        if guild is not None:
+            data["guild_id"] = guild
         data.update(extra)
         return data
 
@@ -428,20 +463,30 @@ class FakeDiscord:
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
+        for ws in {*self.shards.values(), *([self._ws] if self._ws else [])}:
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
 
+    def shard_of(self, guild_id: str | None) -> int:
+        """Discord's routing: a guild's events go to shard (guild_id >> 22) % shard_count;
+        DMs to shard 0."""
+        return 0 if guild_id is None else (int(guild_id) >> 22) % self.shard_count
+
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        assert self._ws is not None, "no gateway connection"
+        ws = self.shards.get(self.shard_of(data.get("guild_id")), self._ws)
+        assert ws is not None, "no gateway connection"
+        await self._send(ws, event, data)
+
+    async def _send(self, ws: web.WebSocketResponse, event: str, data: dict[str, Any]) -> None:
         self._seq += 1
-        await self._ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
+        await ws.send_str(json.dumps({"op": 0, "t": event, "s": self._seq, "d": data}))
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws
+        shard = 0
         await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 41250}}))
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
@@ -450,20 +495,29 @@ class FakeDiscord:
             if payload["op"] == 1:
                 await ws.send_str(json.dumps({"op": 11}))
             elif payload["op"] == 2:
+                shard, count = payload["d"].get("shard") or [0, 1]
+                self.shard_count = count
+                self.shards[shard] = ws
+                guilds = [g for g in (GUILD, GUILD2) if self.shard_of(g) == shard]
+                if count == 1:
+                    guilds = [GUILD]  # unsharded: the second guild is not joined
                 ready = {
                     "v": 10,
                     "user": BOT_USER,
-                    "guilds": [{"id": GUILD, "unavailable": True}],
-                    "session_id": "session",
+                    "guilds": [{"id": g, "unavailable": True} for g in guilds],
+                    "session_id": f"session-{shard}",
                     "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
                     "application": {"id": APP_ID, "flags": 0},
                     "private_channels": [],
                     "relationships": [],
-                    "shard": [0, 1],
+                    "shard": [shard, count],
                 }
-                await self.dispatch("READY", ready)
-                await self.dispatch("GUILD_CREATE", self.guild_json())
+                await self._send(ws, "READY", ready)
+                for guild in guilds:
+                    await self._send(ws, "GUILD_CREATE", self.guild_json(guild))
                 self.identified.set()
+        if self.shards.get(shard) is ws:
+            del self.shards[shard]
         if self._ws is ws:  # the bot went away
             self._ws = None
             self.identified.clear()
@@ -604,7 +658,8 @@ class FakeDiscord:
         if is_dm(cid):
             user_id = str(int(cid) + 10)  # a DM channel's one recipient
             return {"id": cid, "type": 1, "recipients": [user(user_id, "DM user")]}
-        found = [c for c in self.guild_json()["channels"] if c["id"] == cid]
+        guild = self.guild_of(cid) or GUILD
+        found = [c for c in self.guild_json(guild)["channels"] if c["id"] == cid]
         return found[0] if found else {}
 
     def _history(self, cid: str, q: Any) -> web.Response:

@@ -52,6 +52,8 @@ def test_environment_supplies_secrets_database_and_api_urls() -> None:
         ({"bot": {"recover_window": "soon"}}, "recover_window"),
         ({"bot": {"offline_notice": "yes"}}, "offline_notice"),
         ({"bot": {"catch_up_limit": -1}}, "catch_up_limit"),
+        ({"platforms": {"discord": {"shard_ids": [0]}}}, "needs shard_count"),
+        ({"platforms": {"discord": {"shard_count": 2, "shard_ids": [2]}}}, "from 0 to 1"),
     ],
 )
 def test_invalid_settings_are_reported_clearly(raw: dict[str, object], message: str) -> None:

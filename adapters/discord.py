@@ -37,6 +37,7 @@ from bot.core import ConversationCore
 from bot.limits import MAX_CARD_BYTES, fit, shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.recovery import Recovery, Resumable
+from bot.recovery import finish as finish_recovery
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
 log = logging.getLogger(__name__)
@@ -233,13 +234,7 @@ class DiscordAdapter:
                 jobs += [asyncio.create_task(self._resume(job)) for job in plan.resume]
                 jobs += [asyncio.create_task(self._notify(notice)) for notice in plan.notices]
             jobs += await self._catch_up()
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-            for result in results:
-                if isinstance(result, Exception):
-                    log.error("discord: recovering a message failed: %r", result)
-            if jobs:
-                took = asyncio.get_running_loop().time() - started
-                log.info("discord: recovery finished in %.1fs (%d job(s))", took, len(jobs))
+            await finish_recovery(PLATFORM, jobs, started)
         except Exception:
             log.exception("discord: recovery after connecting failed")
         finally:

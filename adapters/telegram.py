@@ -35,6 +35,7 @@ from bot.core import ConversationCore
 from bot.limits import MAX_CARD_BYTES, fit, shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.recovery import Recovery, Resumable
+from bot.recovery import finish as finish_recovery
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
 log = logging.getLogger(__name__)
@@ -313,13 +314,7 @@ class TelegramAdapter:
         jobs += [asyncio.create_task(self.send(notice)) for notice in plan.notices]
 
         async def finish() -> None:
-            results = await asyncio.gather(*jobs, return_exceptions=True)
-            for result in results:
-                if isinstance(result, Exception):
-                    log.error("telegram: recovering an answer failed: %r", result)
-            if jobs:
-                took = asyncio.get_running_loop().time() - started
-                log.info("telegram: recovery finished in %.1fs (%d job(s))", took, len(jobs))
+            await finish_recovery(PLATFORM, jobs, started)
             self.recovered.set()
 
         self._spawn(finish())

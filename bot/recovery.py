@@ -15,10 +15,12 @@ Discord also fetches the messages that arrived while the bot was away (:meth:`ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from bot.conversations import STORAGE_ERRORS, Ticket
 from bot.core import ConversationCore
@@ -151,3 +153,15 @@ class Recovery:
     def window_start(self) -> datetime:
         """Messages older than this are not caught up."""
         return self._window_start()
+
+
+async def finish(platform: str, jobs: list[asyncio.Task[Any]], started: float) -> None:
+    """Wait for an adapter's recovery jobs; log their failures and how long it all took
+    (``started``: the loop time when recovery began)."""
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    for result in results:
+        if isinstance(result, Exception):
+            log.error("%s: recovering a message failed: %r", platform, result)
+    if jobs:
+        took = asyncio.get_running_loop().time() - started
+        log.info("%s: recovery finished in %.1fs (%d job(s))", platform, took, len(jobs))

@@ -21,19 +21,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from telegram import BotCommand, Message, ReplyParameters, Update
-from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEntityType, ParseMode
-from telegram.error import BadRequest, Forbidden, InvalidToken, RetryAfter, TelegramError
+from telegram import BotCommand, Message, Update
+from telegram.constants import ChatAction, ChatMemberStatus, ChatType, MessageEntityType
+from telegram.error import Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.base import SentMessage
 from adapters.streaming import StreamLimits, chain, single, stream_reply
-from adapters.text import split_message, to_telegram_html
+from adapters.telegram_sinks import MAX_MESSAGE_CHARS, ChatSink
+from adapters.text import split_message
 from bot.cards import parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.limits import MAX_CARD_BYTES, fit, shorten
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from bot.messages import IncomingMessage, OutgoingReply
 from bot.recovery import Recovery, Resumable
 from bot.recovery import finish as finish_recovery
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "telegram"
 DEFAULT_BASE_URL = "https://api.telegram.org/bot"
-MAX_MESSAGE_CHARS = 4096
 # About one message per second per chat is allowed; edits count too, so stay well below it.
 EDIT_INTERVAL_S = 1.5
 MIN_NEW_CHARS = 40
@@ -322,7 +322,7 @@ class TelegramAdapter:
     async def _resume(self, job: Resumable) -> None:
         chat_id = self._chat_id(job.conversation_key)
         quote = job.platform_message_id
-        sink = _ChatSink(self, chat_id, int(quote) if quote and quote.isdigit() else None)
+        sink = ChatSink(self, chat_id, int(quote) if quote and quote.isdigit() else None)
         replies = self.recovery.resume(job, is_dm=chat_id > 0)
         await self._stream(chat_id, replies, sink=sink, resume=job.pieces)
 
@@ -343,13 +343,13 @@ class TelegramAdapter:
         """Send a whole reply (split at Telegram's limit); returns its first message."""
         chat_id = self._chat_id(reply.conversation_key)
         quote = int(reply.reply_to) if reply.reply_to and reply.reply_to.isdigit() else None
-        ids = await stream_reply(single(reply), _ChatSink(self, chat_id, quote), self.limits)
+        ids = await stream_reply(single(reply), ChatSink(self, chat_id, quote), self.limits)
         return SentMessage(reply.conversation_key, ids[0] if ids else "", reply.text)
 
     async def edit(self, sent: SentMessage, reply: OutgoingReply) -> SentMessage:
         """Replace a sent message's text (its first chunk, if the text is too long)."""
         chunk = (split_message(reply.text, MAX_MESSAGE_CHARS) or [reply.text])[0]
-        sink = _ChatSink(self, self._chat_id(reply.conversation_key), None)
+        sink = ChatSink(self, self._chat_id(reply.conversation_key), None)
         await sink.edit_chunk(sent.message_id, chunk, reply, reply.final)
         return SentMessage(sent.conversation_key, sent.message_id, chunk)
 
@@ -362,14 +362,14 @@ class TelegramAdapter:
         replies: AsyncIterator[OutgoingReply],
         reply_to: int | None = None,
         *,
-        sink: _ChatSink | None = None,
+        sink: ChatSink | None = None,
         resume: tuple[str, ...] = (),
     ) -> list[str]:
         """Stream ``replies`` into the chat; nothing is sent when the core stays silent."""
         first = await anext(replies, None)
         if first is None:
             return []
-        sink = sink or _ChatSink(self, chat_id, reply_to)
+        sink = sink or ChatSink(self, chat_id, reply_to)
         typing = asyncio.create_task(self._typing(chat_id))
         try:
             return await stream_reply(
@@ -642,81 +642,3 @@ class TelegramAdapter:
         assert message.from_user is not None
         replies = self.core.regenerate(PLATFORM, key, is_dm, str(message.from_user.id))
         await self._stream(message.chat_id, replies, None)
-
-
-class _ChatSink:
-    """Writes one reply's messages into a chat: plain while streaming, HTML when final."""
-
-    def __init__(self, adapter: TelegramAdapter, chat_id: int, reply_to: int | None) -> None:
-        self.adapter = adapter
-        self.bot = adapter.app.bot
-        self.chat_id = chat_id
-        self.reply_to = reply_to
-
-    def _formatted(self, reply: OutgoingReply, final: bool) -> bool:
-        return final and reply.kind is ReplyKind.ANSWER
-
-    @staticmethod
-    def _html(text: str) -> str | None:
-        """The chunk as HTML, or None when markup and escapes would push it over the limit."""
-        html = to_telegram_html(text)
-        return html if len(html) <= MAX_MESSAGE_CHARS else None
-
-    async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
-        if final and reply.swipe:
-            text = f"{text}\n\n({reply.swipe[0]}/{reply.swipe[1]} · /swipe for another)"
-        text = fit(text, MAX_MESSAGE_CHARS)
-        params = (
-            ReplyParameters(self.reply_to, allow_sending_without_reply=True)
-            if self.reply_to is not None
-            else None
-        )
-        self.reply_to = None  # continuation messages follow the first one
-
-        html = self._html(text) if self._formatted(reply, final) else None
-
-        async def call(formatted: bool) -> Any:
-            return await self.bot.send_message(
-                self.chat_id,
-                html if formatted and html else text,
-                parse_mode=ParseMode.HTML if formatted else None,
-                reply_parameters=params,
-            )
-
-        sent = await self._with_fallback(call, html is not None)
-        return str(sent.message_id)
-
-    async def edit_chunk(
-        self, message_id: str, text: str, reply: OutgoingReply, final: bool
-    ) -> None:
-        text = fit(text, MAX_MESSAGE_CHARS)
-        html = self._html(text) if self._formatted(reply, final) else None
-
-        async def call(formatted: bool) -> Any:
-            return await self.bot.edit_message_text(
-                html if formatted and html else text,
-                chat_id=self.chat_id,
-                message_id=int(message_id),
-                parse_mode=ParseMode.HTML if formatted else None,
-            )
-
-        try:
-            await self._with_fallback(call, html is not None)
-        except BadRequest as exc:
-            if "not modified" not in str(exc).lower():
-                raise
-
-    async def delete_chunk(self, message_id: str) -> None:
-        await self.adapter._retrying(
-            lambda: self.bot.delete_message(chat_id=self.chat_id, message_id=int(message_id))
-        )
-
-    async def _with_fallback(self, call: Callable[[bool], Awaitable[Any]], html: bool) -> Any:
-        if html:
-            try:
-                return await self.adapter._retrying(lambda: call(True))
-            except BadRequest as exc:
-                if "parse entities" not in str(exc).lower():
-                    raise
-                log.info("telegram: formatting rejected (%s), sending plain text", exc)
-        return await self.adapter._retrying(lambda: call(False))

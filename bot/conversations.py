@@ -14,6 +14,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -119,6 +120,8 @@ class ConversationState:
         self.rate_limiter = RateLimiter(settings.rate_limit)
         self.history = HistoryCache(store)
         self.closing = False  # set by a graceful stop: no new work is taken
+        # Messages stored from now on are this run's to answer; older ones, recovery's.
+        self.started_at = datetime.now(UTC)
 
     async def drain(self, grace_s: float) -> int:
         """Stop taking messages; wait up to ``grace_s`` seconds for the answers in flight.

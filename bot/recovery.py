@@ -72,14 +72,18 @@ class Recovery:
         self.core = core
 
     def _window_start(self) -> datetime:
-        return datetime.now(UTC) - timedelta(seconds=self.core.settings.recover_window)
+        return self.core.started_at - timedelta(seconds=self.core.settings.recover_window)
 
     async def plan(self, platform: str) -> RecoveryPlan:
         """The unfinished messages of ``platform``; each recent one takes its answering turn
-        now, so that it is answered before anything that arrives after the restart."""
+        now, so that it is answered before anything that arrives after the restart.
+
+        Only messages stored before this run started count: a message that arrives while
+        the plan is made (Discord delivers them as soon as it is connected) is answered live.
+        """
         since = self._window_start()
         store = self.core.store
-        recent = await store.unanswered(platform, since=since)
+        recent = await store.unanswered(platform, since=since, before=self.core.started_at)
         # Synchronously after the query: no new message can take a turn in between.
         resume = [Resumable(item, self.core._ticket(item.conversation_key)) for item in recent]
         older = await store.unanswered(platform, before=since)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from adapters.discord import DiscordAdapter, webhook_username
+from adapters.discord import DiscordAdapter
+from adapters.discord_sinks import webhook_username
 from adapters.streaming import StreamLimits
 from ai_model.scripted import ScriptedModel
 from bot.core import ConversationCore

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build (once) and print the path of llama.cpp's `llama-server`, from the llama.cpp sources that
+# the sdist of the pinned llama-cpp-python vendors (vendor/llama.cpp, tools/server included).
+#
+# Same CPU flags as scripts/build_llama_wheel.sh (no AMX: llama.cpp #20824), and the web UI is
+# not downloaded (LLAMA_USE_PREBUILT_UI=OFF): nothing but the package registry is reached.  The
+# binary lives in a project-owned cache keyed by the version and the exact build flags.
+set -euo pipefail
+
+PY=${PYTHON:-python3}
+VERSION=${LLAMA_CPP_VERSION:-0.3.36}
+FLAGS=${LLAMA_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"}
+SERVER_FLAGS="-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release"
+KEY=$(printf '%s|%s|%s' "$VERSION" "$FLAGS" "$SERVER_FLAGS" | sha256sum | cut -c1-16)
+CACHE_ROOT=${LOCALBOT_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/localbot/llama-server}
+DEST="$CACHE_ROOT/llama-server-$VERSION-$KEY"
+
+if [ ! -x "$DEST/llama-server" ]; then
+  echo "building llama-server from llama-cpp-python $VERSION's sources (several minutes)..." >&2
+  mkdir -p "$CACHE_ROOT"
+  work=$(mktemp -d "$CACHE_ROOT.tmp.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  "$PY" -m pip download --no-deps --no-binary :all: --no-cache-dir -q \
+    "llama-cpp-python==$VERSION" -d "$work" >&2
+  tar -xzf "$work"/llama_cpp_python-"$VERSION".tar.gz -C "$work"
+  src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
+  # shellcheck disable=SC2086  # the flags are words
+  cmake -S "$src" -B "$work/build" $FLAGS $SERVER_FLAGS >&2
+  cmake --build "$work/build" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >&2
+  # Linked statically: one self-contained file, whatever happens to the build folder.
+  "$work/build/bin/llama-server" --version >&2
+  rm -rf "$DEST"
+  mkdir -p "$DEST"
+  cp "$work/build/bin/llama-server" "$DEST/llama-server"
+fi
+echo "$DEST/llama-server"

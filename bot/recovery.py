@@ -87,11 +87,12 @@ class Recovery:
         # Synchronously after the query: no new message can take a turn in between.
         resume = [Resumable(item, self.core._ticket(item.conversation_key)) for item in recent]
         older = await store.unanswered(platform, before=since)
+        # One write closes them all: after a long outage there may be many.
+        await store.close_replies([item.message.id for item in older], error="offline")
+        newest = {item.conversation_key: item for item in older}  # oldest first: newest wins
         notices: dict[str, OutgoingReply] = {}
-        for item in older:
-            await store.set_reply_state(item.message.id, FAILED, error="offline", pieces=[])
-            key = item.conversation_key
-            if self.core.settings.offline_notice and len(notices) < MAX_OFFLINE_NOTICES:
+        if self.core.settings.offline_notice:
+            for key, item in list(newest.items())[:MAX_OFFLINE_NOTICES]:
                 notices[key] = OutgoingReply(
                     key,
                     OFFLINE,

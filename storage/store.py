@@ -406,6 +406,17 @@ class Store:
         statement = update(messages).where(messages.c.id == message_id).values(**values)
         await self._write(lambda conn: conn.execute(statement))
 
+    async def close_replies(self, message_ids: list[int], error: str) -> None:
+        """Move the given user messages to failed (``error`` says why), in one write."""
+        if not message_ids:
+            return
+        statement = (
+            update(messages)
+            .where(messages.c.id.in_(message_ids))
+            .values(reply_state=FAILED, reply_error=error, reply_pieces=None)
+        )
+        await self._write(lambda conn: conn.execute(statement))
+
     async def mark_delivered(self, reply_id: int, platform_id: str | None, answers: int) -> None:
         """Reply ``reply_id`` reached the platform: it and its question are done, together."""
 

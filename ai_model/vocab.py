@@ -39,6 +39,10 @@ class VocabModel:
             raise ModelError(f"could not read the vocabulary of {path}: {exc}") from exc
         return cls(llm, name, template, settings.n_ctx)
 
+    @property
+    def n_vocab(self) -> int:
+        return int(self._llm.n_vocab())
+
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         return list(self._llm.tokenize(text, add_bos=add_bos, special=special))
 

@@ -42,6 +42,11 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
     registry = models or ModelRegistry(settings.models)
     for line in registry.describe():
         log.info("%s", line)
+    try:
+        await registry.connect()  # a remote engine that is down stops start-up here
+    except BaseException:
+        await registry.aclose()
+        raise
     store = Store(await open_database(settings.database_url))
     try:
         # The crash tests' kill points (bot.faults): inert unless LOCALBOT_KILL_AT is set.
@@ -52,7 +57,7 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
         yield App(settings, registry, store, core)
     finally:
         await store.close()
-        registry.close()
+        await registry.aclose()
 
 
 async def run_console(settings: Settings) -> None:
@@ -161,4 +166,4 @@ async def library_command(
         return 2
     finally:
         await store.close()
-        models.close()
+        await models.aclose()

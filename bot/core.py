@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -323,7 +323,10 @@ class ConversationCore(ConversationCommands):
                 recent = [m.text for m in shown[-LORE_SCAN:]]
                 lore = await asyncio.to_thread(match_entries, scene.books, recent)
                 scene = replace(scene, lore=lore)
-        prompt = assemble(
+        # Off the event loop: a remote model may tokenize over HTTP, and a long new message
+        # takes a while to tokenize even here.
+        prompt = await asyncio.to_thread(
+            assemble,
             model,
             self._encoder(model),
             shown,
@@ -380,7 +383,11 @@ class ConversationCore(ConversationCommands):
                 base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE
             )
             return
-        reply_tokens = len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False))
+        try:
+            reply_tokens, generated = await asyncio.to_thread(_reply_tokens, model, key, reply)
+        except ModelError as exc:  # a remote tokenizer went away: the reply is still good
+            log.warning("could not count the reply's tokens in %s: %s", key, exc)
+            reply_tokens, generated = len(reply) // 3 + 1, ()
         try:
             stored = await self._store(
                 conv,
@@ -402,8 +409,7 @@ class ConversationCore(ConversationCommands):
             log.error("could not store the reply in %s: %s", key, exc)
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
-        generated = model.generated(key)
-        if generated and model.detokenize(generated).strip() == reply:
+        if generated:
             # The KV cache holds exactly these tokens: the next prompt matches it to the end.
             self._encoder(model).remember_reply(stored, generated)
         if char is not None:
@@ -454,6 +460,16 @@ class _Once:
         callback, self._callback = self._callback, None
         if callback is not None:
             callback()
+
+
+def _reply_tokens(model: ChatModel, slot: str, reply: str) -> tuple[int, Sequence[int]]:
+    """The reply's token count, and the generated tokens when they spell exactly the reply
+    (blocking: a remote model may ask its server)."""
+    count = len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False))
+    generated = model.generated(slot)
+    if generated and model.detokenize(generated).strip() == reply:
+        return count, generated
+    return count, ()
 
 
 def _trace(exc: BaseException) -> bool:

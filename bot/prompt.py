@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class TurnEncoder:
         self._cached_tokens = 0
         self._system: dict[str, tuple[int, ...]] = {}
         self._cue: tuple[int, ...] | None = None
+        # Prompts are assembled on worker threads, several conversations at once.
+        self._lock = threading.Lock()
 
     def pieces(self, message: StoredMessage, named_replies: bool = False) -> tuple[Piece, ...]:
         if message.role == ASSISTANT:
@@ -93,14 +96,15 @@ class TurnEncoder:
         return turn
 
     def _keep(self, key: tuple[int, str, str, bool], turn: Turn) -> None:
-        old = self._cache.pop(key, None)
-        if old is not None:
-            self._cached_tokens -= len(old.tokens)
-        self._cache[key] = turn
-        self._cached_tokens += len(turn.tokens)
-        while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            self._cached_tokens -= len(dropped.tokens)
+        with self._lock:
+            old = self._cache.pop(key, None)
+            if old is not None:
+                self._cached_tokens -= len(old.tokens)
+            self._cache[key] = turn
+            self._cached_tokens += len(turn.tokens)
+            while self._cached_tokens > self._max_cached_tokens and len(self._cache) > 1:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_tokens -= len(dropped.tokens)
 
     def remember_reply(self, message: StoredMessage, content: Sequence[int]) -> None:
         """Use these tokens (what the model generated) for a reply's content from now on."""
@@ -115,9 +119,10 @@ class TurnEncoder:
         tokens = self._system.get(text)
         if tokens is None:
             tokens = tuple(encode(self.template.turn("system", text), self.tokenizer))
-            if len(self._system) >= 256:
-                self._system.clear()
-            self._system[text] = tokens
+            with self._lock:
+                if len(self._system) >= 256:
+                    self._system.clear()
+                self._system[text] = tokens
         return list(tokens)
 
     def cue(self) -> list[int]:

@@ -40,6 +40,14 @@ def postgres() -> Iterator[Any]:
     yield from start_server()
 
 
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real llama-server (embedded model, 4 slots of 8192) for the session."""
+    from tests.llama_server import serve
+
+    yield from serve(tmp_path_factory.mktemp("llama-server"))
+
+
 @pytest.fixture
 def backend() -> str:
     """The database the ``settings`` point at.  Modules whose tests must hold on both

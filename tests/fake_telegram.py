@@ -321,7 +321,8 @@ class FakeTelegram:
         timeout = float(p.get("timeout") or 0)
         deadline = time.monotonic() + timeout
         while True:
-            pending = [u for u in self.updates if u["update_id"] >= offset]
+            # As Telegram: without an offset, what follows the last confirmed update.
+            pending = [u for u in self.updates if u["update_id"] > max(offset - 1, self.confirmed)]
             if pending or time.monotonic() >= deadline:
                 return self._ok(pending[: int(p.get("limit") or 100)])
             self.new_update.clear()

@@ -16,6 +16,9 @@ lint: bootstrap
 	$(PY) -m ruff format --check $(PACKAGES) tests
 	$(PY) -m mypy
 
-# The storage and core tests also run on a throwaway PostgreSQL (installed when missing).
+# The storage and core tests also run on a throwaway PostgreSQL (installed when missing); the
+# remote-inference tests on a real llama-server (built once from the pinned sources, cached).
 test: lint
-	LOCALBOT_PG_BIN="$$(scripts/ensure_postgres.sh)" $(PY) -m pytest
+	pg_bin="$$(scripts/ensure_postgres.sh)" && \
+	llama_server="$$(PYTHON=$(PY) scripts/build_llama_server.sh)" && \
+	LOCALBOT_PG_BIN="$$pg_bin" LOCALBOT_LLAMA_SERVER="$$llama_server" $(PY) -m pytest

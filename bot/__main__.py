@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     chars_sub.add_parser("list", help="list the characters")
     bench = sub.add_parser("bench", help="measure speed on the embedded model (JSON last line)")
     bench.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    bench.add_argument(
+        "--backend",
+        choices=("local", "llama-server"),
+        default="local",
+        help="llama-server: the office role through a llama-server beside in-process",
+    )
+    bench.add_argument("--url", default="", help="a running llama-server (default: start one)")
     lore = sub.add_parser("lorebook", help="import a world book for channels to attach")
     lore_sub = lore.add_subparsers(dest="action", required=True)
     lore_imp = lore_sub.add_parser("import", help="import a lorebook JSON (or a card's book)")
@@ -61,6 +68,10 @@ def _dispatch(
         print(f"database: {settings.database_url}")
         return 0
     if command == "bench":
+        if args.backend == "llama-server":
+            from bot import bench_remote
+
+            return bench_remote.main(url=args.url, quick=args.quick)
         from bot import bench
 
         return bench.main(quick=args.quick)

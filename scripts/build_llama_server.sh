@@ -24,9 +24,14 @@ if [ ! -x "$DEST/llama-server" ]; then
     "llama-cpp-python==$VERSION" -d "$work" >&2
   tar -xzf "$work"/llama_cpp_python-"$VERSION".tar.gz -C "$work"
   src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
+  CMAKE=$(command -v cmake || true)
+  if [ -z "$CMAKE" ]; then  # a fresh machine: CMake from the package registry
+    "$PY" -m pip install -q "cmake>=3.21" >&2
+    CMAKE="$(dirname "$PY")/cmake"
+  fi
   # shellcheck disable=SC2086  # the flags are words
-  cmake -S "$src" -B "$work/build" $FLAGS $SERVER_FLAGS >&2
-  cmake --build "$work/build" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >&2
+  "$CMAKE" -S "$src" -B "$work/build" $FLAGS $SERVER_FLAGS >&2
+  "$CMAKE" --build "$work/build" --target llama-server -j "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" >&2
   # Linked statically: one self-contained file, whatever happens to the build folder.
   "$work/build/bin/llama-server" --version >&2
   rm -rf "$DEST"

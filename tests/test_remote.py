@@ -264,3 +264,52 @@ def test_conversations_keep_their_slot_and_move_only_off_a_busy_one() -> None:
     assert c == b
     assert slots.acquire("b") in (a, b)  # all busy: waits on a slot rather than failing
     assert SlotMap(None).acquire("a") is None
+
+
+async def test_two_shard_processes_share_one_database_and_one_server(
+    proxy: Proxy, postgres: Any, tmp_path: Path
+) -> None:
+    """Shards 0 and 1 of one bot, each with its own core, registry and connection pool, on
+    one PostgreSQL database and one llama-server: every message is answered exactly once."""
+    from adapters.discord import DiscordAdapter
+    from adapters.streaming import StreamLimits
+    from bot.settings import PlatformSettings
+    from storage import open_database
+    from tests.conftest import make_settings
+    from tests.fake_discord import CHANNEL_G2, CHANNEL_WORK, DM_CHANNEL, FakeDiscord, user
+
+    url = str(await postgres.new_database())
+    office = remote(proxy.url)
+    settings = make_settings(tmp_path, database_url=url, models={"office": office})
+    server = FakeDiscord()
+    await server.start()
+    running: list[tuple[DiscordAdapter, asyncio.Task[None], Store, ModelRegistry]] = []
+    try:
+        for shard in (0, 1):
+            store = Store(await open_database(url))
+            registry = ModelRegistry({"office": office})
+            await registry.connect()
+            core = ConversationCore(settings, store, registry)
+            platform = PlatformSettings(
+                token="TEST", api_base_url=server.api_url, shard_count=2, shard_ids=(shard,)
+            )
+            adapter = DiscordAdapter(core, platform, limits=StreamLimits(2000, 0.05, 10))
+            running.append((adapter, asyncio.create_task(adapter.start()), store, registry))
+        for adapter, *_ in running:
+            await asyncio.wait_for(adapter.recovered.wait(), 30)
+        ann = user("11", "Ann")
+        channels = (CHANNEL_WORK, CHANNEL_G2, DM_CHANNEL)
+        await server.say(CHANNEL_WORK, ann, "hello from the first guild", mention_bot=True)
+        await server.say(CHANNEL_G2, ann, "hello from the second guild", mention_bot=True)
+        await server.say(DM_CHANNEL, ann, "hello in private")
+        await server.wait_for(lambda: all(server.in_channel(c) for c in channels))
+        await asyncio.sleep(1.0)
+        assert [len(server.in_channel(c)) for c in channels] == [1, 1, 1]
+        assert len(proxy.completions()) == 3  # one generation per message, none twice
+    finally:
+        for adapter, task, store, registry in running:
+            await adapter.stop()
+            await asyncio.wait_for(task, 10)
+            await store.close()
+            await registry.aclose()
+        await server.stop()

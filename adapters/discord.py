@@ -30,10 +30,12 @@ from adapters.discord_sinks import (
     quote_reference,
 )
 from adapters.streaming import (
+    FINISH_DELIVERY_S,
     DeliveredOnly,
     DeliveryTracker,
     StreamLimits,
     chain,
+    finish_then_cancel,
     single,
     stream_reply,
 )
@@ -207,9 +209,7 @@ class DiscordAdapter:
                 await self.client.close()
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await finish_then_cancel(self._tasks, FINISH_DELIVERY_S)
         await self.client.close()
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from adapters.text import split_message
 from bot.messages import OutgoingReply
@@ -246,3 +246,18 @@ async def _with_retries(
                 return False
             await asyncio.sleep(delay)
     return False
+
+
+FINISH_DELIVERY_S = 5.0  # at a stop, how long handlers whose answer is written may deliver it
+
+
+async def finish_then_cancel(tasks: set[asyncio.Task[Any]], within: float) -> None:
+    """Let running handlers finish (their answers are usually written and only being
+    delivered) for up to ``within`` seconds, then cancel the rest and wait for them: none may
+    touch the database after it is closed."""
+    running = [task for task in tasks if not task.done()]
+    if running and within > 0:
+        await asyncio.wait(running, timeout=within)
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -27,7 +27,14 @@ from telegram.error import Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, CommandHandler, ContextTypes, MessageHandler, filters
 
 from adapters.base import SentMessage
-from adapters.streaming import StreamLimits, chain, single, stream_reply
+from adapters.streaming import (
+    FINISH_DELIVERY_S,
+    StreamLimits,
+    chain,
+    finish_then_cancel,
+    single,
+    stream_reply,
+)
 from adapters.telegram_sinks import MAX_MESSAGE_CHARS, ChatSink
 from adapters.text import split_message
 from bot.cards import parse_card_bytes
@@ -213,11 +220,8 @@ class TelegramAdapter:
             await self._stopped.wait()
         finally:
             await self.stop_intake()
-            # Handlers still running (their answers past the grace period) stop here, and
-            # are waited for: none may touch the database after it is closed.
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # Handlers still running deliver what is written, briefly; then they stop here.
+            await finish_then_cancel(self._tasks, FINISH_DELIVERY_S)
             if self.app.running:
                 await self.app.stop()
             await self.app.shutdown()

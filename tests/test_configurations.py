@@ -91,21 +91,22 @@ async def test_the_same_flow_on_every_deployment(
 
     async def first_run() -> None:
         telegram.push(DM, ANN, "Ann", "/start")
-        await telegram.wait_for(lambda: replies(DM) == 1)
+        await telegram.wait_for(lambda: replies(DM) >= 1)
         telegram.push(DM, ANN, "Ann", "What is the capital of France?")
-        await telegram.wait_for(lambda: replies(DM) == 2, 120)
+        await telegram.wait_for(lambda: replies(DM) >= 2, 120)
         telegram.admins.add((GROUP, ANN))
         telegram.push(GROUP, ANN, "Ann", "/mode roleplay")
-        await telegram.wait_for(lambda: replies(GROUP) == 1)
-        telegram.push(GROUP, BOB, "Bob", "I walk into the inn.")  # stored; opens the scene
+        await telegram.wait_for(lambda: any("Mode set" in m.text for m in group()))
+        telegram.push(GROUP, BOB, "Bob", "I walk into the inn.")
+        # The scene opens with the character's greeting (unthreaded).
         await telegram.wait_for(lambda: any("Welcome" in m.text for m in group()))
         telegram.push(GROUP, ANN, "Ann", "Mira, two ales please!")  # names the character
         # Threaded replies: the mode command's, then Mira's answer to Ann.
-        await telegram.wait_for(lambda: sum(m.reply_to is not None for m in group()) == 2, 120)
+        await telegram.wait_for(lambda: sum(m.reply_to is not None for m in group()) >= 2, 120)
 
     async def second_run() -> None:  # after a restart, the conversation goes on
         telegram.push(DM, ANN, "Ann", "And of Italy?")
-        await telegram.wait_for(lambda: replies(DM) == 3, 120)
+        await telegram.wait_for(lambda: replies(DM) >= 3, 120)
 
     try:
         await run_bot(first_run)
@@ -122,7 +123,7 @@ async def test_the_same_flow_on_every_deployment(
         history = await store.history(dm.id)
         users = [m for m in history if m.role == USER and not m.text.startswith("/")]
         assert [m.text for m in users] == ["What is the capital of France?", "And of Italy?"]
-        assert all(m.reply_state == ANSWERED for m in users)
+        assert [m.reply_state for m in users] == [ANSWERED, ANSWERED]
         answers = [m for m in history if m.role == ASSISTANT]
         assert len(answers) == 2 and all(m.delivered for m in answers)
         group = await store.conversation("telegram", f"telegram:{GROUP}")

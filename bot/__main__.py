@@ -107,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # one INFO line per HTTP request (Telegram polls, model servers)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         settings = load_settings(args.config)
         return _dispatch(args.command or "run", settings, args, shutdown)

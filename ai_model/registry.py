@@ -47,7 +47,7 @@ class ResolvedModel:
             return EMBEDDED_NAME
         if self.path is not None:
             return self.path.name
-        return self.settings.model or "model"
+        return self.settings.model or "the served model"
 
 
 def resolve(role: str, settings: ModelSettings, base_dir: Path | None = None) -> ResolvedModel:

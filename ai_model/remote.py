@@ -169,9 +169,9 @@ class RemoteModel:
         """Reach the server, check it serves what the settings say (blocking)."""
         url = settings.url.rstrip("/")
         http = httpx.Client(timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0))
+        tokenizer: VocabModel | ServerTokenizer | None = None
         try:
             info = dialect.probe(http, url, settings)
-            tokenizer: VocabModel | ServerTokenizer
             if path is not None:
                 tokenizer = VocabModel.load(settings, path, name)
                 template = tokenizer.template
@@ -189,11 +189,12 @@ class RemoteModel:
                     f"context, but n_ctx is {settings.n_ctx}: start the server with a context "
                     f"of (slots x {settings.n_ctx}), or lower n_ctx to {info.n_ctx}"
                 )
-        except GenerationError as exc:
+        except BaseException as exc:
             http.close()
-            raise ModelError(f"{dialect.kind} at {url}: {exc}") from exc
-        except BaseException:
-            http.close()
+            if isinstance(tokenizer, VocabModel):
+                tokenizer.close()
+            if isinstance(exc, GenerationError):
+                raise ModelError(f"{dialect.kind} at {url}: {exc}") from exc
             raise
         return cls(settings, dialect, info, tokenizer, template, name, http)
 

@@ -11,15 +11,11 @@ import httpx
 
 from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
-from ai_model.remote import Event, ServerInfo, ask_json, error_text, headers
+from ai_model.remote import Event, ServerInfo, ask_json, error_text, headers, int_or_none
 
 log = logging.getLogger(__name__)
 
 KIND = "llama-server"
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class LlamaServerDialect:
@@ -59,14 +55,13 @@ class LlamaServerDialect:
         try:
             models = ask_json(http, KIND, url, "/v1/models", settings)
             meta = (models.get("data") or [{}])[0].get("meta") or {}
-            n_vocab = _int(meta.get("n_vocab"))
+            n_vocab = int_or_none(meta.get("n_vocab"))
         except (ModelError, AttributeError, IndexError):
             pass  # older servers: the tokenization probe still compares vocabularies
         return ServerInfo(
-            model=str(props.get("model_path") or props.get("model_alias") or ""),
-            n_ctx=_int(general.get("n_ctx")),
+            n_ctx=int_or_none(general.get("n_ctx")),
             n_vocab=n_vocab,
-            slots=_int(props.get("total_slots")),
+            slots=int_or_none(props.get("total_slots")),
             chat_template=props.get("chat_template") or None,
         )
 

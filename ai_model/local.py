@@ -186,7 +186,7 @@ class LocalModel:
         queue: asyncio.Queue[object] = asyncio.Queue()
         cancel = threading.Event()
         prompt = list(tokens)
-        stops = list(dict.fromkeys([*self.template.stop, *sampling.stop, *stop]))
+        stops = self.template.stops_with(sampling.stop, stop)
 
         def emit(item: object) -> None:
             try:

@@ -9,13 +9,9 @@ import httpx
 
 from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
-from ai_model.remote import Event, ServerInfo, ask_json
+from ai_model.remote import Event, ServerInfo, ask_json, int_or_none
 
 KIND = "OpenAI-compatible server"
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class OpenAIDialect:
@@ -40,7 +36,7 @@ class OpenAIDialect:
                 f"{served}); fix the role's model setting"
             )
         meta = entry.get("meta") or {}
-        n_ctx = _int(entry.get("max_model_len")) or _int(meta.get("n_ctx"))
+        n_ctx = int_or_none(entry.get("max_model_len")) or int_or_none(meta.get("n_ctx"))
         slots = None
         template = None
         # llama-server behind /v1 also has /props: its slots let conversations keep theirs.
@@ -50,14 +46,13 @@ class OpenAIDialect:
         except (httpx.HTTPError, ValueError):
             props = {}
         if isinstance(props, dict):
-            slots = _int(props.get("total_slots"))
+            slots = int_or_none(props.get("total_slots"))
             template = props.get("chat_template") or None
             general = props.get("default_generation_settings") or {}
-            n_ctx = _int(general.get("n_ctx")) or n_ctx
+            n_ctx = int_or_none(general.get("n_ctx")) or n_ctx
         return ServerInfo(
-            model=settings.model,
             n_ctx=n_ctx,
-            n_vocab=_int(meta.get("n_vocab")),
+            n_vocab=int_or_none(meta.get("n_vocab")),
             slots=slots,
             chat_template=template,
         )

@@ -38,7 +38,6 @@ VOCAB_PROBE = "Héllo wörld: 12,345 tokens — <|im_start|> «ünïcode» 🙂\
 class ServerInfo:
     """What a server said about itself at start-up (``None``: it did not say)."""
 
-    model: str
     n_ctx: int | None  # per slot (llama-server) or per sequence (vLLM)
     n_vocab: int | None
     slots: int | None  # llama-server slots; ``id_slot`` is sent only when known
@@ -81,6 +80,11 @@ class Dialect(Protocol):
     def event(self, data: Any) -> Event:
         """One parsed stream payload (``"[DONE]"`` or a JSON object) as an event."""
         ...
+
+
+def int_or_none(value: Any) -> int | None:
+    """An integer from a server's JSON, or ``None`` for anything else (booleans included)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def headers(settings: ModelSettings) -> dict[str, str]:
@@ -159,8 +163,9 @@ class RemoteModel:
         self.slots = SlotMap(info.slots)
         self._generated: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
         # The stream client and the in-flight gate belong to the event loop that made them.
-        self._session: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore]
-        self._session_loop: asyncio.AbstractEventLoop | None = None
+        self._session: (
+            tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore] | None
+        ) = None
 
     @classmethod
     def load(
@@ -168,7 +173,9 @@ class RemoteModel:
     ) -> RemoteModel:
         """Reach the server, check it serves what the settings say (blocking)."""
         url = settings.url.rstrip("/")
-        http = httpx.Client(timeout=httpx.Timeout(settings.request_timeout_s, connect=5.0))
+        http = httpx.Client(
+            timeout=httpx.Timeout(settings.request_timeout_s, connect=CONNECT_TIMEOUT_S)
+        )
         tokenizer: VocabModel | ServerTokenizer | None = None
         try:
             info = dialect.probe(http, url, settings)
@@ -209,12 +216,11 @@ class RemoteModel:
 
     def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
-        if self._session_loop is not loop:
+        if self._session is None or self._session[0] is not loop:
             timeout = httpx.Timeout(self.settings.request_timeout_s, connect=CONNECT_TIMEOUT_S)
             limits = httpx.Limits(max_connections=self.settings.parallel + 2)
             client = httpx.AsyncClient(timeout=timeout, limits=limits)
             self._session = (loop, client, asyncio.Semaphore(self.settings.parallel))
-            self._session_loop = loop
         return self._session[1], self._session[2]
 
     async def stream(
@@ -227,7 +233,7 @@ class RemoteModel:
         """Yield reply text pieces; failures before the first piece are retried."""
         client, gate = self._client()
         prompt = list(tokens)
-        stops = list(dict.fromkeys([*self.template.stop, *sampling.stop, *stop]))
+        stops = self.template.stops_with(sampling.stop, stop)
         async with gate:
             slot_id = self.slots.acquire(slot)
             try:
@@ -314,11 +320,11 @@ class RemoteModel:
         return self.dialect.event(data)
 
     async def aclose(self) -> None:
-        if self._session_loop is not None:
+        if self._session is not None:
             loop, client, _ = self._session
             if loop is asyncio.get_running_loop():
                 await client.aclose()
-            self._session_loop = None
+            self._session = None
 
     def close(self) -> None:
         self._http.close()

@@ -44,6 +44,10 @@ class ChatTemplate:
             Piece(self.turn_close, True),
         )
 
+    def stops_with(self, *more: Sequence[str]) -> list[str]:
+        """The template's own stop strings, then ``more``, without repeats."""
+        return list(dict.fromkeys([*self.stop, *(s for group in more for s in group)]))
+
     def generation_prompt(self, role: str = "assistant") -> tuple[Piece, ...]:
         return (Piece(self.turn_open.format(role=role), True),)
 

@@ -92,6 +92,20 @@ def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
 
 
+def bench_settings(database: Path, model: ModelSettings) -> Settings:
+    """Settings for a bench: ``model`` in both roles, a database file of its own."""
+    # One synthetic user sends everything: the fair-share limits, which would ration
+    # them, are off, so that the figures measure the pipeline itself.
+    return replace(
+        Settings(),
+        database_url=f"sqlite+aiosqlite:///{database}",
+        models={"character": model, "office": model},
+        rate_limit=0,
+        max_queued=1_000_000,
+        max_pending_per_user=1_000_000,
+    )
+
+
 class Bench:
     def __init__(self, folder: Path, sizes: Sizes) -> None:
         self.folder = folder
@@ -102,16 +116,7 @@ class Bench:
             cache_slots=sizes.channels + 1,
             sampling=SamplingSettings(max_tokens=32, seed=7),
         )
-        # One synthetic user sends everything: the fair-share limits, which would ration
-        # them, are off, so that the figures measure the pipeline itself.
-        self.settings = replace(
-            Settings(),
-            database_url=f"sqlite+aiosqlite:///{folder / 'bench.db'}",
-            models={"character": model, "office": model},
-            rate_limit=0,
-            max_queued=1_000_000,
-            max_pending_per_user=1_000_000,
-        )
+        self.settings = bench_settings(folder / "bench.db", model)
 
     async def open(self) -> tuple[ModelRegistry, Store, ConversationCore]:
         registry = ModelRegistry(self.settings.models)

@@ -14,12 +14,11 @@ import asyncio
 import glob
 import json
 import os
+import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,9 @@ import httpx
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
+from bot.bench import bench_settings, log
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage
-from bot.settings import Settings
 from storage import Store, open_database
 
 QUESTIONS = [
@@ -39,10 +38,6 @@ QUESTIONS = [
     "List some good habits for writing clear reports.",
     "Describe a simple plan for organising a quarterly review.",
 ]
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def server_binary() -> str:
@@ -55,7 +50,9 @@ def server_binary() -> str:
 
 
 def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = 18000 + os.getpid() % 1000
+    with socket.socket() as sock:  # a free port, asked of the system
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
     threads = str(os.cpu_count() or 1)
     command = [server_binary(), "-m", str(embedded_model_path()), "--host", "127.0.0.1"]
     command += ["--port", str(port), "-np", "4", "-c", str(4 * 8192), "-t", threads, "--metrics"]
@@ -79,14 +76,7 @@ class Side:
 
     def __init__(self, name: str, model: ModelSettings, folder: Path) -> None:
         self.name = name
-        self.settings = replace(
-            Settings(),
-            database_url=f"sqlite+aiosqlite:///{folder / f'{name}.db'}",
-            models={"office": model, "character": model},
-            rate_limit=0,
-            max_queued=1_000_000,
-            max_pending_per_user=1_000_000,
-        )
+        self.settings = bench_settings(folder / f"{name}.db", model)
         self.count = 0
 
     async def open(self) -> None:

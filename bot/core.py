@@ -465,11 +465,10 @@ class _Once:
 def _reply_tokens(model: ChatModel, slot: str, reply: str) -> tuple[int, Sequence[int]]:
     """The reply's token count, and the generated tokens when they spell exactly the reply
     (blocking: a remote model may ask its server)."""
-    count = len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False))
     generated = model.generated(slot)
     if generated and model.detokenize(generated).strip() == reply:
-        return count, generated
-    return count, ()
+        return len(generated), generated  # what the prompt will hold: no second tokenizing
+    return len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False)), ()
 
 
 def _trace(exc: BaseException) -> bool:

@@ -11,11 +11,11 @@ a 200 stream, a stream cut before its terminator).
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,6 +28,7 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, web
 
 from ai_model.embedded import embedded_model_path
+from tests.waiting import free_port
 
 SLOTS = 4
 SLOT_CTX = 8192
@@ -43,12 +44,6 @@ def binary() -> Path | None:
         return path
     found = sorted(glob.glob(str(Path.home() / ".cache/localbot/llama-server/*/llama-server")))
     return Path(found[-1]) if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -153,6 +148,7 @@ class Proxy:
     fail_statuses: list[int] = field(default_factory=list)  # next completions answer these
     error_event: bool = False  # next completion: a 200 stream carrying an error object
     cut_after: int | None = None  # next completion: this many events, then the end
+    stalls: list[float] = field(default_factory=list)  # next completions wait this long first
     vocab_size: int | None = None  # /v1/models claims this vocabulary size
     port: int = 0
     _runner: web.AppRunner | None = None
@@ -193,6 +189,8 @@ class Proxy:
             status = self.fail_statuses.pop(0)
             error = {"error": {"code": status, "message": "Loading model", "type": "unavailable"}}
             return web.json_response(error, status=status)
+        if completion and self.stalls:
+            await asyncio.sleep(self.stalls.pop(0))  # a server that accepts, then says nothing
         if completion and self.error_event:
             self.error_event = False
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

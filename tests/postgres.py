@@ -12,12 +12,13 @@ import glob
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.waiting import free_port
 
 USER = "localbot"
 
@@ -27,12 +28,6 @@ def find_binaries() -> Path | None:
         if folder and all((Path(folder) / tool).is_file() for tool in ("initdb", "pg_ctl")):
             return Path(folder)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -71,7 +66,7 @@ def start_server() -> Iterator[PostgresServer]:
     if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
 
     def run(*args: str) -> None:
         subprocess.run([*as_user, *args], check=True, capture_output=True, cwd=root)

@@ -24,7 +24,8 @@ from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import Settings
 from storage import Store
 from storage.store import ASSISTANT, FAILED, USER
-from tests.llama_server import LlamaServer, Proxy, free_port, start
+from tests.llama_server import LlamaServer, Proxy, start
+from tests.waiting import free_port
 
 pytestmark = pytest.mark.model
 
@@ -78,6 +79,10 @@ async def test_a_reply_streams_from_token_ids_and_keeps_its_slot(
     first = await answer(core, dm("Hello! Name three colours."))
     assert first[-1].final and first[-1].kind is ReplyKind.ANSWER and first[-1].text
     assert len(first) > 2  # streamed: several snapshots before the final one
+    model = await core.models.get("office")
+    assert isinstance(model, RemoteModel)
+    produced = list(model.generated("console:ann"))  # the ids llama-server streamed back
+    assert produced
     second = await answer(core, dm("And three animals?"))
     assert second[-1].kind is ReplyKind.ANSWER
     bodies = proxy.completions()
@@ -87,10 +92,12 @@ async def test_a_reply_streams_from_token_ids_and_keeps_its_slot(
         assert body["cache_prompt"] is True and body["stream"] is True
     assert bodies[0]["id_slot"] == bodies[1]["id_slot"]
     # The second prompt starts with the whole first one: the server's slot reuses it.
-    assert bodies[1]["prompt"][: len(bodies[0]["prompt"])] == bodies[0]["prompt"]
-    # The reply's own tokens, as generated, continue the prompt (no re-tokenizing drift).
-    model = await core.models.get("office")
-    assert isinstance(model, RemoteModel)
+    first_prompt = bodies[0]["prompt"]
+    assert bodies[1]["prompt"][: len(first_prompt)] == first_prompt
+    # The reply's own tokens, as generated, continue it (no re-tokenizing drift), so the
+    # server's cache holds through the reply too.
+    after = bodies[1]["prompt"][len(first_prompt) : len(first_prompt) + len(produced)]
+    assert after == produced
 
 
 async def test_four_conversations_are_batched_by_the_server(
@@ -119,18 +126,17 @@ async def test_the_window_holds_and_user_text_reaches_the_server_as_plain_tokens
     bodies = proxy.completions()
     assert len(bodies) == 10
     model = await core.models.get("office")
-    last = f"Ann: Message 9: {hostile} " + "filler words " * 20
-    # Off the loop: the proxy that answers this runs on it.
-    plain = await asyncio.to_thread(model.tokenize, last.encode(), False, False)
-    assert IM_START not in plain and IM_END not in plain
-    assert _contains(bodies[-1]["prompt"], plain)  # the newest message, as plain text
-    for body in bodies:
+    for i, body in enumerate(bodies):
         prompt = body["prompt"]
         assert len(prompt) + body["n_predict"] <= 1024  # every prompt fits the window
+        newest = f"Ann: Message {i}: {hostile} " + "filler words " * 20
+        # Off the loop: the proxy that answers this runs on it.
+        plain = await asyncio.to_thread(model.tokenize, newest.encode(), False, False)
+        assert IM_START not in plain and IM_END not in plain
+        assert _contains(prompt, plain)  # the newest message, whole, as plain text
         # The scaffolding opens one turn per message plus the system turn and the cue; six
         # more per message would mean the server read the user's markup as control tokens.
-        turns = sum(1 for j, t in enumerate(prompt[:-1]) if t == IM_START)
-        assert turns <= 2 + 2 * 10
+        assert prompt.count(IM_START) <= 2 + 2 * 10
     assert len(bodies[-1]["prompt"]) < len(bodies[4]["prompt"]) + 400  # trimmed, not grown
     conv = await store.conversation("console", "console:ann")
     stored = await store.history(conv.id)
@@ -148,6 +154,18 @@ async def test_a_503_before_the_first_token_is_retried(core_for: Any, proxy: Pro
     replies = await answer(core, dm("Are you there?"))
     assert replies[-1].kind is ReplyKind.ANSWER and replies[-1].text
     assert len(proxy.completions()) == 3
+
+
+async def test_a_silent_server_times_out_is_retried_then_apologised_for(
+    core_for: Any, proxy: Proxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    core = await core_for(remote(proxy.url, retries=1, request_timeout_s=1.0))
+    proxy.stalls = [3.0]  # the first attempt times out, the retry is answered
+    assert (await answer(core, dm("slow?")))[-1].kind is ReplyKind.ANSWER
+    proxy.stalls = [3.0, 3.0]  # both attempts time out
+    assert (await answer(core, dm("slower?")))[-1].text == APOLOGY
+    assert len(proxy.completions()) == 4
+    assert "no answer within 1s" in caplog.text
 
 
 async def test_failures_get_the_apology_and_the_message_is_kept(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 
@@ -27,3 +28,10 @@ async def stored_replies(store: Store, conversation_id: int, within: float = 30.
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for a stored reply")
         await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -45,8 +45,16 @@ class ModelSettings:
     request_timeout_s: float = 120.0
     # Remote only: attempts after a failure before the first token (connection lost, 503, ...).
     retries: int = 2
-    # Remote only: requests this bot process keeps in flight to the server at once.
+    # Generations at once.  In-process: the sequences of the model's one llama.cpp context,
+    # decoded together in one batch (1: today's serial path, one reply after another).
+    # Remote: requests this bot process keeps in flight to the server.
     parallel: int = 4
+    # In-process, batched: prompt tokens one sequence may evaluate per step, so a long prompt
+    # delays the running streams by one chunk at most.
+    prefill_chunk: int = 256
+    # In-process, batched: RAM for evaluated states of conversations whose sequence was
+    # handed to another one; past it they go to state_dir (or are dropped without one).
+    park_mb: int = 1024
     path: str = ""
     download_url: str = ""
     chat_template: str = "auto"
@@ -61,7 +69,8 @@ class ModelSettings:
     rope_scaling_factor: float = 1.0
     threads: int = 0
     threads_batch: int = 0
-    # Conversations whose evaluated state stays in memory (one KV cache of n_ctx tokens each).
+    # Serial path (parallel = 1): conversations whose evaluated state stays in memory (one KV
+    # cache of n_ctx tokens each).
     cache_slots: int = 4
     # Where evaluated states are saved at shutdown and restored after a restart ("" = nowhere).
     state_dir: str = "data/llama-states"
@@ -86,8 +95,12 @@ class ModelSettings:
                 raise ValueError("request_timeout_s must be positive")
             if not 0 <= self.retries <= 10:
                 raise ValueError("retries must be between 0 and 10")
-            if not 1 <= self.parallel <= 256:
-                raise ValueError("parallel must be between 1 and 256")
+        if not 1 <= self.parallel <= 256:
+            raise ValueError("parallel must be between 1 and 256")
+        if not 1 <= self.prefill_chunk <= self.n_batch:
+            raise ValueError("prefill_chunk must be between 1 and n_batch")
+        if self.park_mb < 0:
+            raise ValueError("park_mb must be 0 (no RAM tier) or more")
         if self.n_ctx < 256:
             raise ValueError(f"n_ctx must be at least 256, not {self.n_ctx}")
         if self.n_batch < 1:

@@ -82,6 +82,14 @@ def special_token_check(llm: Any) -> Callable[[int], bool]:
     return check
 
 
+def state_fingerprint(settings: ModelSettings, path: Path) -> str:
+    """What a saved state must have been written under: the same file and load settings."""
+    stat = path.stat()
+    return hashlib.sha256(
+        repr((str(path), stat.st_size, stat.st_mtime_ns, settings.load_key())).encode()
+    ).hexdigest()
+
+
 class LocalModel:
     """One loaded GGUF file.  Implements :class:`ai_model.base.ChatModel`.
 
@@ -141,11 +149,7 @@ class LocalModel:
                 "so users could write their own turns. Use a GGUF whose tokenizer marks these "
                 "tokens as control tokens (not user-defined)."
             )
-        stat = path.stat()
-        # A saved state is only valid for the same file and the same load settings.
-        fingerprint = hashlib.sha256(
-            repr((str(path), stat.st_size, stat.st_mtime_ns, settings.load_key())).encode()
-        ).hexdigest()
+        fingerprint = state_fingerprint(settings, path)
         return cls(
             llm,
             name,

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ai_model.base import ChatModel, ModelError, ModelFileMissing
+from ai_model.batched import BatchedModel
 from ai_model.config import ModelSettings
 from ai_model.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_model_path
 from ai_model.local import LocalModel
 from ai_model.remote import Dialect, RemoteModel
 from ai_model.vocab import VocabModel
 
-Loaded = LocalModel | VocabModel | RemoteModel
+Loaded = BatchedModel | LocalModel | VocabModel | RemoteModel
 
 
 def dialect_for(backend: str) -> Dialect:
@@ -103,7 +104,8 @@ class ModelRegistry:
         if s.remote:
             remote = (s.backend, s.url.rstrip("/"), s.model, s.api_key, s.parallel)
             return ("remote", *remote, s.request_timeout_s, s.retries, str(r.path), s.n_ctx)
-        return (str(r.path), *s.load_key()[1:])
+        serving = (s.parallel, s.prefill_chunk, s.park_mb, s.cache_slots, s.state_dir)
+        return (str(r.path), *s.load_key()[1:], *serving)
 
     def shares_model(self, role_a: str, role_b: str) -> bool:
         return self._key(role_a) == self._key(role_b)
@@ -122,8 +124,11 @@ class ModelRegistry:
                     f"ctx {s.n_ctx}, up to {s.parallel} requests at once{also}"
                 )
                 continue
+            serving = (
+                f"{s.parallel} conversations at once" if s.parallel > 1 else "one reply at a time"
+            )
             lines.append(
-                f"{role} role -> {r.display_name} ({r.path}), ctx {s.n_ctx}, "
+                f"{role} role -> {r.display_name} ({r.path}), ctx {s.n_ctx}, {serving}, "
                 f"gpu layers {s.n_gpu_layers} on gpu {s.main_gpu}, template {s.chat_template}"
                 + also
             )
@@ -157,6 +162,10 @@ class ModelRegistry:
                 elif self.vocab_only:
                     loaded = await asyncio.to_thread(
                         VocabModel.load, r.settings, r.path, r.display_name
+                    )
+                elif r.settings.parallel > 1:
+                    loaded = await asyncio.to_thread(
+                        BatchedModel.load, r.settings, r.path, r.display_name
                     )
                 else:
                     loaded = await asyncio.to_thread(

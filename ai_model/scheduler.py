@@ -1,0 +1,456 @@
+"""Continuous batching: one llama.cpp context, ``parallel`` sequences, one decode per step.
+
+A scheduler thread owns the context.  Each step packs into a single ``llama_decode`` one token
+for every running generation plus a chunk (``prefill_chunk`` tokens at most) of every prompt
+still being evaluated, then samples each sequence that produced logits with its own sampler
+chain.  New requests join at the next step, first come first served; a request whose consumer
+stopped listening frees its sequence at the next step.
+
+A conversation keeps its sequence, and so its evaluated tokens, while it is among the most
+recently used; when its sequence is given to another conversation its state is parked
+(:mod:`ai_model.parking`) and restored on its next message instead of being recomputed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ai_model.config import SamplingSettings
+from ai_model.parking import (
+    MIN_USEFUL_PREFIX,
+    Parking,
+    SavedState,
+    common_prefix,
+    read_sequence,
+    write_sequence,
+)
+
+log = logging.getLogger(__name__)
+
+DONE = object()  # the last item a request's consumer receives
+MAX_REMEMBERED_REPLIES = 4096
+HISTORY = 4096  # admissions and steps kept for tests and the bench
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: the prompt, how to sample, and where its text goes (thread-safe)."""
+
+    key: str | None
+    prompt: tuple[int, ...]
+    sampling: SamplingSettings
+    stops: tuple[str, ...]
+    max_tokens: int
+    emit: Callable[[object], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What admitting one request did: where its state came from, and the prompt tokens that
+    llama.cpp already held (``reused``) or had to evaluate (``computed``)."""
+
+    key: str | None
+    seq: int
+    event: str  # "resident", "ram", "disk" or "cold"
+    reused: int
+    computed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One ``llama_decode``: the sequences given a generated token, and prompt tokens per
+    sequence evaluated alongside."""
+
+    decoded: tuple[int, ...]
+    prefill: tuple[tuple[int, int], ...]
+    seconds: float
+
+
+class _Seq:
+    """One sequence of the context and the conversation (and request) it holds."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.id = seq_id
+        self.key: str | None = None
+        self.tokens: list[int] = []  # evaluated, at positions 0..n-1 of this sequence
+        self.used = 0.0
+        self.req: Request | None = None
+        self.admitted = 0
+        self.prompt_len = 0
+        self.pending: list[int] = []  # prompt tokens still to evaluate
+        self.next_token: int | None = None  # sampled, evaluated at the next step
+        self.sampler: Any = None
+        self.n_generated = 0
+        self.decoder: codecs.IncrementalDecoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.text = ""
+        self.sent = 0
+
+
+def make_sampler(sampling: SamplingSettings) -> Any:
+    """A llama.cpp sampler chain built exactly as llama-cpp-python builds its own, so that a
+    sequence alone samples what the serial path samples with the same seed."""
+    import llama_cpp
+    from llama_cpp import _internals
+
+    internals: Any = _internals  # its classes are untyped
+    sampler = internals.LlamaSampler()
+    sampler.add_penalties(
+        n_vocab=0,  # unused by llama.cpp's penalties sampler
+        penalty_last_n=sampling.repeat_last_n,
+        penalty_repeat=sampling.repeat_penalty,
+        penalty_freq=0.0,
+        penalty_present=0.0,
+    )
+    seed = sampling.seed if sampling.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED
+    if sampling.temperature <= 0.0:
+        sampler.add_greedy()
+    else:
+        sampler.add_top_k(sampling.top_k)
+        sampler.add_typical(1.0, 1)
+        sampler.add_top_p(sampling.top_p, 1)
+        sampler.add_min_p(sampling.min_p, 1)
+        sampler.add_temp(sampling.temperature)
+        sampler.add_dist(seed)
+    return sampler
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of ``text`` could still become a stop string."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
+
+class Scheduler:
+    """Runs every generation of one loaded model on one thread, batched."""
+
+    def __init__(
+        self,
+        name: str,
+        ctx: Any,
+        vocab: Any,
+        *,
+        parallel: int,
+        n_batch: int,
+        prefill_chunk: int,
+        parking: Parking,
+    ) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self.name = name
+        self._ctx = ctx  # _internals.LlamaContext
+        self._vocab = vocab
+        self._mem = llama_cpp.llama_get_memory(ctx.ctx)
+        self.n_batch = n_batch
+        self.prefill_chunk = prefill_chunk
+        self.parking = parking
+        self.seqs = [_Seq(i) for i in range(parallel)]
+        internals: Any = _internals
+        self._batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._piece = ctypes.create_string_buffer(256)
+        self._queue: deque[Request] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._admitted = 0
+        self.generated: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
+        self.admissions: deque[Admission] = deque(maxlen=HISTORY)
+        self.steps: deque[Step] = deque(maxlen=HISTORY)
+        self._thread = threading.Thread(target=self._run, name=f"llama-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the event loop's side ----------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                request.emit(RuntimeError("the model is shutting down"))
+                request.emit(DONE)
+                return
+            self._queue.append(request)
+            self._cond.notify()
+
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Refuse what is queued, let running generations end, stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+    def resident(self) -> list[str | None]:
+        """The conversations held in sequences, most recently used first."""
+        return [s.key for s in sorted(self.seqs, key=lambda s: -s.used) if s.tokens]
+
+    # -- the thread ---------------------------------------------------------------------------
+
+    def _running(self) -> list[_Seq]:
+        return sorted((s for s in self.seqs if s.req is not None), key=lambda s: s.admitted)
+
+    def _take_admissible(self) -> list[Request]:
+        """Pop, in arrival order, the requests that a free sequence can take now (caller holds
+        the lock).  A conversation whose sequence is still busy waits without blocking others."""
+        free = sum(s.req is None for s in self.seqs)
+        busy_keys = {s.key for s in self.seqs if s.req is not None and s.key is not None}
+        taken: list[Request] = []
+        kept: deque[Request] = deque()
+        while self._queue:
+            req = self._queue.popleft()
+            if req.cancel.is_set():
+                req.emit(DONE)
+            elif free > 0 and (req.key is None or req.key not in busy_keys):
+                taken.append(req)
+                free -= 1
+                if req.key is not None:
+                    busy_keys.add(req.key)
+            else:
+                kept.append(req)
+        self._queue = kept
+        return taken
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._running() and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    for req in self._queue:
+                        req.emit(RuntimeError("the model is shutting down"))
+                        req.emit(DONE)
+                    self._queue.clear()
+                    if not self._running():
+                        return
+                admitted = self._take_admissible()
+            try:
+                for req in admitted:
+                    self._admit(req)
+                for seq in self._running():
+                    assert seq.req is not None
+                    if seq.req.cancel.is_set():
+                        self._finish(seq, flush=False)
+                if self._running():
+                    self._step()
+            except Exception as exc:  # a bug or a llama.cpp failure: fail the running ones
+                log.exception("%s: the batch scheduler failed", self.name)
+                for seq in self._running():
+                    self._fail(seq, exc)
+
+    # -- admission ----------------------------------------------------------------------------
+
+    def _pick(self, key: str | None) -> _Seq:
+        idle = [s for s in self.seqs if s.req is None]
+        if key is not None:
+            for seq in idle:
+                if seq.key == key:
+                    return seq
+        empty = [s for s in idle if not s.tokens]
+        return empty[0] if empty else min(idle, key=lambda s: s.used)
+
+    def _clear(self, seq: _Seq) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.id, -1, -1)
+        seq.tokens, seq.key = [], None
+
+    def _evict(self, seq: _Seq) -> None:
+        if seq.key is not None and seq.tokens:
+            log.info("%s: parking %s (%d tokens)", self.name, seq.key, len(seq.tokens))
+            self.parking.put(seq.key, read_sequence(self._ctx.ctx, seq.id, seq.tokens))
+        self._clear(seq)
+
+    def _restore(self, seq: _Seq, key: str, prompt: Sequence[int]) -> str:
+        import llama_cpp
+
+        found = self.parking.take(key)
+        if found is None:
+            return "cold"
+        state, tier = found
+        if common_prefix(state.tokens, prompt) < MIN_USEFUL_PREFIX:
+            log.info("%s: the parked state of %s no longer matches: dropped", self.name, key)
+            return "cold"
+        if not write_sequence(self._ctx.ctx, seq.id, state) or (
+            llama_cpp.llama_memory_seq_pos_max(self._mem, seq.id) + 1 != len(state.tokens)
+        ):
+            log.warning("%s: llama.cpp refused the parked state of %s", self.name, key)
+            self._clear(seq)
+            return "cold"
+        seq.tokens = list(state.tokens)
+        return tier
+
+    def _admit(self, req: Request) -> None:
+        import llama_cpp
+
+        seq = self._pick(req.key)
+        prompt = list(req.prompt)
+        if req.key is not None and seq.key == req.key:
+            event = "resident"
+        else:
+            self._evict(seq)
+            event = "cold" if req.key is None else self._restore(seq, req.key, prompt)
+            seq.key = req.key
+        # The last prompt token is always evaluated again: its logits start the reply.
+        keep = min(common_prefix(seq.tokens, prompt), len(prompt) - 1)
+        if keep < len(seq.tokens):
+            if not llama_cpp.llama_memory_seq_rm(self._mem, seq.id, keep, -1):
+                llama_cpp.llama_memory_seq_rm(self._mem, seq.id, -1, -1)
+                keep = 0
+            del seq.tokens[keep:]
+        # What llama.cpp itself holds for this sequence now, not what we believe it holds.
+        reused = llama_cpp.llama_memory_seq_pos_max(self._mem, seq.id) + 1
+        self._admitted += 1
+        seq.req, seq.admitted, seq.prompt_len = req, self._admitted, len(prompt)
+        seq.pending = prompt[keep:]
+        seq.next_token, seq.n_generated = None, 0
+        seq.sampler = make_sampler(req.sampling)
+        seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        seq.text, seq.sent = "", 0
+        seq.used = time.monotonic()
+        self.admissions.append(Admission(req.key, seq.id, event, reused, len(seq.pending)))
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        import llama_cpp
+
+        batch = self._batch.batch
+        rows: list[tuple[_Seq, int, bool]] = []  # (sequence, token, wants logits)
+        placed: dict[int, int] = {}  # tokens of each sequence in this batch so far
+
+        def add(seq: _Seq, token: int, logits: bool) -> None:
+            i = len(rows)
+            offset = placed.get(seq.id, 0)
+            placed[seq.id] = offset + 1
+            batch.token[i] = token
+            batch.pos[i] = len(seq.tokens) + offset
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq.id
+            batch.logits[i] = logits
+            rows.append((seq, token, logits))
+
+        running = self._running()
+        decoded = []
+        for seq in running:
+            if seq.next_token is not None:
+                add(seq, seq.next_token, True)
+                decoded.append(seq.id)
+        budget = self.n_batch - len(rows)
+        prefill = []
+        for seq in running:
+            if not seq.pending or budget <= 0:
+                continue
+            chunk = seq.pending[: min(self.prefill_chunk, budget)]
+            last = len(chunk) == len(seq.pending)
+            for j, token in enumerate(chunk):
+                add(seq, token, last and j == len(chunk) - 1)
+            budget -= len(chunk)
+            prefill.append((seq.id, len(chunk)))
+        batch.n_tokens = len(rows)
+        start = time.perf_counter()
+        status = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        self.steps.append(Step(tuple(decoded), tuple(prefill), time.perf_counter() - start))
+        if status != 0:
+            involved = {id(r[0]): r[0] for r in rows}.values()
+            for seq in involved:
+                self._fail(seq, RuntimeError(f"llama_decode returned {status}"))
+            return
+        for seq in running:
+            if seq.next_token is not None:
+                seq.tokens.append(seq.next_token)
+                seq.next_token = None
+        for seq_id, n in prefill:
+            filled = self.seqs[seq_id]
+            filled.tokens.extend(filled.pending[:n])
+            del filled.pending[:n]
+        for i, (seq, _token, logits) in enumerate(rows):
+            if logits and seq.req is not None:
+                self._accept(seq, int(seq.sampler.sample(self._ctx, i)))
+
+    def _piece_of(self, token: int) -> bytes:
+        import llama_cpp
+
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, 256, 0, False)
+        return bytes(self._piece.raw[: max(n, 0)])
+
+    def _accept(self, seq: _Seq, token: int) -> None:
+        import llama_cpp
+
+        req = seq.req
+        assert req is not None
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            self._finish(seq)
+            return
+        seq.n_generated += 1
+        seq.text += seq.decoder.decode(self._piece_of(token))
+        text = seq.text
+        window = max((len(s) for s in req.stops), default=0)
+        hits = [i for s in req.stops if (i := text.find(s, max(0, seq.sent - window))) >= 0]
+        if hits:
+            end = min(hits)
+            if end > seq.sent:
+                req.emit(text[seq.sent : end])
+            seq.sent = len(text)
+            self._finish(seq, flush=False)
+            return
+        safe = len(text) - held_back(text, req.stops)
+        if safe > seq.sent:
+            req.emit(text[seq.sent : safe])
+            seq.sent = safe
+        seq.next_token = token
+        if seq.n_generated >= req.max_tokens:
+            self._finish(seq)
+
+    def _finish(self, seq: _Seq, flush: bool = True) -> None:
+        req = seq.req
+        assert req is not None
+        if flush and not req.cancel.is_set():
+            text = seq.text + seq.decoder.decode(b"", final=True)
+            if len(text) > seq.sent:
+                req.emit(text[seq.sent :])
+        # The reply's own tokens, as evaluated: the next prompt reuses the cache through them.
+        self.generated[seq.key] = tuple(seq.tokens[seq.prompt_len :])
+        self.generated.move_to_end(seq.key)
+        while len(self.generated) > MAX_REMEMBERED_REPLIES:
+            self.generated.popitem(last=False)
+        req.emit(DONE)
+        self._release(seq)
+
+    def _fail(self, seq: _Seq, exc: Exception) -> None:
+        if seq.req is not None:
+            seq.req.emit(exc)
+            seq.req.emit(DONE)
+        self._release(seq)
+        self._clear(seq)  # its cache may be half-written: start it afresh next time
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.sampler is not None:
+            seq.sampler.close()
+        seq.req, seq.sampler, seq.next_token, seq.pending = None, None, None, []
+        seq.used = time.monotonic()
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def held_states(self) -> list[tuple[str, SavedState]]:
+        """The resident conversations' states (after :meth:`close`)."""
+        return [
+            (s.key, read_sequence(self._ctx.ctx, s.id, s.tokens))
+            for s in self.seqs
+            if s.key is not None and s.tokens
+        ]
+
+    def free(self) -> None:
+        self._batch.close()

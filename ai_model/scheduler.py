@@ -269,7 +269,7 @@ class Scheduler:
 
     def _evict(self, seq: _Seq) -> None:
         if seq.key is not None and seq.tokens:
-            log.info("%s: parking %s (%d tokens)", self.name, seq.key, len(seq.tokens))
+            log.debug("%s: parking %s (%d tokens)", self.name, seq.key, len(seq.tokens))
             self.parking.put(seq.key, read_sequence(self._ctx.ctx, seq.id, seq.tokens))
         self._clear(seq)
 

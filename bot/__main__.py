@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         help="llama-server: the office role through a llama-server beside in-process",
     )
     bench.add_argument("--url", default="", help="a running llama-server (default: start one)")
+    bench.add_argument(
+        "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
+    )
     lore = sub.add_parser("lorebook", help="import a world book for channels to attach")
     lore_sub = lore.add_subparsers(dest="action", required=True)
     lore_imp = lore_sub.add_parser("import", help="import a lorebook JSON (or a card's book)")
@@ -74,7 +77,7 @@ def _dispatch(
             return bench_remote.main(url=args.url, quick=args.quick)
         from bot import bench
 
-        return bench.main(quick=args.quick)
+        return bench.main(quick=args.quick, gpu_layers=args.gpu_layers)
     if command in ("character", "lorebook"):
         path = getattr(args, "path", "")
         data = b""

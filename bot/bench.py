@@ -1,9 +1,11 @@
 """``python -m bot bench``: speed figures of the core on the embedded model, as one JSON line.
 
 Everything is measured in one run, side by side, on a temporary database and state folder:
-first-token times (empty channel, long channel, interleaved channels, after a restart), the
-prefix reuse rate past the window, streaming speed against raw llama.cpp, core throughput with a
-zero-cost model, event-loop lag while generating, and peak memory.
+first-token times (a short and a long channel, both already evaluated; more channels than
+resident sequences in turn; after a restart), the prefix reuse that llama.cpp itself reports past
+the window, streaming speed against raw llama.cpp, core throughput with a zero-cost model behind
+the real tokenizer, event-loop lag while generating, the concurrency figures of
+:mod:`bot.bench_batching` (serial and batched), and peak memory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
 from ai_model.scripted import ScriptedModel
-from ai_model.slots import common_prefix
+from bot.bench_batching import concurrency
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage
 from bot.settings import Settings
@@ -34,6 +36,9 @@ from storage import Store, open_database
 from storage.store import ASSISTANT, USER
 
 TARGETS = {
+    "concurrent4_worst_ttft_over_single": ("<=", 2.0),
+    "concurrent4_tokens_per_s_over_single": (">=", 0.9),
+    "sixteen_channels_worst_over_p50": ("<=", 3.0),
     "ttft_long_over_empty": ("<=", 1.5),
     "ttft_interleaved_over_single": ("<=", 2.0),
     "ttft_after_restart_over_empty": ("<=", 3.0),
@@ -74,14 +79,19 @@ WORDS = [
 class Sizes:
     long_history: int = 6000
     channel_history: int = 3000
-    channels: int = 4
-    turns_past_window: int = 200
+    # More channels than resident sequences: the round-robin parks and restores states.
+    channels: int = 6
+    turns_past_window: int = 60
+    window: int = 8191
     repeats: int = 3
     core_messages: int = 1000
     core_channels: int = 4
+    concurrent_history: int = 2000
+    sixteen: int = 16
 
 
-QUICK = Sizes(1200, 600, 2, 40, 2, 200, 4)
+QUICK = Sizes(1200, 600, 6, 12, 1024, 2, 200, 4, 400, 16)
+PARALLEL = 4
 
 
 def log(text: str) -> None:
@@ -107,21 +117,40 @@ def bench_settings(database: Path, model: ModelSettings) -> Settings:
 
 
 class Bench:
-    def __init__(self, folder: Path, sizes: Sizes) -> None:
+    def __init__(self, folder: Path, sizes: Sizes, gpu_layers: int = 0) -> None:
         self.folder = folder
         self.sizes = sizes
         self.rng = random.Random(7)
         model = ModelSettings(
             state_dir=str(folder / "states"),
-            cache_slots=sizes.channels + 1,
+            parallel=PARALLEL,
+            n_gpu_layers=gpu_layers,
             sampling=SamplingSettings(max_tokens=32, seed=7),
         )
         self.settings = bench_settings(folder / "bench.db", model)
 
-    async def open(self) -> tuple[ModelRegistry, Store, ConversationCore]:
-        registry = ModelRegistry(self.settings.models)
-        store = Store(await open_database(self.settings.database_url))
-        return registry, store, ConversationCore(self.settings, store, registry)
+    def log_line(self, text: str) -> None:
+        log(text)
+
+    async def open(
+        self, parallel: int = PARALLEL, tag: str = "main", **changes: Any
+    ) -> tuple[ModelRegistry, Store, ConversationCore]:
+        """A registry, store and core; ``parallel`` 1 is the serial path (its contexts hold
+        as many conversations as the batched path's sequences do, plus the parked ones)."""
+        model = replace(
+            self.settings.models["office"],
+            parallel=parallel,
+            cache_slots=max(PARALLEL, self.sizes.channels),
+            state_dir=str(self.folder / f"states-{tag}"),
+            **changes,
+        )
+        settings = replace(
+            bench_settings(self.folder / f"bench-{tag}.db", model),
+            models={"character": model, "office": model},
+        )
+        registry = ModelRegistry(settings.models)
+        store = Store(await open_database(settings.database_url))
+        return registry, store, ConversationCore(settings, store, registry)
 
     async def fill(self, core: ConversationCore, model: ChatModel, key: str, tokens: int) -> None:
         """Store a conversation of about ``tokens`` tokens (measured with the model)."""
@@ -152,8 +181,9 @@ class Bench:
         registry, store, core = await self.open()
         model = await registry.get("office")
         await self.ttft(core, "warm-up")
-        empty = [await self.ttft(core, f"empty-{i}") for i in range(s.repeats)]
-        log(f"empty channel: {[round(t, 3) for t in empty]} s")
+        await self.ttft(core, "short")  # evaluated once: then as warm as the long channel
+        empty = [await self.ttft(core, "short") for _ in range(s.repeats)]
+        log(f"short channel: {[round(t, 3) for t in empty]} s")
 
         await self.fill(core, model, "long", s.long_history)
         cold = await self.ttft(core, "long")
@@ -165,10 +195,14 @@ class Bench:
             await self.fill(core, model, key, s.channel_history)
             await self.ttft(core, key)  # evaluated once, as any active channel would be
         single = [await self.ttft(core, keys[0]) for _ in range(s.repeats)]
+        before = len(model.scheduler.admissions)  # type: ignore[attr-defined]
         interleaved = [await self.ttft(core, key) for _ in range(s.repeats) for key in keys]
+        events = [a.event for a in list(model.scheduler.admissions)[before:]]  # type: ignore[attr-defined]
         log(
-            f"single: {[round(t, 3) for t in single]} s; round-robin median "
-            f"{statistics.median(interleaved):.3f} s"
+            f"single: {[round(t, 3) for t in single]} s; round-robin over {len(keys)} channels "
+            f"and {PARALLEL} sequences: median {statistics.median(interleaved):.3f} s, "
+            f"restored from RAM {events.count('ram')}, disk {events.count('disk')}, "
+            f"resident {events.count('resident')}, cold {events.count('cold')}"
         )
         registry.close()  # saves the states, as at a shutdown
         await store.close()
@@ -176,7 +210,7 @@ class Bench:
         registry, store, core = await self.open()  # "after a restart"
         restarted = await registry.get("office")
         restart = await self.ttft(core, "long")
-        event = restarted.slots.last_event  # type: ignore[attr-defined]
+        event = restarted.scheduler.admissions[-1].event  # type: ignore[attr-defined]
         log(f"after restart: {restart:.3f} s ({event})")
         registry.close()
         await store.close()
@@ -188,6 +222,8 @@ class Bench:
             ttft_long_cold_s=round(cold, 2),
             ttft_single_s=round(statistics.median(single), 4),
             ttft_interleaved_s=round(statistics.median(interleaved), 4),
+            interleaved_channels=len(keys),
+            interleaved_parked_restores=events.count("ram") + events.count("disk"),
             ttft_after_restart_s=round(restart, 4),
             restart_path=event,
             ttft_long_over_empty=round(statistics.median(long) / median_empty, 3),
@@ -198,46 +234,41 @@ class Bench:
         )
 
     async def prefix_hit_rate(self, results: dict[str, Any]) -> None:
-        """Consecutive prompts of one channel past the window: how often 80% is reused."""
-        registry, store, _ = await self.open()
+        """Consecutive messages of one channel past the window, answered by the real model:
+        the prompt tokens that llama.cpp already held (its own count), per turn."""
+        registry, store, core = await self.open(tag="window", n_ctx=self.sizes.window)
         model = await registry.get("office")
+        admissions = model.scheduler.admissions  # type: ignore[attr-defined]
         rng = self.rng
-        scripted = ScriptedModel(
-            lambda _p: sentence(rng, rng.randint(20, 60)),
-            tokenizer=model,
-            bos=model.bos,
-            template=model.template,
-            n_ctx=model.n_ctx,
-        )
-        core = ConversationCore(
-            self.settings, store, _Fixed({"office": scripted, "character": scripted})
-        )
-        past = 0
-        trimmed_at = None
-        while past < self.sizes.turns_past_window:
+        past: list[tuple[int, int]] = []  # (reused, prompt tokens) per turn past the window
+        longest = 0
+        while len(past) < self.sizes.turns_past_window:
             text = sentence(rng, rng.randint(20, 80))
-            async for _ in core.respond(
-                IncomingMessage("bench", "window", "u", "Ann", text, True, True)
-            ):
+            msg = IncomingMessage("bench", "window", "u", "Ann", text, True, True)
+            async for _ in core.respond(msg):
                 pass
+            adm = admissions[-1]
+            longest = max(longest, adm.reused + adm.computed)
             conv = await core.conversation("bench", "window")
-            if trimmed_at is None and conv.window_start_id > 0:
-                trimmed_at = len(scripted.prompts) - 1
-            if trimmed_at is not None:
-                past += 1
-        assert trimmed_at is not None
-        prompts = scripted.prompts[trimmed_at:]
-        hits = [common_prefix(a, b) >= 0.8 * len(b) for a, b in itertools.pairwise(prompts)]
+            if conv.window_start_id > 0:
+                past.append((adm.reused, adm.reused + adm.computed))
+        hits = [reused >= 0.8 * total for reused, total in past[1:]]
         results["prefix_hit_rate_past_window"] = round(sum(hits) / len(hits), 3)
-        results["max_prompt_tokens"] = max(len(p) for p in scripted.prompts)
-        log(f"prefix reuse past the window: {sum(hits)}/{len(hits)} turns")
+        results["prefix_tokens_reused_past_window"] = round(
+            sum(r for r, _ in past[1:]) / sum(t for _, t in past[1:]), 3
+        )
+        results["max_prompt_tokens"] = longest
+        results["window_tokens"] = self.sizes.window
+        log(f"prefix reuse past the window: {sum(hits)}/{len(hits)} turns (llama.cpp's count)")
         registry.close()
         await store.close()
 
     async def generation_speed(self, results: dict[str, Any]) -> None:
         """Streamed tokens/s through the core versus raw llama.cpp, same prompt and settings."""
-        registry, store, core = await self.open()
+        registry, store, core = await self.open(tag="speed")
         model = await registry.get("office")
+        serial_registry, serial_store, _ = await self.open(parallel=1, tag="raw")
+        serial = await serial_registry.get("office")
         seen: list[list[int]] = []
         original = model.stream
 
@@ -265,7 +296,7 @@ class Bench:
         raw_sampling = replace(sampling, stop=())
 
         def raw(tokens: list[int]) -> tuple[int, float]:
-            times = model.raw_token_times(tokens, raw_sampling)  # type: ignore[attr-defined]
+            times = serial.raw_token_times(tokens, raw_sampling)  # type: ignore[attr-defined]
             return len(times), times[-1] - times[0]
 
         core_rates, raw_rates = [], []
@@ -298,7 +329,9 @@ class Bench:
             f"loop lag p99 {results['loop_lag_p99_ms']} ms"
         )
         registry.close()
+        serial_registry.close()
         await store.close()
+        await serial_store.close()
 
     async def core_throughput(self, results: dict[str, Any]) -> None:
         """Messages/s through core + SQLite with a model that costs nothing."""
@@ -306,7 +339,11 @@ class Bench:
             self.settings, database_url=f"sqlite+aiosqlite:///{self.folder / 'core.db'}"
         )
         store = Store(await open_database(settings.database_url))
-        model = ScriptedModel(["OK."])
+        # The real tokenizer and template: prompt assembly costs what it costs in production.
+        vocab = await ModelRegistry(settings.models, vocab_only=True).get("office")
+        model = ScriptedModel(
+            ["OK."], tokenizer=vocab, bos=vocab.bos, template=vocab.template, n_ctx=vocab.n_ctx
+        )
         core = ConversationCore(settings, store, _Fixed({"office": model, "character": model}))
         s = self.sizes
         per_channel = s.core_messages // s.core_channels
@@ -344,15 +381,20 @@ class _Fixed:
         return self.models[role]
 
 
-async def run(quick: bool = False) -> dict[str, Any]:
+async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="localbot-bench-") as folder:
-        bench = Bench(Path(folder), QUICK if quick else Sizes())
-        results: dict[str, Any] = {"quick": quick}
+        bench = Bench(Path(folder), QUICK if quick else Sizes(), gpu_layers)
+        results: dict[str, Any] = {"quick": quick, "parallel": PARALLEL, "gpu_layers": gpu_layers}
         started = time.perf_counter()
         await bench.core_throughput(results)
         await bench.generation_speed(results)
         await bench.prefix_hit_rate(results)
         await bench.first_token_figures(results)
+        for parallel in (1, PARALLEL):  # the serial path, then the batched one
+            await concurrency(bench, parallel, results)
+        results["sixteen_channels_worst_over_p50"] = round(
+            results["sixteen_channels_ttft_worst_s"] / results["sixteen_channels_ttft_p50_s"], 3
+        )
         results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         results["bench_seconds"] = round(time.perf_counter() - started, 1)
     results["targets_met"] = {
@@ -362,7 +404,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
     return results
 
 
-def main(quick: bool = False) -> int:
-    results = asyncio.run(run(quick))
+def main(quick: bool = False, gpu_layers: int = 0) -> int:
+    results = asyncio.run(run(quick, gpu_layers))
     print(json.dumps(results, sort_keys=True))
     return 0

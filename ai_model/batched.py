@@ -13,7 +13,6 @@ it, and adapts the scheduler to the :class:`ai_model.base.ChatModel` protocol.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -22,9 +21,10 @@ from typing import Any
 
 from ai_model.base import GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.handoff import Handoff
 from ai_model.local import _llama_kwargs, special_token_check, state_fingerprint
 from ai_model.parking import Parking, StateFiles
-from ai_model.scheduler import DONE, Request, Scheduler
+from ai_model.scheduler import Request, Scheduler
 from ai_model.templates import (
     ChatTemplate,
     UnknownTemplateError,
@@ -187,37 +187,20 @@ class BatchedModel:
                 f"generation failed: a prompt of {len(prompt)} tokens does not fit a window of "
                 f"{self.n_ctx}"
             )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def emit(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop closed while we generated: nobody is listening
-                cancel.set()
-
+        handoff = Handoff()
         request = Request(
             key=slot,
             prompt=prompt,
             sampling=sampling,
             stops=tuple(self.template.stops_with(sampling.stop, stop)),
             max_tokens=min(sampling.max_tokens, self.n_ctx - len(prompt)),
-            emit=emit,
-            cancel=cancel,
+            emit=handoff.emit,
+            cancel=handoff.cancel,
         )
         self.scheduler.submit(request)
-        try:
-            while True:
-                item = await queue.get()
-                if item is DONE:
-                    break
-                if isinstance(item, Exception):
-                    raise GenerationError(f"generation failed: {item}") from item
-                assert isinstance(item, str)
-                yield item
-        finally:
-            cancel.set()  # frees the sequence at the scheduler's next step
+        # Leaving sets the cancel flag, which frees the sequence at the scheduler's next step.
+        async for piece in handoff.pieces():
+            yield piece
 
     def close(self) -> None:
         """Let running generations end, save conversation states, free llama.cpp."""

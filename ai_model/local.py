@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -14,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ai_model.base import GenerationError, ModelError
+from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.handoff import DONE, Handoff
 from ai_model.slots import SlotPool
 from ai_model.templates import (
     ChatTemplate,
@@ -26,7 +26,6 @@ from ai_model.templates import (
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
 MAX_REMEMBERED_REPLIES = 4096
 
 
@@ -187,16 +186,10 @@ class LocalModel:
         ``slot`` names the conversation, so that its evaluated state is kept and reused.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        cancel = threading.Event()
+        handoff = Handoff()
+        emit, cancel = handoff.emit, handoff.cancel
         prompt = list(tokens)
         stops = self.template.stops_with(sampling.stop, stop)
-
-        def emit(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop closed while we generated: nobody is listening
-                cancel.set()
 
         def work() -> None:
             try:
@@ -219,7 +212,7 @@ class LocalModel:
             except Exception as exc:  # reported to the awaiting coroutine, not lost
                 emit(exc)
             finally:
-                emit(_DONE)
+                emit(DONE)
 
         await self._turn.acquire()
         try:
@@ -230,17 +223,8 @@ class LocalModel:
         # The turn ends when the thread does, not when the consumer stops listening: a cancelled
         # consumer must not let the next request race this one on the KV cache.
         job.add_done_callback(lambda _: self._turn.release())
-        try:
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, Exception):
-                    raise GenerationError(f"generation failed: {item}") from item
-                assert isinstance(item, str)
-                yield item
-        finally:
-            cancel.set()
+        async for piece in handoff.pieces():
+            yield piece
 
     def raw_token_times(self, tokens: Sequence[int], sampling: SamplingSettings) -> list[float]:
         """Blocking, for benchmarks: stream with ``llama_cpp.Llama`` directly, from an empty

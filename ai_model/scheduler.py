@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai_model.config import SamplingSettings
+from ai_model.handoff import DONE
 from ai_model.parking import (
     MIN_USEFUL_PREFIX,
     Parking,
@@ -35,7 +36,6 @@ from ai_model.parking import (
 
 log = logging.getLogger(__name__)
 
-DONE = object()  # the last item a request's consumer receives
 MAX_REMEMBERED_REPLIES = 4096
 HISTORY = 4096  # admissions and steps kept for tests and the bench
 
@@ -183,9 +183,6 @@ class Scheduler:
             self._queue.append(request)
             self._cond.notify()
 
-    def queued(self) -> int:
-        return len(self._queue)
-
     def close(self) -> None:
         """Refuse what is queued, let running generations end, stop the thread."""
         with self._cond:
@@ -236,9 +233,18 @@ class Scheduler:
                     if not self._running():
                         return
                 admitted = self._take_admissible()
-            try:
-                for req in admitted:
+            for req in admitted:
+                try:
                     self._admit(req)
+                except Exception as exc:  # this request alone: the others go on
+                    log.exception("%s: could not admit a request", self.name)
+                    req.emit(exc)
+                    req.emit(DONE)
+                    for seq in self.seqs:
+                        if seq.req is req:
+                            self._release(seq)
+                            self._clear(seq)
+            try:
                 for seq in self._running():
                     assert seq.req is not None
                     if seq.req.cancel.is_set():

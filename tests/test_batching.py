@@ -292,3 +292,25 @@ async def test_waiting_requests_are_admitted_first_come_first_served(tmp_path: P
         model.close()
     assert all(r.strip() for r in replies)
     assert [a.key for a in model.scheduler.admissions] == order
+
+
+async def test_a_request_that_cannot_be_admitted_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = await load(tmp_path, parallel=2, state_dir="")
+    original = model.scheduler.parking.take
+
+    def broken(key: str) -> Any:
+        if key == "bad":
+            raise OSError("disk gone")
+        return original(key)
+
+    monkeypatch.setattr(model.scheduler.parking, "take", broken)
+    try:
+        good = asyncio.create_task(reply(model, prompt(model, *CONVERSATIONS[1]), "good"))
+        with pytest.raises(GenerationError, match="disk gone"):
+            await reply(model, prompt(model, *CONVERSATIONS[2]), "bad")
+        assert (await good).strip()  # the other user was answered
+        assert (await reply(model, prompt(model, *CONVERSATIONS[2]), "next")).strip()
+    finally:
+        model.close()

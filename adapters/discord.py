@@ -124,6 +124,18 @@ class _Client(discord.AutoShardedClient):
             with contextlib.suppress(discord.HTTPException):
                 await message.channel.send(HANDLER_FAILED, allowed_mentions=NO_MENTIONS)
 
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        try:
+            await self.adapter._on_edit(payload)
+        except Exception:  # an edit is worth a log line, never a crash
+            log.exception("discord: following the edit of %s failed", payload.message_id)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        try:
+            await self.adapter._on_delete(payload)
+        except Exception:
+            log.exception("discord: following the deletion of %s failed", payload.message_id)
+
 
 class _Tree(app_commands.CommandTree[Any]):
     """The command tree, holding slash commands to the rate limit and apologising on errors."""
@@ -185,6 +197,8 @@ class DiscordAdapter:
         self.tree = _Tree(self.client, self)
         self.ready = asyncio.Event()
         self._webhooks: dict[int, discord.Webhook] = {}
+        # Chunks we delete ourselves: their delete events are not a user's deletion.
+        self.deleted_by_us: set[str] = set()
         self.recovery = Recovery(core)
         self._recovery_started = False
         self.recovered = asyncio.Event()  # set once recovery and the first catch-up are done
@@ -379,6 +393,33 @@ class DiscordAdapter:
         )
         sink = ChannelSink(self, message.channel, reference=message)
         await self._stream(message.channel, self.core.respond(msg), sink)
+
+    async def _on_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        """A message was edited: the stored text follows (see :mod:`bot.edits`)."""
+        message = payload.message
+        if message.author.bot or message.webhook_id is not None:
+            return  # our own streamed edits, other bots, character posts
+        if "content" not in payload.data:
+            return  # an embed or a pin changed, not the text
+        text = self._clean_text(message.content)
+        replies = self.core.message_edited(
+            PLATFORM,
+            conversation_key(payload.channel_id),
+            str(payload.message_id),
+            text,
+            message.guild is None,
+        )
+        sink = ChannelSink(self, message.channel, reference=message)
+        await self._stream(message.channel, replies, sink)
+
+    async def _on_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        """A message was deleted (by its author, a moderator, or us): it leaves the context,
+        unless we deleted it ourselves (a reply's spare chunk, shortened by a rewrite)."""
+        if str(payload.message_id) in self.deleted_by_us:
+            self.deleted_by_us.discard(str(payload.message_id))
+            return
+        key = conversation_key(payload.channel_id)
+        await self.core.message_deleted(PLATFORM, key, str(payload.message_id))
 
     async def _stream(
         self,
@@ -616,6 +657,32 @@ class DiscordAdapter:
                 "Started a fresh conversation. Earlier messages stay stored."
             )
             await self._post_opening(interaction)
+
+        @tree.command(name="memory", description="What I remember here beyond my window")
+        async def memory(interaction: discord.Interaction) -> None:
+            key = self._key(interaction)
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            report = await self.core.memory_report(PLATFORM, key)
+            for chunk in split_message(report, MAX_MESSAGE_CHARS):
+                await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+        @tree.command(name="remember", description="Pin a fact I must keep in mind (admins)")
+        @app_commands.describe(fact="The fact, in one sentence")
+        async def remember(interaction: discord.Interaction, fact: str) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "pin facts")
+                return
+            answer = await self.core.remember(PLATFORM, self._key(interaction), fact)
+            await interaction.response.send_message(fit(answer, MAX_MESSAGE_CHARS))
+
+        @tree.command(name="forget", description="Unpin a fact by its number (admins)")
+        @app_commands.describe(number="The fact's number, as /memory lists it")
+        async def forget(interaction: discord.Interaction, number: int) -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "unpin facts")
+                return
+            answer = await self.core.forget_fact(PLATFORM, self._key(interaction), str(number))
+            await interaction.response.send_message(fit(answer, MAX_MESSAGE_CHARS))
 
         @tree.command(name="regenerate", description="Write my last reply here again")
         async def regenerate(interaction: discord.Interaction) -> None:

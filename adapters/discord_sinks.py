@@ -144,6 +144,9 @@ class ChannelSink:
         await self._remember(reply, message_id, final)
 
     async def delete_chunk(self, message_id: str) -> None:
+        if len(self.adapter.deleted_by_us) > 10_000:  # events that never came: bounded
+            self.adapter.deleted_by_us.clear()
+        self.adapter.deleted_by_us.add(message_id)
         if self._via_webhook.get(message_id):
             await self._with_webhook(
                 lambda hook: hook.delete_message(int(message_id), thread=self._thread())

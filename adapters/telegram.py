@@ -41,7 +41,7 @@ from bot.cards import parse_card_bytes
 from bot.characters import CardError
 from bot.core import ConversationCore
 from bot.limits import MAX_CARD_BYTES, fit, shorten
-from bot.messages import IncomingMessage, OutgoingReply
+from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.recovery import Recovery, Resumable
 from bot.recovery import finish as finish_recovery
 from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
@@ -76,6 +76,9 @@ COMMANDS = (
     ("character", "Show or choose the character (admins, in groups)"),
     ("regenerate", "Write my last reply again"),
     ("swipe", "Show another version of my last reply (/swipe back: the previous one)"),
+    ("memory", "What I remember beyond my window"),
+    ("remember", "Pin a fact I must keep in mind (admins, in groups)"),
+    ("forget", "Unpin a fact by its number (admins, in groups)"),
 )
 
 T = TypeVar("T")
@@ -145,6 +148,9 @@ class TelegramAdapter:
             ("mode", self._cmd_mode),
             ("character", self._cmd_character),
             ("swipe", self._cmd_swipe),
+            ("memory", self._cmd_memory),
+            ("remember", self._cmd_remember),
+            ("forget", self._cmd_forget),
         ):
             app.add_handler(CommandHandler(name, guard(callback, limited=True), filters=only_new))
         # /regenerate is held to the fair-share limits by the core itself.
@@ -156,6 +162,8 @@ class TelegramAdapter:
                 guard(self._on_card_upload, limited=True),
             )
         )
+        edited = filters.UpdateType.EDITED_MESSAGE & (filters.TEXT | filters.CAPTION)
+        app.add_handler(MessageHandler(edited, guard(self._on_edit)))
         text = guard(self._on_text, stores=True)
         app.add_handler(MessageHandler(only_new & filters.TEXT & ~filters.COMMAND, text))
         app.add_handler(MessageHandler(only_new & filters.COMMAND, guard(self._on_unknown_command)))
@@ -437,6 +445,20 @@ class TelegramAdapter:
         replies = self.core.respond(msg, on_stored=lambda: self._settle(update.update_id))
         await self._stream(message.chat_id, replies, reply_to)
 
+    async def _on_edit(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        """A user edited a message: the stored text follows (see :mod:`bot.edits`)."""
+        message = update.edited_message
+        if message is None or message.from_user is None or message.from_user.is_bot:
+            return
+        text = (message.text or message.caption or "").strip()
+        handle = re.compile(rf"@{re.escape(self.app.bot.username or '')}\b", re.IGNORECASE)
+        clean = handle.sub("", text).strip() or text
+        is_dm = message.chat.type == ChatType.PRIVATE
+        replies = self.core.message_edited(
+            PLATFORM, conversation_key(message.chat_id), str(message.message_id), clean, is_dm
+        )
+        await self._stream(message.chat_id, replies, None)
+
     async def _on_other(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
         if message is None or message.chat.type != ChatType.PRIVATE:
@@ -637,6 +659,31 @@ class TelegramAdapter:
             PLATFORM, conversation_key(message.chat_id), -1 if back else 1
         )
         await self.send(reply)
+
+    async def _cmd_memory(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        key = conversation_key(message.chat_id)
+        report = await self.core.memory_report(PLATFORM, key)
+        await self.send(OutgoingReply(key, report, final=True, kind=ReplyKind.NOTICE))
+
+    async def _cmd_remember(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        fact = " ".join(ctx.args or [])
+        if fact and await self._refuse_unless_admin(message, "pin facts"):
+            return
+        key = conversation_key(message.chat_id)
+        await self._say(message, await self.core.remember(PLATFORM, key, fact))
+
+    async def _cmd_forget(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        if await self._refuse_unless_admin(message, "unpin facts"):
+            return
+        key = conversation_key(message.chat_id)
+        number = " ".join(ctx.args or [])
+        await self._say(message, await self.core.forget_fact(PLATFORM, key, number))
 
     async def _cmd_regenerate(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:

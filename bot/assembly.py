@@ -14,6 +14,7 @@ from ai_model.base import ChatModel
 from bot.characters import Character
 from bot.limits import MAX_PINNED_SHARE
 from bot.lorebook import Lorebook, LoreEntry, activate
+from bot.memory import fit_memory, memory_text
 from bot.prompt import TurnEncoder, Window, clean_name, fit_window
 from bot.scene import example_text, post_history_text, stop_strings, story_text
 from storage.store import USER, StoredMessage
@@ -27,6 +28,19 @@ class Prompt:
     tokens: list[int]
     stops: list[str]
     window: Window
+    budget: int = 0  # tokens the history may take
+    summary_room: int = 0  # tokens a summary may take beside the pinned facts
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What the prompt pins after the system part: a summary, facts, within ``budget``
+    tokens; a trim cuts at least up to ``cut_after`` (where a prepared summary ends)."""
+
+    summary: str = ""
+    facts: Sequence[str] = ()
+    budget: int = 0
+    cut_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +58,11 @@ class Scene:
         return [b for b in (self.character.book, self.world_book) if b is not None]
 
 
+def humans(history: Sequence[StoredMessage]) -> int:
+    """How many different people wrote the user turns of ``history``."""
+    return len({m.author_id or clean_name(m.author_name) for m in history if m.role == USER})
+
+
 def pinned_limit(n_ctx: int) -> int:
     """Tokens the pinned part (with post-history text, cue and reply reserve) may take."""
     return int(n_ctx * MAX_PINNED_SHARE)
@@ -58,6 +77,7 @@ def assemble(
     scene: Scene | None,
     window_start: int,
     reserve: int,
+    memory: Memory = Memory(),
 ) -> Prompt:
     """The prompt for the reply after ``history``, within ``model.n_ctx - reserve`` tokens."""
     recent = history[-RECENT_SPEAKERS:]
@@ -91,11 +111,24 @@ def assemble(
         names = [c.display_name for c in scene.cast]
         stops = stop_strings(players, names, char.display_name)
     pinned = [*model.bos, *encoder.system(pinned_text)]
+
+    def count(text: str) -> int:
+        return len(model.tokenize(text.encode("utf-8"), False, False))
+
+    block = fit_memory(memory.summary, memory.facts, memory.budget, count)
+    if block:
+        pinned.extend(encoder.system(block))
+    summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
     cue = encoder.cue()
     budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue)
-    named = scene is not None and len(scene.cast) > 1
-    turns = [encoder.turn(m, named_replies=named) for m in history]
-    window = fit_window(turns, budget=budget, start=window_start)
+    # Names go in front of turns only where they tell speakers apart: replies when several
+    # characters share the assistant role, user turns when more than one human talks.
+    named_replies = scene is not None and len(scene.cast) > 1
+    named_users = humans(history) > 1
+    turns = [
+        encoder.turn(m, named=named_users if m.role == USER else named_replies) for m in history
+    ]
+    window = fit_window(turns, budget=budget, start=window_start, cut_after=memory.cut_after)
     used = sum(len(t.tokens) for t in window.turns)
     # Example dialogue is the first thing to go: only while nothing was ever trimmed.
     if window.trimmed or window.start > 0 or used + len(examples) > budget:
@@ -105,4 +138,4 @@ def assemble(
         tokens.extend(turn.tokens)
     tokens.extend(post)
     tokens.extend(cue)
-    return Prompt(tokens, stops, window)
+    return Prompt(tokens, stops, window, budget, summary_room)

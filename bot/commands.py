@@ -13,6 +13,7 @@ from bot.characters import Character, apply_macros
 from bot.conversations import ConversationState
 from bot.library import Imported
 from bot.lorebook import Lorebook
+from bot.memory import MAX_FACT_CHARS, MAX_FACTS
 from bot.messages import OutgoingReply, ReplyKind
 from bot.settings import Mode
 from storage.store import ASSISTANT, Conversation, StoredMessage
@@ -98,11 +99,62 @@ class ConversationCommands(ConversationState):
             await ticket.wait()
             await self.store.reset(conv.id, boundary)
             self.history.forget(key)
+            self.memory.forget(key)
             conv = self._conv(key)
             self._conversations[key] = replace(conv, reset_after_id=boundary, window_start_id=0)
-            await self._update_settings(platform, key, opened=None)
+            await self._update_settings(platform, key, opened=None, summary_id=None)
         finally:
             ticket.release()
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    async def remember(self, platform: str, key: str, fact: str) -> str:
+        """Pin a fact to the conversation's memory; the answer says what happened."""
+        fact = " ".join(fact.split())
+        if not fact:
+            return "Tell me what to remember: /remember <fact>."
+        if len(fact) > MAX_FACT_CHARS:
+            return f"That is too long to pin; keep a fact under {MAX_FACT_CHARS} characters."
+        async with self._turn(key):
+            conv = await self.conversation(platform, key)
+            facts = [str(f) for f in conv.settings.get("facts") or []]
+            if len(facts) >= MAX_FACTS:
+                return f"I already keep {MAX_FACTS} facts here; /forget one first."
+            if fact in facts:
+                return f"I already remember that (fact {facts.index(fact) + 1})."
+            await self._update_settings(platform, key, facts=[*facts, fact])
+        return f"I will remember that (fact {len(facts) + 1}). /memory shows everything I keep."
+
+    async def forget_fact(self, platform: str, key: str, number: str) -> str:
+        """Unpin fact ``number`` (1-based, as /memory lists them)."""
+        async with self._turn(key):
+            conv = await self.conversation(platform, key)
+            facts = [str(f) for f in conv.settings.get("facts") or []]
+            if not number.strip().isdigit() or not 1 <= int(number) <= len(facts):
+                if not facts:
+                    return "I keep no pinned facts here."
+                return f"Give the number of a fact, from 1 to {len(facts)} (/memory lists them)."
+            gone = facts.pop(int(number) - 1)
+            await self._update_settings(platform, key, facts=facts or None)
+        return f"Forgotten: {gone}"
+
+    async def memory_report(self, platform: str, key: str) -> str:
+        """What /memory shows: the summary of what the window moved past, and the facts."""
+        conv = await self.conversation(platform, key)
+        facts = [str(f) for f in conv.settings.get("facts") or []]
+        found = await self.memory.summaries(key, conv.id, conv.reset_after_id)
+        parts = []
+        if found:
+            parts.append(f"Summary of earlier messages:\n{found[0].text}")
+        elif self.settings.memory_budget > 0:
+            parts.append("No summary yet: I write one once the conversation outgrows my window.")
+        else:
+            parts.append("Summaries are turned off here.")
+        if facts:
+            parts.append("Pinned facts:\n" + "\n".join(f"{i}. {f}" for i, f in enumerate(facts, 1)))
+        else:
+            parts.append("No pinned facts; /remember <fact> pins one.")
+        return "\n\n".join(parts)
 
     async def help_text(self, platform: str, key: str, is_dm: bool) -> str:
         conv = await self.conversation(platform, key)
@@ -119,6 +171,9 @@ class ConversationCommands(ConversationState):
             "  /regenerate          write my last reply again (earlier versions are kept)\n"
             "  /swipe [back]        show the next (or previous) version of my last reply\n"
             "  /reset               start a fresh conversation (history stays stored)\n"
+            "  /memory              what I remember beyond my window\n"
+            "  /remember <fact>     pin a fact I must keep in mind\n"
+            "  /forget <n>          unpin fact n\n"
             "  /help                this text"
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -26,6 +26,7 @@ from bot.faults import KillPoints
 from bot.history import HistoryCache
 from bot.library import Library
 from bot.lorebook import Lorebook
+from bot.memory import MemoryKeeper
 from bot.messages import OutgoingReply, ReplyKind
 from bot.prompt import TurnEncoder
 from bot.settings import Mode, Settings, parse_mode
@@ -65,6 +66,7 @@ class Ticket:
     previous: asyncio.Future[None] | None
     mine: asyncio.Future[None]
     user: str | None = None  # who the answer is for, counted against their pending share
+    on_release: Callable[[], None] | None = None
 
     async def wait(self) -> None:
         if self.previous is not None and not self.previous.done():
@@ -76,6 +78,8 @@ class Ticket:
             self.channel.waiting -= 1
         if self.channel.tail is self.mine:
             self.channel.tail = None
+        if self.on_release is not None:
+            self.on_release()
 
 
 @dataclass(slots=True)
@@ -119,6 +123,10 @@ class ConversationState:
         self._pending: dict[str, int] = {}  # user -> answers queued or running for them
         self.rate_limiter = RateLimiter(settings.rate_limit)
         self.history = HistoryCache(store)
+        self._answering: dict[str, int] = {}  # role -> replies generating on its model
+        self.memory = MemoryKeeper(
+            store, models.get, idle=lambda key: not self._channel(key).busy(), room=self._room
+        )
         self.closing = False  # set by a graceful stop: no new work is taken
         # Messages stored from now on are this run's to answer; older ones, recovery's.
         self.started_at = datetime.now(UTC)
@@ -129,12 +137,30 @@ class ConversationState:
         Returns how many conversations were still answering when the time ran out.
         """
         self.closing = True
+        await self.memory.close()
         deadline = asyncio.get_running_loop().time() + grace_s
         while True:
             busy = sum(1 for key in list(self._channels) if self._channel(key).busy())
             if not busy or asyncio.get_running_loop().time() >= deadline:
                 return busy
             await asyncio.sleep(0.05)
+
+    def _room(self, role: str) -> bool:
+        """Whether ``role``'s model has a sequence that no reply is using."""
+        return self._answering.get(role, 0) < max(1, self.settings.models[role].parallel)
+
+    @asynccontextmanager
+    async def _generating(self, key: str, role: str) -> AsyncIterator[None]:
+        """A reply generates in ``key`` on ``role``'s model: summaries make way."""
+        self._answering[role] = self._answering.get(role, 0) + 1
+        try:
+            if not self._room(role):
+                self.memory.make_room(role)
+            await self.memory.quiet(key)
+            yield
+        finally:
+            self._answering[role] -= 1
+            self.memory.notify()
 
     def is_owner(self, platform: str, user_id: str) -> bool:
         """Whether this platform user may change what all conversations share."""
@@ -210,7 +236,10 @@ class ConversationState:
         """Take the next answering turn of ``key`` (synchronously: arrival order is kept)."""
         channel = self._channel(key)
         loop = asyncio.get_running_loop()
-        ticket = Ticket(channel, channel.tail, loop.create_future(), user)
+        ticket = Ticket(
+            channel, channel.tail, loop.create_future(), user, lambda: self.memory.wake(key)
+        )
+        self.memory.interrupt(key)  # a summary never runs while the conversation has a turn
         channel.tail = ticket.mine
         channel.waiting += 1
         if user is not None:

@@ -8,6 +8,7 @@ Adapters call :meth:`ConversationCore.respond` with an :class:`IncomingMessage` 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,16 +18,18 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
-from bot.assembly import LORE_SCAN, Scene, assemble, pinned_limit
+from bot.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble, pinned_limit
 from bot.characters import Character
 from bot.commands import ConversationCommands
 from bot.conversations import STORAGE_ERRORS, ModelProvider, Ticket
+from bot.edits import DELETED, FollowsEdits
 from bot.history import position
 from bot.limits import shorten
 from bot.lorebook import match_entries
+from bot.memory import MIN_FACT_BUDGET, Plan, next_boundary
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, clean_name
-from bot.scene import choose_speakers, clean_reply
+from bot.scene import choose_speakers, clean_reply, strip_name_tag
 from bot.settings import ROLE_FOR_MODE, Mode
 from storage.store import (
     ANSWERING,
@@ -61,7 +64,16 @@ RESTARTING = (
 )
 
 
-class ConversationCore(ConversationCommands):
+def _shown(text: str, char: Character | None, others: Sequence[str]) -> str:
+    """A reply as users see it: without a leading ``Name:`` of anyone in the conversation (the
+    model imitates the names in front of turns), and in roleplay cut where it starts writing
+    another speaker's lines."""
+    if char is not None:
+        return clean_reply(text, char.display_name, others)
+    return strip_name_tag(text, [*others, "Assistant"])
+
+
+class ConversationCore(ConversationCommands, FollowsEdits):
     """Turns incoming messages into streamed, persisted replies."""
 
     async def respond(
@@ -110,6 +122,11 @@ class ConversationCore(ConversationCommands):
                     conv = await self.conversation(msg.platform, key)
                     if await self._seen_before(conv, msg):
                         return
+                    early = self.arrived(key, msg.platform_message_id)
+                    if early is DELETED:
+                        return  # deleted before we got to store it: as if never sent
+                    if isinstance(early, str):
+                        msg = replace(msg, text=early)  # edited before we got to store it
                     roleplay = self.mode_of(conv, msg.is_dm) == "roleplay"
                     if roleplay and not conv.settings.get("opened"):
                         opening = await self._open(conv, msg.is_dm, clean_name(msg.author_name))
@@ -323,24 +340,72 @@ class ConversationCore(ConversationCommands):
                 recent = [m.text for m in shown[-LORE_SCAN:]]
                 lore = await asyncio.to_thread(match_entries, scene.books, recent)
                 scene = replace(scene, lore=lore)
+        memory = await self._memory(conv, model)
         # Off the event loop: a remote model may tokenize over HTTP, and a long new message
         # takes a while to tokenize even here.
-        prompt = await asyncio.to_thread(
+        build = functools.partial(
             assemble,
             model,
             self._encoder(model),
             shown,
             system_prompt=self.settings.system_prompt,
             scene=scene,
-            window_start=conv.window_start_id,
             reserve=reserve,
         )
+        prompt = await asyncio.to_thread(build, window_start=conv.window_start_id, memory=memory)
         start = prompt.window.start
         if start != conv.window_start_id:
+            # A trim: the summary prepared for it (if any) is pinned from now on, at once.
+            after = conv.reset_after_id
+            summary = await self.memory.for_window(conv.key, conv.id, after, start)
+            if summary is not None and summary.id != conv.settings.get("summary_id"):
+                memory = replace(memory, summary=summary.text, cut_after=None)
+                prompt = await asyncio.to_thread(build, window_start=start, memory=memory)
+                start = prompt.window.start
+                conv = await self._update_settings(conv.platform, conv.key, summary_id=summary.id)
             await self.store.set_window_start(conv.id, start)
             conv = self._conversations[conv.key] = replace(conv, window_start_id=start)
             self.history.window_moved(conv.key, start)
+        await self._plan_summary(conv, char, prompt)
         return prompt.tokens, prompt.stops, conv
+
+    async def _memory(self, conv: Conversation, model: ChatModel) -> Memory:
+        """The conversation's pinned summary and facts, and where the next trim should cut."""
+        facts = [str(f) for f in conv.settings.get("facts") or []]
+        budget = int(model.n_ctx * self.settings.memory_budget)
+        if facts:
+            budget = max(budget, MIN_FACT_BUDGET)
+        if self.settings.memory_budget <= 0:
+            return Memory("", facts, budget)
+        key, after = conv.key, conv.reset_after_id
+        pinned = await self.memory.pinned(key, conv.id, after, conv.settings.get("summary_id"))
+        cut = await self.memory.prepared(key, conv.id, after, conv.window_start_id)
+        return Memory(pinned.text if pinned else "", facts, budget, cut)
+
+    async def _plan_summary(
+        self, conv: Conversation, char: Character | None, prompt: Prompt
+    ) -> None:
+        """Plan the summary of the chunk the next trim will drop, if it is not written yet."""
+        if self.settings.memory_budget <= 0:
+            return
+        boundary = next_boundary(prompt.window, prompt.budget)
+        if boundary is None:
+            return
+        found = await self.memory.summaries(conv.key, conv.id, conv.reset_after_id)
+        if found and found[0].last_id >= boundary:
+            return
+        mode: Mode = "work" if char is None else "roleplay"
+        self.memory.plan(
+            conv.key,
+            Plan(
+                conversation_id=conv.id,
+                role=ROLE_FOR_MODE[mode],
+                mode=mode,
+                reset_after=conv.reset_after_id,
+                boundary=boundary,
+                budget=max(32, prompt.summary_room),
+            ),
+        )
 
     async def _answer(
         self,
@@ -369,15 +434,15 @@ class ConversationCore(ConversationCommands):
                 yield await self._too_long(conv, model, user_id, exc, base)
                 return
             others = [s.strip("\n:") for s in stops]
-            async for piece in model.stream(tokens, sampling, stops, slot=key):
-                text += piece
-                shown = clean_reply(text, char.display_name, others) if char else text
-                yield replace(base, text=shown, delta=piece)
+            async with self._generating(key, ROLE_FOR_MODE[mode]):
+                async for piece in model.stream(tokens, sampling, stops, slot=key):
+                    text += piece
+                    yield replace(base, text=_shown(text, char, others), delta=piece)
         except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
             log.error("generation failed in %s: %s", key, exc, exc_info=_trace(exc))
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
-        reply = clean_reply(text, char.display_name, others) if char else text.strip()
+        reply = _shown(text, char, others).strip()
         if not reply:
             yield replace(
                 base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE

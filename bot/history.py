@@ -65,6 +65,24 @@ class HistoryCache:
             keys = [position(m) for m in found]
             found.insert(bisect.bisect(keys, position(message)), message)
 
+    def replaced(self, key: str, message: StoredMessage) -> None:
+        """A stored message's text changed (a platform edit)."""
+        found = self._cache.get(key)
+        if found is not None:
+            found[:] = [message if m.id == message.id else m for m in found]
+        for arrived in self._loading.get(key, []):
+            if arrived.id == message.id:
+                self.forget(key)  # rare: being read right now; read it again next time
+                return
+
+    def removed(self, key: str, message_id: int) -> None:
+        """A stored message left the context (a platform deletion)."""
+        found = self._cache.get(key)
+        if found is not None:
+            found[:] = [m for m in found if m.id != message_id]
+        if key in self._loading:
+            self.forget(key)
+
     def window_moved(self, key: str, start: int) -> None:
         found = self._cache.get(key)
         if found is not None:

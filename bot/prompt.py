@@ -76,20 +76,20 @@ class TurnEncoder:
         # Prompts are assembled on worker threads, several conversations at once.
         self._lock = threading.Lock()
 
-    def pieces(self, message: StoredMessage, named_replies: bool = False) -> tuple[Piece, ...]:
-        if message.role == ASSISTANT:
-            if named_replies and message.author_name:
-                # Several characters share the assistant role: say who spoke.
-                text = f"{clean_name(message.author_name)}: {message.text}"
-                return self.template.turn("assistant", text)
-            return self.template.turn("assistant", message.text)
-        return self.template.turn("user", f"{clean_name(message.author_name)}: {message.text}")
+    def pieces(self, message: StoredMessage, named: bool = False) -> tuple[Piece, ...]:
+        """The template pieces of one turn; ``named`` puts the speaker's name in front (for
+        replies: several characters share the assistant role; for users: several humans)."""
+        role = "assistant" if message.role == ASSISTANT else "user"
+        if named and (message.author_name or role == "user"):
+            return self.template.turn(role, f"{clean_name(message.author_name)}: {message.text}")
+        return self.template.turn(role, message.text)
 
-    def turn(self, message: StoredMessage, named_replies: bool = False) -> Turn:
-        key = (message.id, message.author_name or "", message.text, named_replies)
+    def turn(self, message: StoredMessage, named: bool = False) -> Turn:
+        """``named``: see :meth:`pieces`."""
+        key = (message.id, message.author_name or "", message.text, named)
         turn = self._cache.get(key)
         if turn is None:
-            tokens = tuple(encode(self.pieces(message, named_replies), self.tokenizer))
+            tokens = tuple(encode(self.pieces(message, named), self.tokenizer))
             anchor = message.reply_to_id if message.reply_to_id is not None else message.id
             turn = Turn(position=anchor, message_id=message.id, tokens=tokens)
             self._keep(key, turn)
@@ -137,13 +137,16 @@ def fit_window(
     budget: int,
     start: int,
     chunk_fraction: float = 0.25,
+    cut_after: int | None = None,
 ) -> Window:
     """Choose the turns to send, oldest first, so that their tokens fit in ``budget``.
 
     ``start`` is the window start remembered from the previous request (a turn position).  While
     everything from there fits, it is kept unchanged, so the prompt's front does not move.  When
     it no longer fits, the oldest turns are dropped until the rest uses at most
-    ``budget * (1 - chunk_fraction)``, leaving room for the next several turns.
+    ``budget * (1 - chunk_fraction)``, leaving room for the next several turns.  A trim drops
+    at least every turn up to position ``cut_after`` (where a prepared summary ends), while a
+    newer turn remains.
     """
     if not turns:
         return Window((), start, False)
@@ -156,7 +159,9 @@ def fit_window(
         return Window(tuple(kept), start, False)
     target = max(newest, int(budget * (1.0 - chunk_fraction)))
     first = 0
-    while total > target and first < len(kept) - 1:
+    while first < len(kept) - 1 and (
+        total > target or (cut_after is not None and kept[first].position <= cut_after)
+    ):
         total -= len(kept[first].tokens)
         first += 1
     # Never open the window on a bot reply whose question was cut off.

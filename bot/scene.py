@@ -76,10 +76,24 @@ def stop_strings(players: Iterable[str], characters: Iterable[str], speaker: str
     return [f"\n{name}:" for name in names if name]
 
 
+def strip_name_tag(text: str, names: Iterable[str]) -> str:
+    """Remove one leading ``Name:`` tag (bold or italic allowed) of any of ``names``: models
+    imitate the names in front of turns, and a reply must not open with one."""
+    names = [n for n in names if n]
+    if not names:
+        return text
+    tag = re.compile(
+        r"^\s*[*_]*(?:" + "|".join(re.escape(n) for n in names) + r")[*_]*\s*:[*_]*\s*",
+        re.IGNORECASE,
+    )
+    return tag.sub("", text, count=1)
+
+
 def clean_reply(text: str, speaker: str, others: Iterable[str]) -> str:
-    """Strip the speaker's own leading ``Name:`` and cut at any other speaker's tag."""
-    own = re.compile(rf"^\s*[*_]*{re.escape(speaker)}[*_]*\s*:[*_]*\s*", re.IGNORECASE)
-    text = own.sub("", text, count=1)
+    """Strip a leading ``Name:`` of the speaker or any participant, and cut at any other
+    speaker's tag further on (the model started writing their lines)."""
+    others = list(others)
+    text = strip_name_tag(text, [speaker, *others])
     names = [n for n in others if n and n.lower() != speaker.lower()]
     if names:
         tag = re.compile(

@@ -46,7 +46,7 @@ CHARACTER_KEYS = {
 }
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise office assistant in a team chat. Answer clearly and politely. "
-    "Several people may talk to you; each of their messages starts with their name."
+    "When several people talk to you, each of their messages starts with their name."
 )
 
 
@@ -120,6 +120,13 @@ class Settings:
     offline_notice: bool = True
     # Discord: after a restart or a new session, messages missed per channel that are fetched.
     catch_up_limit: int = 50
+    # Memory beyond the window: the rolling summary and the pinned facts may take this share of
+    # the model's window (0 turns the summaries off; /remember facts still count against it).
+    memory_budget: float = 0.10
+    # Whether editing a message the bot already answered writes a new answer to it.
+    regenerate_on_edit: bool = False
+    # Where the author's note (/note) goes: this many messages from the end of the history.
+    note_depth: int = 4
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -198,6 +205,9 @@ def parse_settings(
         "recover_window",
         "offline_notice",
         "catch_up_limit",
+        "memory_budget",
+        "regenerate_on_edit",
+        "note_depth",
     }
     if unknown := sorted(set(bot) - known_bot):
         raise SettingsError(f"unknown setting(s) in [bot]: {', '.join(unknown)}")
@@ -209,15 +219,22 @@ def parse_settings(
             "max_pending_per_user",
             "shutdown_grace_s",
             "catch_up_limit",
+            "note_depth",
         )
         if key in bot
     }
     if "recover_window" in bot:
         limits["recover_window"] = _duration(bot["recover_window"], "recover_window")
-    if "offline_notice" in bot:
-        if not isinstance(bot["offline_notice"], bool):
-            raise SettingsError("[bot] offline_notice must be true or false")
-        limits["offline_notice"] = bot["offline_notice"]
+    for key in ("offline_notice", "regenerate_on_edit"):
+        if key in bot:
+            if not isinstance(bot[key], bool):
+                raise SettingsError(f"[bot] {key} must be true or false")
+            limits[key] = bot[key]
+    if "memory_budget" in bot:
+        share = bot["memory_budget"]
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 0.5:
+            raise SettingsError("[bot] memory_budget must be a share of the window from 0 to 0.5")
+        limits["memory_budget"] = float(share)
     for key in ("max_queued", "max_pending_per_user"):
         if limits.get(key, 1) < 1:
             raise SettingsError(f"[bot] {key} must be at least 1")

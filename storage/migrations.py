@@ -122,10 +122,42 @@ def _add_reply_states(conn: Connection) -> None:
         conn.execute(text(statement))
 
 
+def _add_memory_and_edits(conn: Connection) -> None:
+    # Rolling summaries of what fell out of the window: each covers the conversation's messages
+    # from first_id to last_id (everything since its reset), the newest per conversation wins.
+    # Messages remember when the platform edited or deleted them.
+    meta = MetaData()
+    Table("conversations", meta, Column("id", Integer, primary_key=True))
+    Table(
+        "summaries",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(
+            "conversation_id",
+            Integer,
+            ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("first_id", Integer, nullable=False),
+        Column("last_id", Integer, nullable=False),
+        Column("text", Text, nullable=False),
+        Column("token_count", Integer, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_summaries_conversation_id_last_id", "conversation_id", "last_id"),
+    )
+    meta.create_all(conn, tables=[meta.tables["summaries"]])
+    for statement in (
+        "ALTER TABLE messages ADD COLUMN edited_at TIMESTAMP WITH TIME ZONE",
+        "ALTER TABLE messages ADD COLUMN deleted_at TIMESTAMP WITH TIME ZONE",
+    ):
+        conn.execute(text(statement))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
     Migration(2, "add_cards_world_books_and_swipes", _add_cards_world_books_and_swipes),
     Migration(3, "add_reply_states", _add_reply_states),
+    Migration(4, "add_memory_and_edits", _add_memory_and_edits),
 )
 
 

@@ -68,9 +68,33 @@ messages = Table(
     Column("reply_pieces", Text, nullable=True),
     # Bot replies: whether the final text reached the platform (NULL: stored before states).
     Column("delivered", Boolean, nullable=True),
+    # Set when the platform reports an edit (the text is replaced) or a deletion (the message
+    # also leaves the context).
+    Column("edited_at", DateTime(timezone=True), nullable=True),
+    Column("deleted_at", DateTime(timezone=True), nullable=True),
     Index("ix_messages_conversation_id_id", "conversation_id", "id"),
     Index("ix_messages_reply_state", "reply_state", "created_at"),
     Index("ix_messages_platform_message_id", "conversation_id", "platform_message_id"),
+)
+
+
+# Rolling summaries: each covers a conversation's messages first_id..last_id (since its reset).
+summaries = Table(
+    "summaries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        Integer,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("first_id", Integer, nullable=False),
+    Column("last_id", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("token_count", Integer, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_summaries_conversation_id_last_id", "conversation_id", "last_id"),
 )
 
 

@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -16,7 +16,7 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from storage.schema import characters, conversations, messages, world_books
+from storage.schema import characters, conversations, messages, summaries, world_books
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,20 @@ class StoredMessage:
     def swipe_group(self) -> int:
         """The id shared by every version of this message."""
         return self.swipe_of if self.swipe_of is not None else self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """A rolling summary of a conversation's messages ``first_id`` .. ``last_id``."""
+
+    id: int
+    first_id: int
+    last_id: int
+    text: str
+    token_count: int
+
+
+SUMMARIES_KEPT = 4  # per conversation; older ones are deleted as new ones arrive
 
 
 def _now() -> datetime:
@@ -365,8 +379,9 @@ class Store:
         ids = []
         for row in rows:
             params = [
-                convert(row[name]) if convert is not None and row[name] is not None else row[name]
+                convert(value) if convert is not None and value is not None else value
                 for name, convert in self._insert_columns
+                for value in (row.get(name),)
             ]
             cursor = await driver.execute(self._insert_sql, params)
             ids.append(int(cursor.lastrowid))
@@ -445,6 +460,103 @@ class Store:
         async with self.engine.connect() as conn:
             row = (await conn.execute(query.limit(1))).first()
         return _message(row) if row is not None else None
+
+    # -- edits, deletions and summaries ---------------------------------------------------------
+
+    async def _platform_message(
+        self, conn: AsyncConnection, conversation_id: int, platform_message_id: str
+    ) -> Row[Any] | None:
+        query = select(messages).where(
+            messages.c.conversation_id == conversation_id,
+            messages.c.platform_message_id == platform_message_id,
+        )
+        return (await conn.execute(query.order_by(messages.c.id).limit(1))).first()
+
+    async def edit_platform_message(
+        self, conversation_id: int, platform_message_id: str, text: str
+    ) -> tuple[StoredMessage, StoredMessage] | None:
+        """Replace the text of the message a platform message shows: (before, after), or None
+        when it was never stored (or was deleted)."""
+
+        async def work(conn: AsyncConnection) -> tuple[StoredMessage, StoredMessage] | None:
+            row = await self._platform_message(conn, conversation_id, platform_message_id)
+            if row is None or row.deleted_at is not None:
+                return None
+            await conn.execute(
+                update(messages).where(messages.c.id == row.id).values(text=text, edited_at=_now())
+            )
+            before = _message(row)
+            return before, replace(before, text=text)
+
+        return await self._write(work)
+
+    async def delete_platform_message(
+        self, conversation_id: int, platform_message_id: str
+    ) -> StoredMessage | None:
+        """Mark the message a platform message showed as deleted and take it out of the
+        context; None when it was never stored (or already deleted)."""
+
+        async def work(conn: AsyncConnection) -> StoredMessage | None:
+            row = await self._platform_message(conn, conversation_id, platform_message_id)
+            if row is None or row.deleted_at is not None:
+                return None
+            await conn.execute(
+                update(messages)
+                .where(messages.c.id == row.id)
+                .values(in_context=False, deleted_at=_now())
+            )
+            return _message(row)
+
+        return await self._write(work)
+
+    async def add_summary(
+        self, conversation_id: int, first_id: int, last_id: int, text: str, token_count: int
+    ) -> Summary:
+        """Store a new summary; only the newest few of a conversation are kept."""
+
+        async def work(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                summaries.insert()
+                .values(
+                    conversation_id=conversation_id,
+                    first_id=first_id,
+                    last_id=last_id,
+                    text=text,
+                    token_count=token_count,
+                    created_at=_now(),
+                )
+                .returning(summaries.c.id)
+            )
+            new_id = int(result.scalar_one())
+            kept = (
+                select(summaries.c.id)
+                .where(summaries.c.conversation_id == conversation_id)
+                .order_by(summaries.c.id.desc())
+                .limit(SUMMARIES_KEPT)
+                .scalar_subquery()
+            )
+            await conn.execute(
+                summaries.delete().where(
+                    summaries.c.conversation_id == conversation_id, summaries.c.id.not_in(kept)
+                )
+            )
+            return new_id
+
+        new_id = await self._write(work)
+        return Summary(new_id, first_id, last_id, text, token_count)
+
+    async def summaries(self, conversation_id: int, after_id: int = 0) -> list[Summary]:
+        """The conversation's kept summaries of messages after ``after_id`` (its reset), the
+        one reaching furthest first."""
+        query = (
+            select(summaries)
+            .where(summaries.c.conversation_id == conversation_id, summaries.c.first_id > after_id)
+            .order_by(summaries.c.last_id.desc(), summaries.c.id.desc())
+            .limit(SUMMARIES_KEPT)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [Summary(r.id, r.first_id, r.last_id, r.text, r.token_count) for r in rows]
 
     async def unanswered(
         self, platform: str, *, since: datetime | None = None, before: datetime | None = None

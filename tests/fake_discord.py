@@ -375,6 +375,20 @@ class FakeDiscord:
             await self.dispatch("MESSAGE_CREATE", data)
         return mid
 
+    async def edit(self, channel_id: str, message_id: str, content: str) -> None:
+        """The author of a user message edits it (MESSAGE_UPDATE with the whole message)."""
+        data = next(m for m in self.history[channel_id] if m["id"] == message_id)
+        data.update(content=content, edited_timestamp=now_iso())
+        await self.dispatch("MESSAGE_UPDATE", data)
+
+    async def delete(self, channel_id: str, message_id: str) -> None:
+        """A user or a moderator deletes a message (MESSAGE_DELETE)."""
+        self.history[channel_id] = [m for m in self.history[channel_id] if m["id"] != message_id]
+        data = {"id": message_id, "channel_id": channel_id}
+        if (guild := self.guild_of(channel_id)) is not None:
+            data["guild_id"] = guild
+        await self.dispatch("MESSAGE_DELETE", data)
+
     async def command(
         self,
         channel_id: str,

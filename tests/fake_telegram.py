@@ -158,6 +158,17 @@ class FakeTelegram:
         self.new_update.set()
         return message_id
 
+    def edit(self, chat_id: int, user_id: int, name: str, message_id: int, text: str) -> None:
+        """The user edits an earlier message of theirs (an ``edited_message`` update)."""
+        update = next(
+            u for u in self.updates if u.get("message", {}).get("message_id") == message_id
+        )
+        message = {**update["message"], "text": text, "edit_date": int(time.time())}
+        message.pop("entities", None)
+        self.updates.append({"update_id": self._next_update, "edited_message": message})
+        self._next_update += 1
+        self.new_update.set()
+
     def redeliver(self, message_id: int) -> None:
         """Deliver a user message again under a new update id (as after a lost confirmation)."""
         update = next(

@@ -35,7 +35,8 @@ def text_of(prompt: Sequence[int]) -> str:
 def echo_last_user(prompt: Sequence[int]) -> str:
     text = text_of(prompt)
     last = text.rsplit("user\n", 1)[1].split("|", 1)[0]
-    return f"re: {last.split(': ', 1)[1]}"
+    name, named, rest = last.partition(": ")  # a name only when several people talk
+    return f"re: {rest if named and name.isalpha() else last}"
 
 
 def dm(text: str, key: str = "console:me", name: str = "Ann") -> IncomingMessage:

@@ -24,6 +24,7 @@ from tests.fake_discord import (
     CHANNEL_ROLEPLAY,
     CHANNEL_WORK,
     DM_CHANNEL,
+    APP_ID,
     GUILD,
     THREAD,
     FakeDiscord,
@@ -89,7 +90,7 @@ async def test_commands_sync_to_the_guild_and_dm_gets_an_answer(bot: Callable[..
     await server.say(DM_CHANNEL, ANN, "Hello there")
     await server.wait_for(lambda: server.in_channel(DM_CHANNEL))
     assert last(server, DM_CHANNEL) == "Here you go."
-    assert "Ann: Hello there" in text_of(office.prompts[-1])
+    assert "user\nHello there" in text_of(office.prompts[-1])  # one human: no name
 
 
 def opt(name: str, value: Any) -> dict[str, Any]:
@@ -163,7 +164,7 @@ async def test_reset_help_chat_and_regenerate(bot: Callable[..., Any]) -> None:
         lambda: server.responses(token) and server.responses(token)[0].content == "First answer."
     )
     assert server.callbacks[-1]["type"] == 5  # deferred, then the answer streamed into it
-    assert "Ann: Plan my week" in text_of(office.prompts[-1])
+    assert "user\nPlan my week" in text_of(office.prompts[-1])  # one human so far: no name
 
     mid = await server.say(CHANNEL_WORK, ANN, "and next week?", mention_bot=True)
     await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
@@ -235,12 +236,13 @@ async def test_unknown_webhook_is_refreshed_and_retried(bot: Callable[..., Any])
 
 async def test_work_channel_answers_mentions_only(bot: Callable[..., Any]) -> None:
     server, office, *_ = await bot()
-    await server.say(CHANNEL_WORK, ANN, "lunch anyone?")
+    await server.say(CHANNEL_WORK, BOB, "lunch anyone?")
     await server.say(CHANNEL_WORK, ANN, "draft the agenda", mention_bot=True)
     await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
     assert len(office.prompts) == 1
     prompt = text_of(office.prompts[0])
-    assert "Ann: draft the agenda" in prompt and "Ann: lunch anyone?" in prompt
+    # Two people talk here: their turns carry their names.
+    assert "Ann: draft the agenda" in prompt and "Bob: lunch anyone?" in prompt
     assert CHANNEL_WORK in server.typing
 
 
@@ -460,3 +462,54 @@ async def test_a_refused_send_does_not_cost_the_reply_it_is_stored_then_delivere
     assert time.monotonic() < server.forbidden_until  # stored while sends were refused
     await server.wait_for(lambda: server.in_channel(CHANNEL_WORK), 30)
     assert [p.content for p in server.in_channel(CHANNEL_WORK)] == ["Stored first, shown later."]
+
+
+async def test_memory_commands_and_edits_and_deletions_follow_the_channel(
+    bot: Callable[..., Any],
+) -> None:
+    server, office, _, core = await bot(office_script=["Ann: Noted.", "Sure.", "Right."])
+    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+    first = await server.say(CHANNEL_WORK, ANN, "the budget is 3,000", mention_bot=True)
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    assert await stored_replies(core.store, conv.id) == ["Noted."]  # the name tag is cleaned
+    aside = await server.say(CHANNEL_WORK, BOB, "my password is hunter2")
+    await server.edit(CHANNEL_WORK, first, f"<@{APP_ID}> the budget is 4,500")
+    await server.delete(CHANNEL_WORK, aside)
+
+    async def stored() -> list[str]:
+        return [m.text for m in await core.store.history(conv.id)]
+
+    deadline = time.monotonic() + 20
+    while "the budget is 4,500" not in await stored() or "my password is hunter2" in (
+        await stored()
+    ):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+    token = await server.command(CHANNEL_WORK, BOB, "remember", [opt("fact", "Bob is boss")])
+    await server.wait_for(lambda: server.responses(token))
+    assert "Manage Channels" in server.responses(token)[0].content
+    token = await server.command(
+        CHANNEL_WORK, ANN, "remember", [opt("fact", "The client is Globex.")], admin=True
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "I will remember that (fact 1)" in server.responses(token)[0].content
+    token = await server.command(CHANNEL_WORK, BOB, "memory")
+    await server.wait_for(
+        lambda: any("1. The client is Globex." in r.content for r in server.responses(token))
+    )
+    assert all(r.ephemeral for r in server.responses(token))
+
+    await server.say(CHANNEL_WORK, ANN, "and the deadline?", mention_bot=True)
+    await server.wait_for(lambda: len(office.prompts) == 2)
+    prompt = text_of(office.prompts[-1])
+    assert "the budget is 4,500" in prompt and "3,000" not in prompt
+    assert "hunter2" not in prompt  # deleted: left out of the context
+    assert "1. The client is Globex." in prompt
+
+    token = await server.command(
+        CHANNEL_WORK, ANN, "forget", [{"type": 4, "name": "number", "value": 1}], admin=True
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "Forgotten: The client is Globex." in server.responses(token)[0].content
+    assert len(office.prompts) == 2  # no edit or deletion was answered

@@ -12,7 +12,7 @@ from bot.characters import card_from_fields, character_from_card
 from bot.core import ConversationCore
 from bot.lorebook import Lorebook, activate, match_entries
 from bot.messages import IncomingMessage, OutgoingReply
-from bot.scene import choose_speakers, clean_reply, stop_strings
+from bot.scene import choose_speakers, clean_reply, stop_strings, strip_name_tag
 from tests.test_core import text_of
 
 KEY = "discord:scene"
@@ -205,7 +205,12 @@ def test_output_cleaning_and_stop_strings() -> None:
     assert clean_reply("Hi!\nAnn: I answer for Ann", "Mira", others) == "Hi!"
     assert clean_reply("Hi!\n  reyes: me too", "Mira", others) == "Hi!"
     assert clean_reply("Annabel: is fine", "Mira", others) == "Annabel: is fine"
-    assert clean_reply("Ann: only me", "Mira", others) == ""
+    # A reply that opens with a participant's tag is cleaned, not dropped.
+    assert clean_reply("Ann: only me", "Mira", others) == "only me"
+    assert clean_reply("*Bob:* hm\nReyes: no", "Mira", others) == "hm"
+    assert strip_name_tag("Alice: Hello there.", ["Alice"]) == "Hello there."
+    assert strip_name_tag("Alicent: Hello.", ["Alice"]) == "Alicent: Hello."
+    assert strip_name_tag("Note: x", []) == "Note: x"
     assert stop_strings(["Ann", "Bob"], ["Mira", "Reyes"], "Mira") == [
         "\nAnn:",
         "\nBob:",

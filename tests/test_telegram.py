@@ -97,7 +97,8 @@ async def test_dm_exchange_streams_with_edits_and_typing(bot: Callable[..., Any]
     assert len(message.edits) >= 2  # streamed: several edits before the final one
     assert "sendChatAction" in server.methods()
     assert message.reply_to is None  # DMs need no reply threading
-    assert "Ann: Write me sixty words please" in text_of(office.prompts[-1])
+    # One human in a DM: the turn carries no name for the model to imitate.
+    assert "user\nWrite me sixty words please" in text_of(office.prompts[-1])
 
 
 async def test_start_help_reset_and_regenerate_in_a_dm(bot: Callable[..., Any]) -> None:
@@ -182,12 +183,13 @@ async def test_two_player_roleplay_triggers_and_names(bot: Callable[..., Any]) -
 
 async def test_work_group_answers_mentions_only(bot: Callable[..., Any]) -> None:
     server, office, *_ = await bot()
-    server.push(GROUP, ANN, "Ann", "lunch anyone?")
+    server.push(GROUP, BOB, "Bob", "lunch anyone?")
     server.push(GROUP, ANN, "Ann", f"@{BOT['username']} draft the agenda")
     await wait_reply_count(server, GROUP, 1)
     assert len(office.prompts) == 1
     prompt = text_of(office.prompts[0])
-    assert "Ann: draft the agenda" in prompt and "Ann: lunch anyone?" in prompt
+    # Two people talk here: their turns carry their names.
+    assert "Ann: draft the agenda" in prompt and "Bob: lunch anyone?" in prompt
 
 
 async def test_a_long_reply_is_split_at_lines_outside_code(bot: Callable[..., Any]) -> None:
@@ -402,3 +404,52 @@ async def test_an_outage_does_not_cost_the_reply_it_is_stored_then_delivered_onc
     assert [m.text for m in server.bot_messages(DM)] == ["Here is the whole answer, at last."]
     (user,) = [m for m in await store.history(conv.id) if m.role == "user"]
     assert await reply_state(store, user.id) == "answered"
+
+
+async def test_memory_commands_edits_and_a_reply_without_a_name_tag(
+    bot: Callable[..., Any],
+) -> None:
+    server, office, _, core = await bot(office_script=["Ann: Noted: 3,000 euros.", "Sure."])
+    mid = server.push(DM, ANN, "Ann", "Our budget is 3,000 euros.")
+    await server.wait_for(lambda: server.bot_messages(DM))
+    conv = await core.conversation("telegram", f"telegram:{DM}")
+    # The model imitated a name tag: the reply is cleaned before it is shown and stored.
+    assert await stored_replies(core.store, conv.id) == ["Noted: 3,000 euros."]
+    await server.wait_for(lambda: last_text(server, DM) == "Noted: 3,000 euros.")
+    assert "Ann:" not in text_of(office.prompts[-1])
+
+    server.edit(DM, ANN, "Ann", mid, "Our budget is 4,500 euros.")
+    await wait_until_stored(core, conv.id, "Our budget is 4,500 euros.")
+    server.push(DM, ANN, "Ann", "/remember The client is Globex.")
+    await wait_reply_count(server, DM, 2)
+    assert "I will remember that (fact 1)" in last_text(server, DM)
+    server.push(DM, ANN, "Ann", "/memory")
+    await wait_reply_count(server, DM, 3)
+    assert "1. The client is Globex." in html.unescape(last_text(server, DM))
+    server.push(DM, ANN, "Ann", "And the deadline?")
+    await wait_reply_count(server, DM, 4)
+    prompt = text_of(office.prompts[-1])
+    assert "user\nOur budget is 4,500 euros." in prompt and "budget is 3,000" not in prompt
+    assert "1. The client is Globex." in prompt  # pinned after the system part
+    assert len(office.prompts) == 2  # the edit of an answered message was not answered again
+    server.push(DM, ANN, "Ann", "/forget 1")
+    await wait_reply_count(server, DM, 5)
+    assert "Forgotten: The client is Globex." in last_text(server, DM)
+
+    # In a group, pinning and unpinning need an administrator; reading the memory does not.
+    server.push(GROUP, BOB, "Bob", "/remember Bob is the boss")
+    await wait_reply_count(server, GROUP, 1)
+    assert "Only chat administrators can pin facts" in last_text(server, GROUP)
+    server.push(GROUP, BOB, "Bob", "/forget 1")
+    await wait_reply_count(server, GROUP, 2)
+    assert "Only chat administrators can unpin facts" in last_text(server, GROUP)
+    server.push(GROUP, BOB, "Bob", "/memory")
+    await wait_reply_count(server, GROUP, 3)
+    assert "No pinned facts" in last_text(server, GROUP)
+
+
+async def wait_until_stored(core: ConversationCore, conversation_id: int, text: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in [m.text for m in await core.store.history(conversation_id)]:
+        assert time.monotonic() < deadline, f"{text!r} never stored"
+        await asyncio.sleep(0.05)

@@ -1,0 +1,362 @@
+"""Memory beyond the window: a rolling summary of what the window moved past, and pinned facts.
+
+The summary follows the window's trims, so that it never breaks prefix reuse more often than
+they do.  Right after a trim (and before the first one) a job *prepares* the summary of the
+chunk of history that the next trim will drop: the previous summary merged with those
+messages.  At the next trim the window cuts exactly where that summary ends, and the summary
+becomes the pinned one, both at once.  Between trims the pinned summary, and so the front of
+the prompt, does not change.
+
+Jobs run on the routed model when their conversation is idle and the model has a free sequence
+(on the serial path: nothing else generating).  A new message in that conversation, or a reply
+that needs the sequence, cancels the job; it starts again when things are quiet.  So a summary
+never delays a reply, and never runs while a reply streams in its conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from ai_model.base import ChatModel, ModelError
+from ai_model.config import SamplingSettings
+from ai_model.templates import encode
+from bot.fairness import LruDict
+from bot.prompt import Window, clean_name
+from storage.store import ASSISTANT, Store, StoredMessage, Summary
+
+log = logging.getLogger(__name__)
+
+MAX_FACTS = 20
+MAX_FACT_CHARS = 300
+CHUNK_FRACTION = 0.25  # the share of the history budget one trim drops (bot.prompt.fit_window)
+MAX_CHUNKS_PER_JOB = 4  # the work one summary job may do (each chunk: one generation)
+SHORTEN_TRIES = 2
+MIN_FACT_BUDGET = 256  # tokens pinned facts may always use, even with summaries off
+
+ROLEPLAY_INSTRUCTIONS = (
+    "You keep the memory of a roleplay story. Merge the summary so far with the new messages "
+    "into one summary of the story so far, written in the third person: who is who (by "
+    "name), where they are, what happened, what was decided or promised, and every fact "
+    "stated about the characters and the world. Write only the summary, at most {words} words."
+)
+WORK_INSTRUCTIONS = (
+    "You keep the minutes of a team chat. Merge the summary so far with the new messages into "
+    "one summary: decisions, who owns what, open items, and every name, number and date that "
+    "matters. Write only the summary, at most {words} words."
+)
+SHORTEN = (
+    "Shorten this summary to at most {words} words. Keep names, facts, decisions and open "
+    "items. Write only the shortened summary."
+)
+
+
+def memory_text(summary: str, facts: Sequence[str]) -> str:
+    """The pinned memory block as the model reads it (empty: no block)."""
+    parts = []
+    if summary:
+        parts.append(f"Summary of the conversation before the messages below:\n{summary}")
+    if facts:
+        numbered = "\n".join(f"{i}. {fact}" for i, fact in enumerate(facts, 1))
+        parts.append(f"Facts to remember:\n{numbered}")
+    return "\n\n".join(parts)
+
+
+def fit_memory(summary: str, facts: Sequence[str], budget: int, count: Callable[[str], int]) -> str:
+    """The memory block within ``budget`` tokens: facts first (users pinned them), then as
+    much of the summary as fits, cut at its start (its end is the most recent)."""
+    kept: list[str] = []
+    for fact in facts:
+        if count(memory_text("", [*kept, fact])) > budget:
+            break
+        kept.append(fact)
+    text = memory_text(summary, kept)
+    if not summary or count(text) <= budget:
+        return text
+    words = summary.split()
+    low, high = 0, len(words)  # the fewest words to drop so that the block fits
+    while low < high:
+        mid = (low + high) // 2
+        if count(memory_text("… " + " ".join(words[mid:]), kept)) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    rest = " ".join(words[low:])
+    return memory_text("… " + rest if rest else "", kept)
+
+
+def next_boundary(window: Window, budget: int) -> int | None:
+    """The last turn position of the chunk the next trim will drop (whole exchanges), or None
+    while the window holds less than that before its newest turn."""
+    turns = window.turns
+    total = 0
+    for i, turn in enumerate(turns[:-1]):
+        total += len(turn.tokens)
+        if total < budget * CHUNK_FRACTION:
+            continue
+        j = i
+        while j + 1 < len(turns) and turns[j + 1].position == turn.position:
+            j += 1  # the replies to the last question belong with it
+        return turn.position if j + 1 < len(turns) else None
+    return None
+
+
+@dataclass(slots=True)
+class Plan:
+    """What the next job of a conversation should summarize."""
+
+    conversation_id: int
+    role: str
+    mode: str
+    reset_after: int
+    boundary: int  # summarize every message up to this position
+    budget: int  # tokens the summary may take
+
+
+class MemoryKeeper:
+    """Summaries per conversation: which one is pinned, and the jobs that prepare the next."""
+
+    def __init__(
+        self,
+        store: Store,
+        models: Callable[[str], Awaitable[ChatModel]],
+        *,
+        idle: Callable[[str], bool],
+        room: Callable[[str], bool],
+    ) -> None:
+        self.store = store
+        self._models = models  # role -> awaitable ChatModel
+        self._idle = idle  # whether a conversation has nothing queued or streaming
+        self._room = room  # whether a role's model has a sequence no reply needs
+        self._summaries: LruDict[str, list[Summary]] = LruDict(4096)
+        self._plans: dict[str, Plan] = {}
+        self._failed: dict[str, int] = {}  # boundary a job failed at: not retried at once
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, tuple[str, asyncio.Task[None]]] = {}  # key -> (role, work)
+        self._tick = asyncio.Event()  # set (and replaced) whenever a turn or a reply ends
+        self.summaries_written = 0
+        self.closed = False
+
+    # -- what prompts use ---------------------------------------------------------------------
+
+    async def summaries(self, key: str, conversation_id: int, after: int) -> list[Summary]:
+        """The conversation's summaries since its reset, the one reaching furthest first."""
+        found = self._summaries.get(key)
+        if found is None:
+            found = await self.store.summaries(conversation_id, after_id=after)
+            self._summaries[key] = found
+        return [s for s in found if s.first_id > after]
+
+    async def pinned(
+        self, key: str, conversation_id: int, after: int, summary_id: object
+    ) -> Summary | None:
+        for summary in await self.summaries(key, conversation_id, after):
+            if summary.id == summary_id:
+                return summary
+        return None
+
+    async def for_window(
+        self, key: str, conversation_id: int, after: int, start: int
+    ) -> Summary | None:
+        """The summary to pin once the window starts at ``start``: the newest that covers
+        nothing the window still shows."""
+        for summary in await self.summaries(key, conversation_id, after):
+            if summary.last_id < start:
+                return summary
+        return None
+
+    async def prepared(self, key: str, conversation_id: int, after: int, start: int) -> int | None:
+        """Where a summary prepared for the next trim ends (the trim should cut there)."""
+        found = await self.summaries(key, conversation_id, after)
+        return found[0].last_id if found and found[0].last_id >= start else None
+
+    def forget(self, key: str) -> None:
+        """A reset: nothing summarized before applies any more."""
+        self.interrupt(key)
+        self._summaries.pop(key)
+        self._plans.pop(key, None)
+        self._failed.pop(key, None)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def plan(self, key: str, plan: Plan) -> None:
+        """Remember what to summarize next; the job starts at :meth:`wake`."""
+        if self._failed.get(key) == plan.boundary:
+            return
+        self._plans[key] = plan
+
+    def notify(self) -> None:
+        """A turn or a reply ended somewhere: waiting jobs look again whether it is quiet."""
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+
+    def wake(self, key: str) -> None:
+        """The conversation's turn ended: start its job if one is planned and needed."""
+        self.notify()
+        if not self.closed and key in self._plans and key not in self._jobs:
+            task = asyncio.get_running_loop().create_task(self._run(key))
+            self._jobs[key] = task
+            task.add_done_callback(lambda _t: self._jobs.pop(key, None))
+
+    def interrupt(self, key: str) -> None:
+        """A message or command arrived in ``key``: its job stops now (and runs later)."""
+        task = self._jobs.get(key)
+        if task is not None:
+            task.cancel()
+
+    def make_room(self, role: str) -> None:
+        """A reply needs ``role``'s model: jobs generating on it stop, and wait for quiet."""
+        for running_role, work in list(self._running.values()):
+            if running_role == role:
+                work.cancel()
+
+    async def quiet(self, key: str) -> None:
+        """Wait until no job of ``key`` is generating (the one that was is cancelled)."""
+        task = self._jobs.get(key)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def settle(self, key: str) -> None:
+        """Wait for the job of ``key`` to end, if one is planned or running (bench, tests)."""
+        task = self._jobs.get(key)
+        if task is not None:
+            await asyncio.wait({task})
+
+    async def close(self) -> None:
+        """Stop every job (a stop or a restart; they start again when needed)."""
+        self.closed = True
+        tasks = list(self._jobs.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _run(self, key: str) -> None:
+        while True:
+            plan = self._plans.get(key)
+            if plan is None:
+                return
+            while not (self._idle(key) and self._room(plan.role)):
+                await self._tick.wait()
+            work = asyncio.get_running_loop().create_task(self._summarize(key, plan))
+            self._running[key] = (plan.role, work)
+            try:
+                await asyncio.wait({work})
+            finally:
+                self._running.pop(key, None)
+                if not work.done():  # this task itself was cancelled: stop the work too
+                    work.cancel()
+            if work.cancelled():
+                continue  # a reply needed the model: wait for quiet, then start again
+            if work.exception() is not None:
+                log.error("memory: the summary job of %s failed", key, exc_info=work.exception())
+                self._failed[key] = plan.boundary
+            if self._plans.get(key) is plan:
+                del self._plans[key]
+            return
+
+    async def _summarize(self, key: str, plan: Plan) -> None:
+        model: ChatModel = await self._models(plan.role)
+        found = await self.summaries(key, plan.conversation_id, plan.reset_after)
+        previous = found[0] if found else None
+        if previous is not None and previous.last_id >= plan.boundary:
+            return
+        after = max(plan.reset_after, previous.last_id if previous else 0)
+        history = await self.store.history(
+            plan.conversation_id, after_id=after, upto_id=plan.boundary
+        )
+        lines = [_line(m) for m in history]
+        if not lines:
+            return
+        summary = previous.text if previous else ""
+        chunks = _chunks(model, lines, summary_room=plan.budget)
+        if len(chunks) > MAX_CHUNKS_PER_JOB:
+            # A backlog (say, a long conversation from before memory was on): the chunks next
+            # to the window matter most; older ones are skipped rather than holding the model.
+            log.info(
+                "memory: %s has %d chunks to summarize; the oldest %d are skipped",
+                key,
+                len(chunks),
+                len(chunks) - MAX_CHUNKS_PER_JOB,
+            )
+            chunks = chunks[-MAX_CHUNKS_PER_JOB:]
+        for chunk in chunks:
+            summary = await self._merge(model, plan, summary, chunk)
+        summary = await self._shorten(model, plan, summary)
+        if not summary:
+            log.warning("memory: the model wrote an empty summary for %s", key)
+            self._failed[key] = plan.boundary
+            return
+        first = previous.first_id if previous else history[0].id
+        tokens = _count(model, summary)
+        stored = await self.store.add_summary(
+            plan.conversation_id, first, plan.boundary, summary, tokens
+        )
+        self._summaries[key] = [stored, *found][:4]
+        self.summaries_written += 1
+        log.info("memory: %s summarized up to message %d (%d tokens)", key, plan.boundary, tokens)
+
+    async def _merge(self, model: ChatModel, plan: Plan, summary: str, chunk: list[str]) -> str:
+        words = max(20, int(plan.budget * 0.6))
+        instructions = ROLEPLAY_INSTRUCTIONS if plan.mode == "roleplay" else WORK_INSTRUCTIONS
+        content = f"Summary so far:\n{summary or '(nothing yet)'}\n\nNew messages:\n" + "\n".join(
+            chunk
+        )
+        return await _generate(model, instructions.format(words=words), content, plan.budget)
+
+    async def _shorten(self, model: ChatModel, plan: Plan, summary: str) -> str:
+        for _ in range(SHORTEN_TRIES):
+            if _count(model, summary) <= plan.budget:
+                return summary
+            words = max(20, int(plan.budget * 0.5))
+            summary = await _generate(model, SHORTEN.format(words=words), summary, plan.budget)
+        # Still too long: the prompt keeps its end (fit_memory); store it within bounds too.
+        return summary
+
+
+def _line(message: StoredMessage) -> str:
+    who = "Assistant" if message.role == ASSISTANT and not message.author_name else None
+    return f"{who or clean_name(message.author_name)}: {message.text}"
+
+
+def _count(model: ChatModel, text: str) -> int:
+    return len(model.tokenize(text.encode("utf-8"), False, False))
+
+
+def _chunks(model: ChatModel, lines: list[str], summary_room: int) -> list[list[str]]:
+    """The lines in chunks whose summarizing prompt fits the model's window."""
+    room = max(64, model.n_ctx - 2 * summary_room - 256)
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for line in lines:
+        n = _count(model, line)
+        if n > room:  # one huge message: its start is what the summary can take
+            line = line[: room * 3]
+            n = _count(model, line)
+        if chunks[-1] and used + n > room:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(line)
+        used += n
+    return chunks
+
+
+async def _generate(model: ChatModel, instructions: str, content: str, max_tokens: int) -> str:
+    template = model.template
+    pieces = [
+        *template.turn("system", instructions),
+        *template.turn("user", content),
+        *template.generation_prompt(),
+    ]
+    tokens = [*model.bos, *encode(pieces, model)]
+    room = model.n_ctx - len(tokens) - 1
+    if room < 16:
+        raise ModelError("the summary prompt does not fit the window")
+    sampling = SamplingSettings(max_tokens=min(max_tokens, room), temperature=0.3, seed=11)
+    text = ""
+    async for piece in model.stream(tokens, sampling, ()):
+        text += piece
+    return text.strip()

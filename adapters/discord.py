@@ -65,7 +65,7 @@ OWNERS_ONLY = (
 HANDLER_FAILED = "Sorry, something went wrong on my side while handling that. Please try again."
 TEXT_COMMAND = re.compile(r"^/[A-Za-z]")
 # Commands whose work the core itself holds to the fair-share limits.
-CORE_LIMITED = {"chat", "regenerate"}
+CORE_LIMITED = {"chat", "regenerate", "continue"}
 
 
 def conversation_key(channel_id: int) -> str:
@@ -683,6 +683,33 @@ class DiscordAdapter:
                 return
             answer = await self.core.forget_fact(PLATFORM, self._key(interaction), str(number))
             await interaction.response.send_message(fit(answer, MAX_MESSAGE_CHARS))
+
+        @tree.command(name="note", description="Set or clear the author's note here (admins)")
+        @app_commands.describe(text="The note that steers replies; leave out to clear it")
+        async def note(interaction: discord.Interaction, text: str = "") -> None:
+            if not self.is_admin(interaction):
+                await self._refuse(interaction, "set the author's note")
+                return
+            answer = await self.core.set_note(PLATFORM, self._key(interaction), text)
+            await interaction.response.send_message(fit(answer, MAX_MESSAGE_CHARS))
+
+        @tree.command(name="continue", description="Make my last reply here longer")
+        async def continue_(interaction: discord.Interaction) -> None:
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            key = self._key(interaction)
+            pieces = await self.core.last_reply_pieces(PLATFORM, key)
+            replies = self.core.continue_reply(
+                PLATFORM, key, interaction.guild is None, str(interaction.user.id)
+            )
+            first = await anext(replies, None)
+            if first is None:
+                return
+            if first.kind is not ReplyKind.ANSWER:  # nothing to continue, or not now
+                await interaction.edit_original_response(content=fit(first.text, 2000))
+                return
+            sink = ChannelSink(self, interaction.channel)
+            await self._stream(interaction.channel, chain(first, replies), sink, tuple(pieces))
+            await interaction.edit_original_response(content="Done: the last reply goes on.")
 
         @tree.command(name="regenerate", description="Write my last reply here again")
         async def regenerate(interaction: discord.Interaction) -> None:

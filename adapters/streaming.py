@@ -140,7 +140,7 @@ async def stream_reply(
                     await sink.delete_chunk(message_id)
                 except Exception as exc:  # cosmetic by now: the answer itself is shown
                     log.warning("could not delete message %s: %r", message_id, exc)
-            if tracker is not None and reply.answers is not None:
+            if tracker is not None and (reply.answers is not None or reply.stored_id is not None):
                 await tracker.delivered(reply, [m for m, _ in shown])
 
     async for reply in _ahead(replies):

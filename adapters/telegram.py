@@ -79,6 +79,8 @@ COMMANDS = (
     ("memory", "What I remember beyond my window"),
     ("remember", "Pin a fact I must keep in mind (admins, in groups)"),
     ("forget", "Unpin a fact by its number (admins, in groups)"),
+    ("continue", "Make my last reply longer"),
+    ("note", "Set or clear the author's note that steers replies (admins, in groups)"),
 )
 
 T = TypeVar("T")
@@ -151,10 +153,12 @@ class TelegramAdapter:
             ("memory", self._cmd_memory),
             ("remember", self._cmd_remember),
             ("forget", self._cmd_forget),
+            ("note", self._cmd_note),
         ):
             app.add_handler(CommandHandler(name, guard(callback, limited=True), filters=only_new))
         # /regenerate is held to the fair-share limits by the core itself.
         app.add_handler(CommandHandler("regenerate", guard(self._cmd_regenerate), filters=only_new))
+        app.add_handler(CommandHandler("continue", guard(self._cmd_continue), filters=only_new))
         card_caption = filters.CaptionRegex(r"^/character(@\w+)?\s+import\b")
         app.add_handler(
             MessageHandler(
@@ -684,6 +688,29 @@ class TelegramAdapter:
         key = conversation_key(message.chat_id)
         number = " ".join(ctx.args or [])
         await self._say(message, await self.core.forget_fact(PLATFORM, key, number))
+
+    async def _cmd_note(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        if await self._refuse_unless_admin(message, "set the author's note"):
+            return
+        key = conversation_key(message.chat_id)
+        await self._say(message, await self.core.set_note(PLATFORM, key, " ".join(ctx.args or [])))
+
+    async def _cmd_continue(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        """The last reply grows in place: its messages are edited, more are added if needed."""
+        if (message := self._message(update)) is None:
+            return
+        is_dm = message.chat.type == ChatType.PRIVATE
+        key = conversation_key(message.chat_id)
+        assert message.from_user is not None
+        pieces = await self.core.last_reply_pieces(PLATFORM, key)
+        replies = self.core.continue_reply(PLATFORM, key, is_dm, str(message.from_user.id))
+        first = await anext(replies, None)
+        if first is None:
+            return
+        resume = tuple(pieces) if first.kind is ReplyKind.ANSWER else ()
+        await self._stream(message.chat_id, chain(first, replies), None, resume=resume)
 
     async def _cmd_regenerate(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:

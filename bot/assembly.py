@@ -41,6 +41,9 @@ class Memory:
     facts: Sequence[str] = ()
     budget: int = 0
     cut_after: int | None = None
+    # The author's note (/note): a system line this many messages from the end.
+    note: str = ""
+    note_depth: int = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +123,8 @@ def assemble(
         pinned.extend(encoder.system(block))
     summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
     cue = encoder.cue()
-    budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue)
+    note = encoder.system(f"[Author's note: {memory.note}]") if memory.note else []
+    budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue) - len(note)
     # Names go in front of turns only where they tell speakers apart: replies when several
     # characters share the assistant role, user turns when more than one human talks.
     named_replies = scene is not None and len(scene.cast) > 1
@@ -134,8 +138,13 @@ def assemble(
     if window.trimmed or window.start > 0 or used + len(examples) > budget:
         examples = []
     tokens = [*pinned, *examples]
-    for turn in window.turns:
+    depth = max(0, len(window.turns) - memory.note_depth)
+    for i, turn in enumerate(window.turns):
+        if i == depth:
+            tokens.extend(note)
         tokens.extend(turn.tokens)
+    if depth >= len(window.turns):  # no turns at all
+        tokens.extend(note)
     tokens.extend(post)
     tokens.extend(cue)
     return Prompt(tokens, stops, window, budget, summary_room)

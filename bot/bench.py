@@ -247,7 +247,9 @@ class Bench:
             msg = IncomingMessage("bench", "window", "u", "Ann", text, True, True)
             async for _ in core.respond(msg):
                 pass
-            adm = admissions[-1]
+            adm = next(a for a in reversed(admissions) if a.key == "window")
+            # The user pauses between messages: the summary job (memory on) gets its turn.
+            await core.memory.settle("window")
             longest = max(longest, adm.reused + adm.computed)
             conv = await core.conversation("bench", "window")
             if conv.window_start_id > 0:
@@ -258,8 +260,13 @@ class Bench:
             sum(r for r, _ in past[1:]) / sum(t for _, t in past[1:]), 3
         )
         results["max_prompt_tokens"] = longest
+        results["memory_budget"] = self.settings.memory_budget
+        results["summaries_written"] = core.memory.summaries_written
         results["window_tokens"] = self.sizes.window
-        log(f"prefix reuse past the window: {sum(hits)}/{len(hits)} turns (llama.cpp's count)")
+        log(
+            f"prefix reuse past the window: {sum(hits)}/{len(hits)} turns (llama.cpp's count), "
+            f"with {core.memory.summaries_written} summaries written and pinned at the trims"
+        )
         registry.close()
         await store.close()
 

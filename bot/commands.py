@@ -13,7 +13,7 @@ from bot.characters import Character, apply_macros
 from bot.conversations import ConversationState
 from bot.library import Imported
 from bot.lorebook import Lorebook
-from bot.memory import MAX_FACT_CHARS, MAX_FACTS
+from bot.memory import MAX_FACT_CHARS, MAX_FACTS, MAX_NOTE_CHARS
 from bot.messages import OutgoingReply, ReplyKind
 from bot.settings import Mode
 from storage.store import ASSISTANT, Conversation, StoredMessage
@@ -138,6 +138,19 @@ class ConversationCommands(ConversationState):
             await self._update_settings(platform, key, facts=facts or None)
         return f"Forgotten: {gone}"
 
+    async def set_note(self, platform: str, key: str, note: str) -> str:
+        """Set the author's note (empty: clear it); it sits ``note_depth`` messages from the
+        end of every prompt until changed."""
+        note = " ".join(note.split())
+        if len(note) > MAX_NOTE_CHARS:
+            return f"That note is too long; keep it under {MAX_NOTE_CHARS} characters."
+        async with self._turn(key):
+            await self._update_settings(platform, key, note=note or None)
+        if not note:
+            return "Author's note cleared."
+        depth = self.settings.note_depth
+        return f"Author's note set; it steers every reply from {depth} messages before the end."
+
     async def memory_report(self, platform: str, key: str) -> str:
         """What /memory shows: the summary of what the window moved past, and the facts."""
         conv = await self.conversation(platform, key)
@@ -150,6 +163,8 @@ class ConversationCommands(ConversationState):
             parts.append("No summary yet: I write one once the conversation outgrows my window.")
         else:
             parts.append("Summaries are turned off here.")
+        if note := conv.settings.get("note"):
+            parts.append(f"Author's note: {note}")
         if facts:
             parts.append("Pinned facts:\n" + "\n".join(f"{i}. {f}" for i, f in enumerate(facts, 1)))
         else:
@@ -174,6 +189,7 @@ class ConversationCommands(ConversationState):
             "  /memory              what I remember beyond my window\n"
             "  /remember <fact>     pin a fact I must keep in mind\n"
             "  /forget <n>          unpin fact n\n"
+            "  /note [text]         set (or clear) the author's note that steers replies\n"
             "  /help                this text"
         )
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_FACTS = 20
 MAX_FACT_CHARS = 300
+MAX_NOTE_CHARS = 500
 CHUNK_FRACTION = 0.25  # the share of the history budget one trim drops (bot.prompt.fit_window)
 MAX_CHUNKS_PER_JOB = 4  # the work one summary job may do (each chunk: one generation)
 SHORTEN_TRIES = 2

@@ -114,6 +114,16 @@ class TurnEncoder:
         anchor = message.reply_to_id if message.reply_to_id is not None else message.id
         self._keep(key, Turn(position=anchor, message_id=message.id, tokens=tokens))
 
+    def content(self, message: StoredMessage, named: bool = False) -> list[int]:
+        """A turn's tokens without its template markup: what the model wrote (for a reply
+        whose generated tokens are remembered) or the text encoded (blocking)."""
+        tokens = self.turn(message, named).tokens
+        role = "assistant" if message.role == ASSISTANT else "user"
+        opening, closing = self.template.turn(role, "")[0::2]
+        start = len(encode([opening], self.tokenizer))
+        end = len(tokens) - len(encode([closing], self.tokenizer))
+        return list(tokens[start:end])
+
     def system(self, text: str) -> list[int]:
         """A system turn's tokens; cached, since the same story heads every prompt."""
         tokens = self._system.get(text)

@@ -432,13 +432,20 @@ class Store:
         )
         await self._write(lambda conn: conn.execute(statement))
 
-    async def mark_delivered(self, reply_id: int, platform_id: str | None, answers: int) -> None:
+    async def mark_delivered(
+        self,
+        reply_id: int,
+        platform_id: str | None,
+        answers: int,
+        pieces: list[str] | None = None,
+    ) -> None:
         """Reply ``reply_id`` reached the platform: it and its question are done, together."""
 
         async def work(conn: AsyncConnection) -> None:
             values: dict[str, Any] = {"delivered": True}
             if platform_id:
                 values["platform_message_id"] = platform_id
+                values["reply_pieces"] = json.dumps(pieces or [platform_id])
             await conn.execute(update(messages).where(messages.c.id == reply_id).values(**values))
             await conn.execute(
                 update(messages)
@@ -447,6 +454,30 @@ class Store:
             )
 
         await self._write(work)
+
+    async def set_pieces(self, message_id: int, pieces: list[str]) -> None:
+        """Record the platform messages a bot reply shows in (the first is its id)."""
+        if not pieces:
+            return
+        statement = (
+            update(messages)
+            .where(messages.c.id == message_id)
+            .values(platform_message_id=pieces[0], reply_pieces=json.dumps(pieces))
+        )
+        await self._write(lambda conn: conn.execute(statement))
+
+    async def pieces_of(self, message_id: int) -> list[str]:
+        """The platform messages a bot reply shows in, first to last (as far as known)."""
+        query = select(messages.c.platform_message_id, messages.c.reply_pieces).where(
+            messages.c.id == message_id
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return []
+        if row.reply_pieces:
+            return [str(p) for p in json.loads(row.reply_pieces)]
+        return [row.platform_message_id] if row.platform_message_id else []
 
     async def find_platform_message(
         self, conversation_id: int, platform_message_id: str

@@ -19,12 +19,12 @@ from bot.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
 from tests.fake_discord import (
+    APP_ID,
     CHANNEL_LOCKED,
     CHANNEL_NO_HOOKS,
     CHANNEL_ROLEPLAY,
     CHANNEL_WORK,
     DM_CHANNEL,
-    APP_ID,
     GUILD,
     THREAD,
     FakeDiscord,

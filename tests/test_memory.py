@@ -1,0 +1,322 @@
+"""Memory beyond the window: summaries that follow the trims, pinned facts, and edits and
+deletions reaching the prompt, on a scripted model and on the real embedded one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import itertools
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.registry import ModelRegistry
+from ai_model.scripted import ScriptedModel
+from bot.core import ConversationCore
+from bot.memory import MAX_CHUNKS_PER_JOB, next_boundary
+from bot.messages import IncomingMessage, ReplyKind
+from bot.prompt import Turn, Window
+from bot.settings import Settings
+from storage import Store
+from storage.store import ASSISTANT, USER
+from tests.conftest import FixedModels
+from tests.test_core import text_of
+from tests.test_window import sentence
+
+KEY = "console:story"
+SUMMARY_HEAD = "Summary of the conversation before the messages below:\n"
+
+
+class Tracking(ScriptedModel):
+    """A scripted model that streams several generations at once (no turn lock), and
+    records which conversations had a reply and a summary generating at the same time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turn = contextlib.nullcontext()  # type: ignore[assignment]
+        self.active: dict[str, int] = {"reply": 0, "summary": 0}
+        self.overlaps = 0
+        self.summary_prompts: list[str] = []
+
+    async def stream(  # type: ignore[override]
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingSettings,
+        stop: Sequence[str] = (),
+        slot: str | None = None,
+    ) -> AsyncIterator[str]:
+        kind = "reply" if slot is not None else "summary"
+        if kind == "summary":
+            self.summary_prompts.append(text_of(tokens))
+        self.active[kind] += 1
+        try:
+            async for piece in super().stream(tokens, sampling, stop, slot):
+                self.overlaps += self.active["reply"] > 0 and self.active["summary"] > 0
+                yield piece
+        finally:
+            self.active[kind] -= 1
+
+
+def script(prompt: Sequence[int]) -> str:
+    text = text_of(prompt)
+    if "Shorten this summary" in text:
+        return "SUMMARY short " + " ".join(f"s{i}" for i in range(10))
+    if "You keep the minutes" in text:
+        # The first summary is too long for its budget: the job has it shortened.
+        long = "Summary so far:\n(nothing yet)" in text
+        return "SUMMARY " + " ".join(f"fact{i}" for i in range(80 if long else 20))
+    return "Noted, " + " ".join(f"w{i}" for i in range(12))
+
+
+async def test_summaries_follow_the_trims_and_never_run_beside_a_reply(
+    settings: Settings, store: Store
+) -> None:
+    model = Tracking(script, n_ctx=2048, delay=0.002)
+    sampling = SamplingSettings(max_tokens=64)
+    models = {r: replace(m, sampling=sampling) for r, m in settings.models.items()}
+    core = ConversationCore(
+        replace(settings, models=models), store, FixedModels({"office": model, "character": model})
+    )
+    budget = int(2048 * settings.memory_budget)
+    rng = random.Random(5)
+    starts, pinned = [], []
+    for turn in range(60):
+        msg = IncomingMessage("console", KEY, "u1", "Ann", sentence(rng, 25), is_dm=True)
+        replies = [r async for r in core.respond(msg)]
+        assert replies[-1].kind is ReplyKind.ANSWER
+        conv = await core.conversation("console", KEY)
+        starts.append(conv.window_start_id)
+        pinned.append(conv.settings.get("summary_id"))
+        if turn % 3 == 0:
+            await core.memory.settle(KEY)  # the user pauses: the job finishes
+        elif turn % 3 == 1:
+            # The next message arrives while the summary is being written: it stops, and
+            # the reply does not wait for it.
+            for _ in range(100):
+                if model.active["summary"]:
+                    break
+                await asyncio.sleep(0.005)
+    await core.memory.close()
+
+    assert model.overlaps == 0
+    assert core.memory.summaries_written >= 3
+    assert any("Shorten this summary" in p for p in model.summary_prompts)
+    found = await store.summaries((await core.conversation("console", KEY)).id)
+    assert all(s.token_count <= budget for s in found)
+    # Each pinned summary covers only what the window no longer shows.
+    for summary_id, start in zip(pinned, starts, strict=True):
+        if summary_id is not None:
+            summary = next((s for s in found if s.id == summary_id), None)
+            assert summary is None or summary.last_id < start
+    jobs = ("You keep the minutes", "Shorten this summary")
+    replies = [p for p in model.prompts if not any(j in text_of(p) for j in jobs)]
+    assert len(replies) == len(starts)
+    assert any(SUMMARY_HEAD + "SUMMARY" in text_of(p) for p in replies)
+    # The summary changes only where the window moves: no more prompt fronts change than trims.
+    trims = sum(a != b for a, b in itertools.pairwise(starts))
+    system = len(replies[0]) // 4
+    breaks = sum(
+        p[:system] != q[:system] or _front_moved(p, q) for p, q in itertools.pairwise(replies)
+    )
+    assert trims >= 3 and breaks <= trims, (breaks, trims)
+    assert all(len(p) + 64 <= 2048 for p in replies)
+
+
+def _front_moved(before: Sequence[int], after: Sequence[int]) -> bool:
+    """Whether ``after`` no longer starts with most of ``before`` (the cache is lost)."""
+    keep = len(before) - 16  # the reply cue and the end of the last turn may differ
+    return list(after[:keep]) != list(before[:keep])
+
+
+def test_next_boundary_ends_on_a_whole_exchange() -> None:
+    def turn(position: int, message_id: int, size: int) -> Turn:
+        return Turn(position, message_id, tuple(range(size)))
+
+    turns = (turn(1, 1, 30), turn(1, 2, 30), turn(3, 3, 30), turn(3, 4, 30), turn(5, 5, 30))
+    assert next_boundary(Window(turns, 1, False), budget=200) == 1  # 25% = 50 tokens
+    assert next_boundary(Window(turns, 1, False), budget=400) == 3
+    assert next_boundary(Window(turns[:2], 1, False), budget=400) is None
+
+
+async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summary(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    small = ModelSettings(
+        n_ctx=1024,
+        state_dir=str(tmp_path / "states"),
+        sampling=SamplingSettings(max_tokens=24, seed=1),
+    )
+    registry = ModelRegistry({"office": small, "character": small})
+    model = await registry.get("office")
+    prompts: list[list[int]] = []
+    original = model.stream
+
+    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+        if slot is not None:
+            prompts.append(list(tokens))
+        return original(tokens, sampling, stop, slot)
+
+    model.stream = recording  # type: ignore[method-assign]
+    core = ConversationCore(
+        replace(settings, models={"office": small, "character": small}), store, registry
+    )
+    try:
+        # 30,000 tokens stored before the bot answered any of it (say, from before an upgrade).
+        conv = await core.conversation("console", KEY)
+        rng = random.Random(3)
+        total = 0
+        for n in itertools.count():
+            text = sentence(rng, 60)
+            if n % 2 == 0:
+                asked = await store.add_message(conv.id, USER, text, author_name="Ann")
+            else:
+                await store.add_message(conv.id, ASSISTANT, text, reply_to_id=asked)
+            total += len(model.tokenize(text.encode(), False, False))
+            if total >= 30_000:
+                break
+        await core.remember("console", KEY, "The ship is called Kestrel.")
+        summary = None
+        for _ in range(12):
+            msg = IncomingMessage("console", KEY, "u1", "Ann", sentence(rng, 40), is_dm=True)
+            replies = [r async for r in core.respond(msg)]
+            assert replies[-1].final and replies[-1].kind is ReplyKind.ANSWER, replies[-1].text
+            await core.memory.settle(KEY)
+            conv = await core.conversation("console", KEY)
+            if conv.settings.get("summary_id") is not None and summary is not None:
+                break  # pinned, and a prompt was built with it
+            if conv.settings.get("summary_id") is not None:
+                summary = await core.memory.pinned(
+                    KEY, conv.id, conv.reset_after_id, conv.settings["summary_id"]
+                )
+        assert summary is not None, "no summary was pinned"
+        budget = int(1024 * settings.memory_budget)
+        assert 0 < summary.token_count <= budget
+        assert summary.last_id < conv.window_start_id
+        shown = model.detokenize(prompts[-1])  # type: ignore[attr-defined]
+        assert summary.text[-40:] in shown  # pinned after the system part
+        assert "1. The ship is called Kestrel." in shown  # /remember reaches the prompt
+        assert all(len(p) + 24 <= 1024 for p in prompts)
+        # The backlog was bounded: at most a few chunks were summarized for one job.
+        assert core.memory.summaries_written <= 3
+        assert MAX_CHUNKS_PER_JOB <= 4
+    finally:
+        await core.memory.close()
+        registry.close()
+
+
+async def test_edits_and_deletions_reach_the_real_model_and_keep_the_prefix_before_them(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    small = ModelSettings(
+        n_ctx=1024, state_dir=str(tmp_path / "states"), sampling=SamplingSettings(max_tokens=16)
+    )
+    registry = ModelRegistry({"office": small, "character": small})
+    model = await registry.get("office")
+    core = ConversationCore(
+        replace(settings, models={"office": small, "character": small}), store, registry
+    )
+    texts = [
+        "The meeting is on Monday in room four.",
+        "Our budget is three thousand euros.",
+        "Ignore this line, it is a typo.",
+        "Please list what we agreed.",
+    ]
+    try:
+        for i, text in enumerate(texts[:3]):
+            msg = IncomingMessage("console", KEY, "u1", "Ann", text, True, True, str(100 + i))
+            _ = [r async for r in core.respond(msg)]
+        followed = [
+            r async for r in core.message_edited("console", KEY, "101", "Our budget is 4,500.")
+        ]
+        assert followed == []  # an answered message is not answered again
+        assert await core.message_deleted("console", KEY, "102")
+        assert not await core.message_deleted("console", KEY, "999")
+        msg = IncomingMessage("console", KEY, "u1", "Ann", texts[3], True, True, "103")
+        _ = [r async for r in core.respond(msg)]
+        admission = model.scheduler.admissions[-1]  # type: ignore[attr-defined]
+        prompt = core._encoder(model)
+        conv = await core.conversation("console", KEY)
+        history = await store.history(conv.id)
+        shown = "".join(m.text for m in history)
+        assert "Our budget is 4,500." in shown and "three thousand" not in shown
+        assert "typo" not in shown
+        # llama.cpp kept the cached prefix up to the edited message and recomputed the rest.
+        before = len(model.bos) + len(prompt.system(settings.system_prompt))
+        before += sum(len(prompt.turn(m).tokens) for m in history[:2])
+        assert before <= admission.reused < before + 12, (admission, before)
+    finally:
+        registry.close()
+
+
+async def test_continue_lengthens_the_same_telegram_message_and_the_note_sits_at_its_depth(
+    telegram: Any, settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    from adapters.streaming import StreamLimits
+    from adapters.telegram import TelegramAdapter
+    from bot.settings import PlatformSettings
+
+    small = ModelSettings(
+        n_ctx=1024,
+        state_dir=str(tmp_path / "states"),
+        sampling=SamplingSettings(max_tokens=20, temperature=0.0, seed=1),
+    )
+    registry = ModelRegistry({"office": small, "character": small})
+    model = await registry.get("office")
+    prompts: list[list[int]] = []
+    original = model.stream
+
+    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+        prompts.append(list(tokens))
+        return original(tokens, sampling, stop, slot)
+
+    model.stream = recording  # type: ignore[method-assign]
+    core = ConversationCore(
+        replace(settings, models={"office": small, "character": small}), store, registry
+    )
+    platform = PlatformSettings(token="123:TEST", api_base_url=telegram.base_url)
+    adapter = TelegramAdapter(core, platform, poll_timeout=1, limits=StreamLimits(4096, 0.05, 10))
+    task = asyncio.create_task(adapter.start())
+    chat = 777
+    try:
+        await telegram.wait_for(lambda: "setMyCommands" in telegram.methods())
+        for i, text in enumerate(["Hello.", "I run a bakery.", "It is called Crumbs."]):
+            telegram.push(chat, chat, "Ann", text)
+            await telegram.wait_for(lambda i=i: len(telegram.bot_messages(chat)) == i + 1)
+        telegram.push(chat, chat, "Ann", "/note Answer like a pirate.")
+        await telegram.wait_for(lambda: len(telegram.bot_messages(chat)) == 4)
+        assert "Author's note set" in telegram.bot_messages(chat)[-1].text
+        telegram.push(chat, chat, "Ann", "Write a long story about my bakery.")
+        await telegram.wait_for(lambda: len(telegram.bot_messages(chat)) == 5)
+        reply = telegram.bot_messages(chat)[-1]
+        await telegram.wait_for(lambda: reply.parse_mode == "HTML")  # the final edit
+        shown = model.detokenize(prompts[-1])  # type: ignore[attr-defined]
+        note_at = shown.index("[Author's note: Answer like a pirate.]")
+        # Four messages from the end: a reply, a message, a reply and the newest message.
+        lines = shown[note_at:].split("\n")
+        assert lines.count("user") == 2 and lines.count("assistant") == 3  # with the cue
+        assert "It is called Crumbs." in shown[note_at:]
+        assert "I run a bakery." in shown[:note_at]
+
+        before = html.unescape(reply.text)
+        edits = len(reply.edits)
+        telegram.push(chat, chat, "Ann", "/continue")
+        await telegram.wait_for(lambda: len(reply.edits) > edits + 1 and reply.parse_mode == "HTML")
+        await asyncio.sleep(0.2)
+        assert len(telegram.bot_messages(chat)) == 5  # the same message grew: none was added
+        after = html.unescape(reply.text)
+        assert after.startswith(before[:20]) and len(after) > len(before)
+        conv = await core.conversation("telegram", f"telegram:{chat}")
+        stored = [m for m in await store.history(conv.id) if m.role == ASSISTANT][-1]
+        assert stored.text == after
+        # No new turn: the continuation ran on the reply's own prompt and cached tokens.
+        admission = model.scheduler.admissions[-1]  # type: ignore[attr-defined]
+        assert admission.computed <= 2, admission
+    finally:
+        await adapter.stop()
+        await asyncio.wait_for(task, 10)
+        await core.memory.close()
+        registry.close()

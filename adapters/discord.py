@@ -65,7 +65,7 @@ OWNERS_ONLY = (
 HANDLER_FAILED = "Sorry, something went wrong on my side while handling that. Please try again."
 TEXT_COMMAND = re.compile(r"^/[A-Za-z]")
 # Commands whose work the core itself holds to the fair-share limits.
-CORE_LIMITED = {"chat", "regenerate", "continue"}
+CORE_LIMITED = {"chat", "regenerate", "continue", "summarize"}
 
 
 def conversation_key(channel_id: int) -> str:
@@ -514,6 +514,19 @@ class DiscordAdapter:
                 interaction.channel, self.core.respond(msg), InteractionSink(interaction)
             )
 
+        @tree.command(name="summarize", description="Sum up the last messages here (work mode)")
+        @app_commands.describe(count="How many messages (default: since my last reply)")
+        async def summarize(interaction: discord.Interaction, count: int | None = None) -> None:
+            await interaction.response.defer(thinking=True)
+            replies = self.core.summarize(
+                PLATFORM,
+                self._key(interaction),
+                interaction.guild is None,
+                str(interaction.user.id),
+                str(count) if count is not None else "",
+            )
+            await self._stream(interaction.channel, replies, InteractionSink(interaction))
+
         @tree.command(name="mode", description="Set this channel's mode (admins)")
         @app_commands.choices(
             mode=[
@@ -692,6 +705,14 @@ class DiscordAdapter:
                 return
             answer = await self.core.set_note(PLATFORM, self._key(interaction), text)
             await interaction.response.send_message(fit(answer, MAX_MESSAGE_CHARS))
+
+        @tree.command(name="persona", description="Who you play here (empty: clear)")
+        @app_commands.describe(text="Name: description, or a description alone")
+        async def persona(interaction: discord.Interaction, text: str = "") -> None:
+            answer = await self.core.set_persona(
+                PLATFORM, self._key(interaction), str(interaction.user.id), text
+            )
+            await interaction.response.send_message(fit(answer, MAX_MESSAGE_CHARS), ephemeral=True)
 
         @tree.command(name="continue", description="Make my last reply here longer")
         async def continue_(interaction: discord.Interaction) -> None:

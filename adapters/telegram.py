@@ -81,6 +81,8 @@ COMMANDS = (
     ("forget", "Unpin a fact by its number (admins, in groups)"),
     ("continue", "Make my last reply longer"),
     ("note", "Set or clear the author's note that steers replies (admins, in groups)"),
+    ("persona", "Who you play here: /persona Name: description (empty: clear)"),
+    ("summarize", "Sum up the last messages: /summarize [count] (work mode)"),
 )
 
 T = TypeVar("T")
@@ -154,11 +156,13 @@ class TelegramAdapter:
             ("remember", self._cmd_remember),
             ("forget", self._cmd_forget),
             ("note", self._cmd_note),
+            ("persona", self._cmd_persona),
         ):
             app.add_handler(CommandHandler(name, guard(callback, limited=True), filters=only_new))
         # /regenerate is held to the fair-share limits by the core itself.
         app.add_handler(CommandHandler("regenerate", guard(self._cmd_regenerate), filters=only_new))
         app.add_handler(CommandHandler("continue", guard(self._cmd_continue), filters=only_new))
+        app.add_handler(CommandHandler("summarize", guard(self._cmd_summarize), filters=only_new))
         card_caption = filters.CaptionRegex(r"^/character(@\w+)?\s+import\b")
         app.add_handler(
             MessageHandler(
@@ -696,6 +700,26 @@ class TelegramAdapter:
             return
         key = conversation_key(message.chat_id)
         await self._say(message, await self.core.set_note(PLATFORM, key, " ".join(ctx.args or [])))
+
+    async def _cmd_persona(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        assert message.from_user is not None
+        key = conversation_key(message.chat_id)
+        text = " ".join(ctx.args or [])
+        answer = await self.core.set_persona(PLATFORM, key, str(message.from_user.id), text)
+        await self._say(message, answer)
+
+    async def _cmd_summarize(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        if (message := self._message(update)) is None:
+            return
+        assert message.from_user is not None
+        key = conversation_key(message.chat_id)
+        is_dm = message.chat.type == ChatType.PRIVATE
+        replies = self.core.summarize(
+            PLATFORM, key, is_dm, str(message.from_user.id), " ".join(ctx.args or [])
+        )
+        await self._stream(message.chat_id, replies, None)
 
     async def _cmd_continue(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         """The last reply grows in place: its messages are edited, more are added if needed."""

@@ -7,8 +7,8 @@ post-history instructions.  The result is token ids, ready for the model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from ai_model.base import ChatModel
 from bot.characters import Character
@@ -55,6 +55,7 @@ class Scene:
     world_book: Lorebook | None = None
     persona: str = ""
     lore: Sequence[LoreEntry] = ()  # entries whose keys matched (``lorebook.match_entries``)
+    personas: Mapping[str, str] = field(default_factory=dict)  # player name -> /persona
 
     @property
     def books(self) -> list[Lorebook]:
@@ -95,7 +96,9 @@ def assemble(
         user = players[-1] if players else "User"
         if after := post_history_text(char, user):
             post = encoder.system(after)
-        pinned_text = story_text(char, user=user, persona=scene.persona, cast=scene.cast)
+        pinned_text = story_text(
+            char, user=user, persona=scene.persona, cast=scene.cast, personas=scene.personas
+        )
         if scene.lore:
             # Lore may fill what the card leaves of the pinned share, so that activated entries
             # never squeeze the conversation below half of the window.
@@ -107,7 +110,12 @@ def assemble(
                 min(model.n_ctx // 4, pinned_limit(model.n_ctx) - fixed),
             )
             pinned_text = story_text(
-                char, user=user, persona=scene.persona, lore=lore, cast=scene.cast
+                char,
+                user=user,
+                persona=scene.persona,
+                lore=lore,
+                cast=scene.cast,
+                personas=scene.personas,
             )
         if example := example_text(char, user):
             examples = encoder.system(example)

@@ -7,7 +7,7 @@ effect.  Changing the shared library (cards, world books) is for bot owners; the
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from bot.characters import Character, apply_macros
 from bot.conversations import ConversationState
@@ -15,10 +15,41 @@ from bot.library import Imported
 from bot.lorebook import Lorebook
 from bot.memory import MAX_FACT_CHARS, MAX_FACTS, MAX_NOTE_CHARS
 from bot.messages import OutgoingReply, ReplyKind
+from bot.prompt import clean_name
 from bot.settings import Mode
 from storage.store import ASSISTANT, Conversation, StoredMessage
 
 MAX_CAST = 8  # characters in one scene; further names are ignored
+MAX_PERSONA_CHARS = 500
+MAX_PERSONA_NAME_CHARS = 40
+MAX_PERSONAS = 64  # per conversation
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """Who a player plays in one conversation (/persona): a name (optional) and a description."""
+
+    name: str | None
+    description: str
+
+
+def personas_of(conv: Conversation) -> dict[str, Persona]:
+    """The conversation's personas by the player's platform user id."""
+    stored = conv.settings.get("personas") or {}
+    return {
+        str(uid): Persona(p.get("name"), str(p.get("description", "")))
+        for uid, p in stored.items()
+        if isinstance(p, dict)
+    }
+
+
+def parse_persona(text: str) -> Persona:
+    """``Name: description`` (a short name before the colon) or a description alone."""
+    text = " ".join(text.split())
+    name, colon, rest = text.partition(":")
+    if colon and rest.strip() and 0 < len(name.strip()) <= MAX_PERSONA_NAME_CHARS:
+        return Persona(clean_name(name), rest.strip())
+    return Persona(None, text)
 
 
 class ConversationCommands(ConversationState):
@@ -151,6 +182,26 @@ class ConversationCommands(ConversationState):
         depth = self.settings.note_depth
         return f"Author's note set; it steers every reply from {depth} messages before the end."
 
+    async def set_persona(self, platform: str, key: str, user_id: str, text: str) -> str:
+        """Set (empty: clear) who ``user_id`` plays in this conversation."""
+        persona = parse_persona(text)
+        if len(persona.description) > MAX_PERSONA_CHARS:
+            return f"That persona is too long; keep it under {MAX_PERSONA_CHARS} characters."
+        async with self._turn(key):
+            conv = await self.conversation(platform, key)
+            stored = dict(conv.settings.get("personas") or {})
+            if not persona.description:
+                stored.pop(user_id, None)
+            elif user_id not in stored and len(stored) >= MAX_PERSONAS:
+                return "This conversation has too many personas already."
+            else:
+                stored[user_id] = {"name": persona.name, "description": persona.description}
+            await self._update_settings(platform, key, personas=stored or None)
+        if not persona.description:
+            return "Your persona here is cleared."
+        who = f" as {persona.name}" if persona.name else ""
+        return f"Persona set: you play{who} in this conversation."
+
     async def memory_report(self, platform: str, key: str) -> str:
         """What /memory shows: the summary of what the window moved past, and the facts."""
         conv = await self.conversation(platform, key)
@@ -190,6 +241,9 @@ class ConversationCommands(ConversationState):
             "  /remember <fact>     pin a fact I must keep in mind\n"
             "  /forget <n>          unpin fact n\n"
             "  /note [text]         set (or clear) the author's note that steers replies\n"
+            "  /persona [Name: who] who you play here (empty: clear)\n"
+            "  /continue            make my last reply longer\n"
+            "  /summarize [count]   sum up the last messages (work mode)\n"
             "  /help                this text"
         )
 

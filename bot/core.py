@@ -20,7 +20,7 @@ from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
 from bot.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble, pinned_limit
 from bot.characters import Character
-from bot.commands import ConversationCommands
+from bot.commands import ConversationCommands, personas_of
 from bot.conversations import STORAGE_ERRORS, ModelProvider, Ticket
 from bot.edits import DELETED, FollowsEdits
 from bot.history import position
@@ -31,6 +31,7 @@ from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, clean_name
 from bot.scene import choose_speakers, clean_reply, strip_name_tag
 from bot.settings import ROLE_FOR_MODE, Mode
+from bot.summarize import Summaries
 from storage.store import (
     ANSWERING,
     ASSISTANT,
@@ -88,7 +89,7 @@ def _shown(text: str, char: Character | None, others: Sequence[str]) -> str:
     return strip_name_tag(text, [*others, "Assistant"])
 
 
-class ConversationCore(ConversationCommands, FollowsEdits):
+class ConversationCore(ConversationCommands, FollowsEdits, Summaries):
     """Turns incoming messages into streamed, persisted replies."""
 
     async def respond(
@@ -442,11 +443,24 @@ class ConversationCore(ConversationCommands, FollowsEdits):
         shown = history[:end]
         if replacing is not None:
             shown = [m for m in shown if m.swipe_group != replacing]
+        personas = personas_of(conv)
+        if personas:  # players who chose a persona speak under its name
+            shown = [
+                replace(m, author_name=personas[m.author_id].name)
+                if m.role == USER and m.author_id in personas and personas[m.author_id].name
+                else m
+                for m in shown
+            ]
         scene = None
         if char is not None:
             book = self.world_books.get(str(conv.settings.get("world_book", "")).lower())
             persona = str(conv.settings.get("persona", ""))
-            scene = Scene(char, self.cast_of(conv), book, persona)
+            about = {
+                p.name or clean_name(m.author_name): p.description
+                for m in shown
+                if m.role == USER and (p := personas.get(m.author_id or "")) is not None
+            }
+            scene = Scene(char, self.cast_of(conv), book, persona, personas=about)
             if scene.books:
                 # Regex keys come from cards: matched off the event loop, each under a timeout.
                 recent = [m.text for m in shown[-LORE_SCAN:]]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 from bot.characters import Character, apply_macros
 from bot.lorebook import Activation
@@ -25,8 +26,10 @@ def story_text(
     lore: Activation | None = None,
     global_prompt: str = ROLEPLAY_PROMPT,
     cast: Sequence[Character] = (),
+    personas: Mapping[str, str] = MappingProxyType({}),
 ) -> str:
-    """The pinned part: system prompt, lore, description, personality, scenario, persona."""
+    """The pinned part: system prompt, lore, description, personality, scenario, persona,
+    and what players said about themselves (/persona), by name."""
     system = global_prompt
     if char.system_prompt.strip():
         system = char.system_prompt.replace("{{original}}", global_prompt)
@@ -47,6 +50,8 @@ def story_text(
         parts.extend(lore.after)
     if persona.strip():
         parts.append(f"About {{{{user}}}}: {persona}")
+    for name, description in personas.items():
+        parts.append(f"About {name}: {description}")
     return apply_macros("\n\n".join(p.strip() for p in parts if p.strip()), char.display_name, user)
 
 

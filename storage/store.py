@@ -673,6 +673,24 @@ class Store:
             rows = (await conn.execute(query)).all()
         return [_message(r) for r in rows]
 
+    async def recent_messages(
+        self, conversation_id: int, after_id: int, limit: int
+    ) -> list[StoredMessage]:
+        """The newest ``limit`` messages in context with ids above ``after_id``, oldest first."""
+        query = (
+            select(messages)
+            .where(
+                messages.c.conversation_id == conversation_id,
+                messages.c.in_context.is_(True),
+                messages.c.id > after_id,
+            )
+            .order_by(messages.c.id.desc())
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_message(r) for r in reversed(rows)]
+
     async def last_reply(self, conversation_id: int, after_id: int = 0) -> StoredMessage | None:
         """The newest bot reply still in context (what /regenerate replaces)."""
         query = (

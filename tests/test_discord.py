@@ -513,3 +513,46 @@ async def test_memory_commands_and_edits_and_deletions_follow_the_channel(
     await server.wait_for(lambda: server.responses(token))
     assert "Forgotten: The client is Globex." in server.responses(token)[0].content
     assert len(office.prompts) == 2  # no edit or deletion was answered
+
+
+async def test_note_persona_and_continue_steer_the_scene(bot: Callable[..., Any]) -> None:
+    server, office, character, core = await bot(
+        office_script=["A first part.", "And a second part."],
+        character_script=["*Mira bows to the knight.*"],
+    )
+    await server.say(CHANNEL_WORK, ANN, "write two parts", mention_bot=True)
+    await server.wait_for(
+        lambda: server.in_channel(CHANNEL_WORK) and last(server, CHANNEL_WORK) == "A first part."
+    )
+    shown = server.in_channel(CHANNEL_WORK)[-1]
+    token = await server.command(CHANNEL_WORK, ANN, "continue")
+    await server.wait_for(lambda: shown.content == "A first part.And a second part.")
+    assert server.in_channel(CHANNEL_WORK)[-1] is shown  # the same message grew
+    assert "Done" in server.responses(token)[0].content
+
+    token = await server.command(CHANNEL_WORK, BOB, "note", [opt("text", "Be brief.")])
+    await server.wait_for(lambda: server.responses(token))
+    assert "Manage Channels" in server.responses(token)[0].content
+    token = await server.command(CHANNEL_WORK, ANN, "note", [opt("text", "Be brief.")], admin=True)
+    await server.wait_for(lambda: server.responses(token))
+    assert "Author's note set" in server.responses(token)[0].content
+    await server.say(CHANNEL_WORK, ANN, "next", mention_bot=True)
+    await server.wait_for(lambda: len(office.prompts) == 3)
+    assert "[Author's note: Be brief.]" in text_of(office.prompts[-1])
+
+    token = await server.command(CHANNEL_WORK, BOB, "summarize", [opt("count", 2)])
+    await server.wait_for(lambda: len(office.prompts) == 4)
+    assert "Summarize this part of a team chat" in text_of(office.prompts[-1])
+    await server.wait_for(lambda: server.responses(token) and server.responses(token)[0].content)
+
+    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    token = await server.command(
+        CHANNEL_ROLEPLAY, BOB, "persona", [opt("text", "Galahad: a weary knight")]
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "you play as Galahad" in server.responses(token)[0].content
+    await server.say(CHANNEL_ROLEPLAY, BOB, "Mira, I need a room.")
+    await server.wait_for(lambda: character.prompts)
+    prompt = text_of(character.prompts[-1])
+    assert "About Galahad: a weary knight" in prompt
+    assert "\nGalahad:" in character.stops[-1]  # the persona's name is the player's name

@@ -320,3 +320,45 @@ async def test_continue_lengthens_the_same_telegram_message_and_the_note_sits_at
         await asyncio.wait_for(task, 10)
         await core.memory.close()
         registry.close()
+
+
+async def test_summarize_map_reduces_what_does_not_fit_and_streams_the_result(
+    settings: Settings, store: Store
+) -> None:
+    def summarizer(prompt: Sequence[int]) -> str:
+        text = text_of(prompt)
+        if "Merge these notes" in text:
+            return "FINAL: " + " ".join(f"point{i}" for i in range(30))
+        if "Summarize this part" in text:
+            return "- a note"
+        return "Fine."
+
+    model = ScriptedModel(summarizer, n_ctx=1400, delay=0.001)
+    core = ConversationCore(settings, store, FixedModels({"office": model, "character": model}))
+    conv = await core.conversation("console", KEY)
+    rng = random.Random(9)
+    for _ in range(3):
+        await store.add_message(conv.id, USER, sentence(rng, 10), author_name="Ann")
+    msg = IncomingMessage("console", KEY, "u1", "Ann", "hello", is_dm=True)
+    _ = [r async for r in core.respond(msg)]
+    for i in range(40):  # what the user missed: more than one window's worth
+        await store.add_message(conv.id, USER, f"{i}: " + sentence(rng, 12), author_name="Bob")
+
+    replies = [r async for r in core.summarize("console", KEY, True, "u1")]
+    assert replies[-1].final and replies[-1].text.startswith("FINAL: point0")
+    assert len([r for r in replies if not r.final]) > 3  # streamed
+    maps = [text_of(p) for p in model.prompts if "Summarize this part" in text_of(p)]
+    assert len(maps) >= 2  # the messages did not fit one window: mapped in chunks
+    covered = "".join(maps)
+    assert all(f"Bob: {i}: " in covered for i in range(40))
+    assert "hello" not in covered  # only what came after my last reply
+    assert all(len(p) + 400 <= 1400 for p in model.prompts)
+
+    replies = [r async for r in core.summarize("console", KEY, True, "u1", "2")]
+    last_map = text_of(model.prompts[-1])
+    assert "Bob: 39: " in last_map and "Bob: 37: " not in last_map  # the last two only
+    refused = [r async for r in core.summarize("console", KEY, True, "u1", "9999")]
+    assert refused[-1].kind is ReplyKind.NOTICE
+    await core.set_mode("console", KEY, "roleplay")
+    refused = [r async for r in core.summarize("console", KEY, True, "u1")]
+    assert "work conversations" in refused[-1].text

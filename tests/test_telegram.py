@@ -435,6 +435,9 @@ async def test_memory_commands_edits_and_a_reply_without_a_name_tag(
     server.push(DM, ANN, "Ann", "/forget 1")
     await wait_reply_count(server, DM, 5)
     assert "Forgotten: The client is Globex." in last_text(server, DM)
+    server.push(DM, ANN, "Ann", "/summarize 2")
+    await wait_reply_count(server, DM, 6)
+    assert "Summarize this part of a team chat" in text_of(office.prompts[-1])
 
     # In a group, pinning and unpinning need an administrator; reading the memory does not.
     server.push(GROUP, BOB, "Bob", "/remember Bob is the boss")
@@ -446,6 +449,12 @@ async def test_memory_commands_edits_and_a_reply_without_a_name_tag(
     server.push(GROUP, BOB, "Bob", "/memory")
     await wait_reply_count(server, GROUP, 3)
     assert "No pinned facts" in last_text(server, GROUP)
+    # A persona is each player's own: no administrator needed.
+    server.push(GROUP, BOB, "Bob", "/persona Galahad: a weary knight")
+    await wait_reply_count(server, GROUP, 4)
+    assert "you play as Galahad" in last_text(server, GROUP)
+    group = await core.conversation("telegram", f"telegram:{GROUP}")
+    assert group.settings["personas"][str(BOB)]["description"] == "a weary knight"
 
 
 async def wait_until_stored(core: ConversationCore, conversation_id: int, text: str) -> None:

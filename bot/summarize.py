@@ -1,0 +1,141 @@
+"""``/summarize [count]`` in work channels: what was said, map-reduced over the window.
+
+The messages (the last ``count``, or by default everything since the bot last spoke; at most
+:data:`MAX_MESSAGES`) are cut into chunks that each fit the window with room for an answer.
+Each chunk is summarized on its own (map), then the partial summaries are merged, in rounds
+while they do not fit together (reduce); the last merge streams like a reply.  Nothing of it is
+stored: the summary describes the conversation, it does not take part in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from ai_model.base import ChatModel, ModelError
+from ai_model.config import SamplingSettings
+from ai_model.templates import encode
+from bot.conversations import STORAGE_ERRORS, ConversationState
+from bot.messages import OutgoingReply
+from bot.prompt import clean_name
+from storage.store import ASSISTANT, StoredMessage
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGES = 500
+PART_TOKENS = 200  # the length of one partial summary
+FINAL_TOKENS = 400
+MAP = (
+    "Summarize this part of a team chat in a few short bullet points: decisions, who owns "
+    "what, open questions, names, numbers and dates. Write only the bullet points."
+)
+REDUCE = (
+    "Merge these notes on a team chat into one clear summary in bullet points: decisions, "
+    "who owns what, open questions, names, numbers and dates. Write only the summary."
+)
+
+
+def _line(message: StoredMessage) -> str:
+    who = "Assistant" if message.role == ASSISTANT else clean_name(message.author_name)
+    return f"{who}: {message.text}"
+
+
+def chunk_lines(model: ChatModel, lines: Sequence[str], room: int) -> list[list[str]]:
+    """``lines`` in order, in chunks of at most ``room`` tokens (a longer line is cut)."""
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for line in lines:
+        n = len(model.tokenize(line.encode("utf-8"), False, False))
+        if n > room:
+            line, n = line[: room * 2], room  # at least 2 bytes a token: within the room
+        if chunks[-1] and used + n > room:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(line)
+        used += n
+    return [c for c in chunks if c]
+
+
+def _prompt(model: ChatModel, instructions: str, content: str) -> list[int]:
+    template = model.template
+    pieces = [
+        *template.turn("system", instructions),
+        *template.turn("user", content),
+        *template.generation_prompt(),
+    ]
+    return [*model.bos, *encode(pieces, model)]
+
+
+class Summaries(ConversationState):
+    """The /summarize command of the core."""
+
+    async def summarize(
+        self, platform: str, key: str, is_dm: bool, user_id: str | None, count: str = ""
+    ) -> AsyncIterator[OutgoingReply]:
+        """Stream a summary of recent messages (work mode); notices say why not otherwise."""
+        conv = await self.conversation(platform, key)
+        if self.mode_of(conv, is_dm) != "work":
+            yield self._notice(key, "/summarize is for work conversations (see /mode).")
+            return
+        count = count.strip()
+        if count and (not count.isdigit() or not 1 <= int(count) <= MAX_MESSAGES):
+            yield self._notice(key, f"Give a number of messages from 1 to {MAX_MESSAGES}.")
+            return
+        if user_id is not None:
+            allowed, notice = self.admit(platform, user_id)
+            if not allowed:
+                if notice:
+                    yield self._notice(key, notice)
+                return
+        async with self._turn(key):
+            try:
+                messages = await self._to_summarize(conv.id, conv.reset_after_id, count)
+            except STORAGE_ERRORS as exc:
+                log.error("could not read the messages of %s to summarize: %s", key, exc)
+                yield self._notice(key, "I could not read the messages; try again in a moment.")
+                return
+            if not messages:
+                yield self._notice(key, "There is nothing new to summarize since my last reply.")
+                return
+            async for reply in self._map_reduce(key, [_line(m) for m in messages]):
+                yield reply
+
+    async def _to_summarize(
+        self, conversation_id: int, reset: int, count: str
+    ) -> list[StoredMessage]:
+        if count:
+            return await self.store.recent_messages(conversation_id, reset, int(count))
+        last = await self.store.last_reply(conversation_id, after_id=reset)
+        since = max(reset, last.id if last is not None else 0)
+        return await self.store.recent_messages(conversation_id, since, MAX_MESSAGES)
+
+    async def _map_reduce(self, key: str, lines: list[str]) -> AsyncIterator[OutgoingReply]:
+        text = ""
+        merged = False
+        try:
+            model = await self.models.get("office")
+            room = max(64, model.n_ctx - FINAL_TOKENS - 300)
+            parts = chunk_lines(model, lines, room)
+            async with self._generating(key, "office"):
+                while len(parts) > 1:  # map, then reduce in rounds, until one part is left
+                    notes = [await self._generate(model, MAP, "\n".join(p)) for p in parts]
+                    parts = chunk_lines(model, [n for n in notes if n], room) or [["(none)"]]
+                    merged = True
+                instructions = REDUCE if merged else MAP
+                sampling = SamplingSettings(max_tokens=FINAL_TOKENS, temperature=0.3, seed=5)
+                tokens = _prompt(model, instructions, "\n".join(parts[0]))
+                async for piece in model.stream(tokens, sampling):
+                    text += piece
+                    yield OutgoingReply(key, text, delta=piece)
+        except (ModelError, RuntimeError) as exc:
+            log.error("summarizing %s failed: %s", key, exc)
+            yield self._notice(key, "Sorry, I could not write the summary; try again later.")
+            return
+        yield OutgoingReply(key, text.strip() or "(nothing to summarize)", final=True)
+
+    async def _generate(self, model: ChatModel, instructions: str, content: str) -> str:
+        sampling = SamplingSettings(max_tokens=PART_TOKENS, temperature=0.3, seed=5)
+        text = ""
+        async for piece in model.stream(_prompt(model, instructions, content), sampling):
+            text += piece
+        return text.strip()

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from ai_model.base import ChatModel
+from ai_model.base import ChatModel, ModelError
 from bot.characters import Character, CharacterLibrary, shipped_characters
 from bot.fairness import LruDict, RateLimiter, Verdict
 from bot.faults import KillPoints
@@ -46,10 +46,19 @@ USER_BUSY = (
     "I am still working on your earlier message. I have saved this one as part of the "
     "conversation; please wait for my answer before sending more."
 )
+APOLOGY = (
+    "Sorry, something went wrong while I was writing the reply. Your message is saved; "
+    "please try again in a moment."
+)
 MAX_CONVERSATIONS_CACHED = 4096  # conversation rows and queues kept in memory
 # What a failing database raises through SQLAlchemy and the drivers (a value the driver cannot
 # encode surfaces as ValueError).
 STORAGE_ERRORS = (SQLAlchemyError, OSError, ValueError)
+
+
+def trace_wanted(exc: BaseException) -> bool:
+    """Whether a failure deserves a traceback in the log: not for the expected kinds."""
+    return not isinstance(exc, ModelError | SQLAlchemyError | OSError)
 
 
 class ModelProvider(Protocol):

@@ -1,32 +1,29 @@
 """The answer pipeline: persist, route, build the prompt, stream the reply, persist it.
 
 Adapters call :meth:`ConversationCore.respond` with an :class:`IncomingMessage` and render the
-:class:`OutgoingReply` snapshots it yields.  The conversation commands come from
-:mod:`bot.commands`, the queues and fair shares from :mod:`bot.conversations`.
+:class:`OutgoingReply` snapshots it yields.  The core is assembled from parts that each read top
+to bottom: the conversation commands (:mod:`bot.commands`), prompt building
+(:mod:`bot.prompting`), /continue (:mod:`bot.continuation`), /summarize (:mod:`bot.summarize`),
+platform edits and deletions (:mod:`bot.edits`), and the queues and fair shares
+(:mod:`bot.conversations`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from ai_model.base import ChatModel, ModelError
-from ai_model.config import SamplingSettings
-from bot.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble, pinned_limit
+from bot.assembly import pinned_limit
 from bot.characters import Character
-from bot.commands import ConversationCommands, personas_of
-from bot.conversations import STORAGE_ERRORS, ModelProvider, Ticket
+from bot.commands import ConversationCommands
+from bot.continuation import Continuation
+from bot.conversations import APOLOGY, STORAGE_ERRORS, ModelProvider, Ticket, trace_wanted
 from bot.edits import DELETED, FollowsEdits
-from bot.history import position
 from bot.limits import shorten
-from bot.lorebook import match_entries
-from bot.memory import MIN_FACT_BUDGET, Plan, next_boundary
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.prompt import PromptTooLong, clean_name
 from bot.scene import choose_speakers, clean_reply, strip_name_tag
@@ -47,10 +44,6 @@ __all__ = ["APOLOGY", "ConversationCore", "ModelProvider"]
 
 log = logging.getLogger(__name__)
 
-APOLOGY = (
-    "Sorry, something went wrong while I was writing the reply. Your message is saved; "
-    "please try again in a moment."
-)
 NOT_STORED = (
     "Sorry, I could not save your message because of a storage problem on my side. "
     "Please send it again in a moment."
@@ -65,21 +58,6 @@ RESTARTING = (
 )
 
 
-def _cut(more: str, char: Character | None, others: Sequence[str]) -> str:
-    """A continuation as users see it: in roleplay, cut where another speaker's lines start."""
-    if char is None:
-        return more
-    names = [n for n in others if n and n.lower() != char.display_name.lower()]
-    if not names:
-        return more
-    tag = re.compile(
-        r"\n[ \t]*[*_]*(?:" + "|".join(re.escape(n) for n in names) + r")[*_]*[ \t]*:",
-        re.IGNORECASE,
-    )
-    match = tag.search(more)
-    return more[: match.start()] if match else more
-
-
 def _shown(text: str, char: Character | None, others: Sequence[str]) -> str:
     """A reply as users see it: without a leading ``Name:`` of anyone in the conversation (the
     model imitates the names in front of turns), and in roleplay cut where it starts writing
@@ -89,7 +67,7 @@ def _shown(text: str, char: Character | None, others: Sequence[str]) -> str:
     return strip_name_tag(text, [*others, "Assistant"])
 
 
-class ConversationCore(ConversationCommands, FollowsEdits, Summaries):
+class ConversationCore(ConversationCommands, FollowsEdits, Summaries, Continuation):
     """Turns incoming messages into streamed, persisted replies."""
 
     async def respond(
@@ -235,96 +213,6 @@ class ConversationCore(ConversationCommands, FollowsEdits, Summaries):
                 break  # a refusal or an apology ends the turn: the next would answer nothing
             answered = True
 
-    async def continue_reply(
-        self, platform: str, key: str, is_dm: bool, user_id: str | None = None
-    ) -> AsyncIterator[OutgoingReply]:
-        """Extend the last reply in place (/continue): no new turn; the model goes on from the
-        reply's last token, reusing what is evaluated, and the stored reply grows.  Snapshots
-        carry the whole text, so adapters edit the reply's platform messages (see
-        :meth:`last_reply_pieces`) and add one when it outgrows the limit."""
-        user_key = None
-        if user_id is not None:
-            allowed, notice = self.admit(platform, user_id)
-            if not allowed:
-                if notice:
-                    yield self._notice(key, notice)
-                return
-            user_key = f"{platform}:{user_id}"
-            if refusal := self._queue_refusal(key, user_key):
-                yield self._notice(key, refusal)
-                return
-        ticket = self._ticket(key, user_key)
-        try:
-            await ticket.wait()
-            conv = await self.conversation(platform, key)
-            last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
-            if last is None or last.reply_to_id is None:
-                yield self._notice(key, "There is no reply of mine to continue yet.")
-                return
-            async for reply in self._continue(conv, last, is_dm):
-                yield reply
-        finally:
-            ticket.release()
-
-    async def _continue(
-        self, conv: Conversation, last: StoredMessage, is_dm: bool
-    ) -> AsyncIterator[OutgoingReply]:
-        key = conv.key
-        char = self.characters.find(last.author_name) if last.author_name else None
-        mode = self.mode_of(conv, is_dm)
-        sampling = self._sampling(mode, char)
-        base = OutgoingReply(key, last.text, speaker=last.author_name, stored_id=last.id)
-        more = ""
-        try:
-            model = await self.models.get(ROLE_FOR_MODE[mode])
-            encoder = self._encoder(model)
-            named = char is not None and len(self.cast_of(conv)) > 1
-            content = await asyncio.to_thread(encoder.content, last, named)
-            reserve = sampling.max_tokens + len(content)
-            tokens, stops, conv = await self.build_prompt(
-                conv, model, last.reply_to_id or last.id, char, reserve, replacing=last.swipe_group
-            )
-            others = [s.strip("\n:") for s in stops]
-            async with self._generating(key, ROLE_FOR_MODE[mode]):
-                async for piece in model.stream([*tokens, *content], sampling, stops, slot=key):
-                    more += piece
-                    shown = last.text + _cut(more, char, others)
-                    yield replace(base, text=shown, delta=piece)
-        except PromptTooLong:
-            yield self._notice(key, "My last reply is too long to continue in my window.")
-            return
-        except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
-            log.error("continuing the reply failed in %s: %s", key, exc, exc_info=_trace(exc))
-            if more:  # the reply shows what it showed before, then the apology
-                yield replace(base, final=True)
-            yield self._notice(key, APOLOGY)
-            return
-        more = _cut(more, char, others).rstrip()
-        if not more.strip():
-            yield self._notice(key, "I have nothing to add to my last reply.")
-            return
-        text = last.text + more
-        generated = model.generated(key)
-        try:
-            tokens_of_reply = len(content) + len(generated or model.tokenize(more.encode(), False))
-            await self.store.update_message(last.id, text=text, token_count=tokens_of_reply)
-        except STORAGE_ERRORS as exc:
-            log.error("could not store the continued reply in %s: %s", key, exc)
-            yield replace(base, final=True)
-            yield self._notice(key, APOLOGY)
-            return
-        grown = replace(last, text=text, token_count=tokens_of_reply)
-        self.history.replaced(key, grown)
-        if generated and not named and model.detokenize(generated).rstrip() == more:
-            self._encoder(model).remember_reply(grown, [*content, *generated])
-        yield replace(base, text=text, final=True)
-
-    async def last_reply_pieces(self, platform: str, key: str) -> list[str]:
-        """The platform messages showing the newest reply in context (/continue edits them)."""
-        conv = await self.conversation(platform, key)
-        last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
-        return await self.store.pieces_of(last.id) if last is not None else []
-
     async def _set_state(self, user_id: int, state: str, error: str | None = None) -> None:
         try:
             await self.store.set_reply_state(user_id, state, error=error and shorten(error, 500))
@@ -411,128 +299,6 @@ class ConversationCore(ConversationCommands, FollowsEdits, Summaries):
         finally:
             ticket.release()
 
-    def _sampling(self, mode: Mode, char: Character | None) -> SamplingSettings:
-        base = self.settings.models[ROLE_FOR_MODE[mode]].sampling
-        if char is None or not char.sampling:
-            return base
-        overrides = {
-            k: int(v) if k == "repeat_last_n" else float(v) for k, v in char.sampling.items()
-        }
-        return replace(base, **overrides)  # type: ignore[arg-type]
-
-    async def build_prompt(
-        self,
-        conv: Conversation,
-        model: ChatModel,
-        upto_id: int,
-        char: Character | None,
-        reserve: int,
-        replacing: int | None = None,
-    ) -> tuple[list[int], list[str], Conversation]:
-        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv.
-
-        ``replacing`` names a reply's version group that the new reply will replace: none of
-        its versions is part of the prompt.
-        """
-        # What existed when message ``upto_id`` arrived, since the reset and the window start
-        # (the cache is in conversation order: usually nothing, or little, is past the end).
-        history = await self.history.get(conv)
-        end = len(history)
-        while end and position(history[end - 1])[0] > upto_id:
-            end -= 1
-        shown = history[:end]
-        if replacing is not None:
-            shown = [m for m in shown if m.swipe_group != replacing]
-        personas = personas_of(conv)
-        if personas:  # players who chose a persona speak under its name
-            shown = [
-                replace(m, author_name=personas[m.author_id].name)
-                if m.role == USER and m.author_id in personas and personas[m.author_id].name
-                else m
-                for m in shown
-            ]
-        scene = None
-        if char is not None:
-            book = self.world_books.get(str(conv.settings.get("world_book", "")).lower())
-            persona = str(conv.settings.get("persona", ""))
-            about = {
-                p.name or clean_name(m.author_name): p.description
-                for m in shown
-                if m.role == USER and (p := personas.get(m.author_id or "")) is not None
-            }
-            scene = Scene(char, self.cast_of(conv), book, persona, personas=about)
-            if scene.books:
-                # Regex keys come from cards: matched off the event loop, each under a timeout.
-                recent = [m.text for m in shown[-LORE_SCAN:]]
-                lore = await asyncio.to_thread(match_entries, scene.books, recent)
-                scene = replace(scene, lore=lore)
-        memory = await self._memory(conv, model)
-        # Off the event loop: a remote model may tokenize over HTTP, and a long new message
-        # takes a while to tokenize even here.
-        build = functools.partial(
-            assemble,
-            model,
-            self._encoder(model),
-            shown,
-            system_prompt=self.settings.system_prompt,
-            scene=scene,
-            reserve=reserve,
-        )
-        prompt = await asyncio.to_thread(build, window_start=conv.window_start_id, memory=memory)
-        start = prompt.window.start
-        if start != conv.window_start_id:
-            # A trim: the summary prepared for it (if any) is pinned from now on, at once.
-            after = conv.reset_after_id
-            summary = await self.memory.for_window(conv.key, conv.id, after, start)
-            if summary is not None and summary.id != conv.settings.get("summary_id"):
-                memory = replace(memory, summary=summary.text, cut_after=None)
-                prompt = await asyncio.to_thread(build, window_start=start, memory=memory)
-                start = prompt.window.start
-                conv = await self._update_settings(conv.platform, conv.key, summary_id=summary.id)
-            await self.store.set_window_start(conv.id, start)
-            conv = self._conversations[conv.key] = replace(conv, window_start_id=start)
-            self.history.window_moved(conv.key, start)
-        await self._plan_summary(conv, char, prompt)
-        return prompt.tokens, prompt.stops, conv
-
-    async def _memory(self, conv: Conversation, model: ChatModel) -> Memory:
-        """The conversation's pinned summary and facts, and where the next trim should cut."""
-        facts = [str(f) for f in conv.settings.get("facts") or []]
-        note = str(conv.settings.get("note") or "")
-        depth = self.settings.note_depth
-        if self.settings.memory_budget <= 0:  # summaries off; pinned facts still work
-            return Memory("", facts, MIN_FACT_BUDGET if facts else 0, None, note, depth)
-        budget = int(model.n_ctx * self.settings.memory_budget)
-        key, after = conv.key, conv.reset_after_id
-        pinned = await self.memory.pinned(key, conv.id, after, conv.settings.get("summary_id"))
-        cut = await self.memory.prepared(key, conv.id, after, conv.window_start_id)
-        return Memory(pinned.text if pinned else "", facts, budget, cut, note, depth)
-
-    async def _plan_summary(
-        self, conv: Conversation, char: Character | None, prompt: Prompt
-    ) -> None:
-        """Plan the summary of the chunk the next trim will drop, if it is not written yet."""
-        if self.settings.memory_budget <= 0:
-            return
-        boundary = next_boundary(prompt.window, prompt.budget)
-        if boundary is None:
-            return
-        found = await self.memory.summaries(conv.key, conv.id, conv.reset_after_id)
-        if found and found[0].last_id >= boundary:
-            return
-        mode: Mode = "work" if char is None else "roleplay"
-        self.memory.plan(
-            conv.key,
-            Plan(
-                conversation_id=conv.id,
-                role=ROLE_FOR_MODE[mode],
-                mode=mode,
-                reset_after=conv.reset_after_id,
-                boundary=boundary,
-                budget=max(32, prompt.summary_room),
-            ),
-        )
-
     async def _answer(
         self,
         key: str,
@@ -565,7 +331,7 @@ class ConversationCore(ConversationCommands, FollowsEdits, Summaries):
                     text += piece
                     yield replace(base, text=_shown(text, char, others), delta=piece)
         except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
-            log.error("generation failed in %s: %s", key, exc, exc_info=_trace(exc))
+            log.error("generation failed in %s: %s", key, exc, exc_info=trace_wanted(exc))
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
         reply = _shown(text, char, others).strip()
@@ -660,8 +426,3 @@ def _reply_tokens(model: ChatModel, slot: str, reply: str) -> tuple[int, Sequenc
     if generated and model.detokenize(generated).strip() == reply:
         return len(generated), generated  # what the prompt will hold: no second tokenizing
     return len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False)), ()
-
-
-def _trace(exc: BaseException) -> bool:
-    """Whether a failure deserves a traceback in the log: not for the expected kinds."""
-    return not isinstance(exc, ModelError | SQLAlchemyError | OSError)

@@ -212,10 +212,20 @@ async def test_edits_and_deletions_reach_the_real_model_and_keep_the_prefix_befo
     settings: Settings, store: Store, tmp_path: Path
 ) -> None:
     small = ModelSettings(
-        n_ctx=1024, state_dir=str(tmp_path / "states"), sampling=SamplingSettings(max_tokens=16)
+        n_ctx=1024,
+        state_dir=str(tmp_path / "states"),
+        sampling=SamplingSettings(max_tokens=16, temperature=0.0),
     )
     registry = ModelRegistry({"office": small, "character": small})
     model = await registry.get("office")
+    prompts: list[str] = []
+    original = model.stream
+
+    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+        prompts.append(model.detokenize(tokens))  # type: ignore[attr-defined]
+        return original(tokens, sampling, stop, slot)
+
+    model.stream = recording  # type: ignore[method-assign]
     core = ConversationCore(
         replace(settings, models={"office": small, "character": small}), store, registry
     )
@@ -241,9 +251,11 @@ async def test_edits_and_deletions_reach_the_real_model_and_keep_the_prefix_befo
         prompt = core._encoder(model)
         conv = await core.conversation("console", KEY)
         history = await store.history(conv.id)
-        shown = "".join(m.text for m in history)
-        assert "Our budget is 4,500." in shown and "three thousand" not in shown
-        assert "typo" not in shown
+        asked = [m.text for m in history if m.role == USER]
+        assert asked == [texts[0], "Our budget is 4,500.", texts[3]]  # edited, one deleted
+        assert "user\nOur budget is 4,500." in prompts[-1]
+        assert "user\nOur budget is three thousand" not in prompts[-1]
+        assert "user\nIgnore this line" not in prompts[-1]
         # llama.cpp kept the cached prefix up to the edited message and recomputed the rest.
         before = len(model.bos) + len(prompt.system(settings.system_prompt))
         before += sum(len(prompt.turn(m).tokens) for m in history[:2])

@@ -1,4 +1,4 @@
-"""A terminal chat with the bot: streamed replies, /mode, /reset, /help, /quit."""
+"""A terminal chat with the bot: streamed replies and the chat commands (/help lists them)."""
 
 from __future__ import annotations
 
@@ -126,6 +126,20 @@ class ConsoleAdapter:
         self._write(f"{' and '.join(c.name for c in cast)} on stage (in roleplay mode).\n")
         await self._open_scene()
 
+    async def _memory_command(self, name: str, arg: str) -> None:
+        core, key = self.core, self.key
+        if name == "/memory":
+            answer = await core.memory_report(PLATFORM, key)
+        elif name == "/remember":
+            answer = await core.remember(PLATFORM, key, arg)
+        elif name == "/forget":
+            answer = await core.forget_fact(PLATFORM, key, arg)
+        elif name == "/note":
+            answer = await core.set_note(PLATFORM, key, arg)
+        else:
+            answer = await core.set_persona(PLATFORM, key, self.user, arg)
+        self._write(answer + "\n")
+
     async def _command(self, text: str) -> bool:
         """Run a slash command; return False when the chat should end."""
         name, _, arg = text.partition(" ")
@@ -149,6 +163,14 @@ class ConsoleAdapter:
             else:
                 step = -1 if arg.strip().lower() in ("back", "prev", "previous", "-1") else 1
                 replies = single(await self.core.swipe(PLATFORM, self.key, step))
+            await deliver(self, replies)
+        elif name in ("/memory", "/remember", "/forget", "/note", "/persona"):
+            await self._memory_command(name, arg)
+        elif name in ("/continue", "/summarize"):
+            if name == "/continue":
+                replies = self.core.continue_reply(PLATFORM, self.key, is_dm=True)
+            else:
+                replies = self.core.summarize(PLATFORM, self.key, True, None, arg)
             await deliver(self, replies)
         elif name == "/mode":
             mode = parse_mode(arg)

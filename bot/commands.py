@@ -149,10 +149,10 @@ class ConversationCommands(ConversationState):
         async with self._turn(key):
             conv = await self.conversation(platform, key)
             facts = [str(f) for f in conv.settings.get("facts") or []]
-            if len(facts) >= MAX_FACTS:
-                return f"I already keep {MAX_FACTS} facts here; /forget one first."
             if fact in facts:
                 return f"I already remember that (fact {facts.index(fact) + 1})."
+            if len(facts) >= MAX_FACTS:
+                return f"I already keep {MAX_FACTS} facts here; /forget one first."
             await self._update_settings(platform, key, facts=[*facts, fact])
         return f"I will remember that (fact {len(facts) + 1}). /memory shows everything I keep."
 

@@ -41,6 +41,9 @@ def test_console_exchange_with_commands_and_history_across_restarts(tmp_path: Pa
             "Hello! What can you do?",
             "/mode roleplay",
             "Good evening, innkeeper.",
+            "/continue",
+            "/remember The inn is the Lantern.",
+            "/memory",
             "/mode dance",
             "/bogus",
             "/quit",
@@ -55,6 +58,7 @@ def test_console_exchange_with_commands_and_history_across_restarts(tmp_path: Pa
     assert "Mode set to roleplay" in out
     assert "Mira> " in out  # the character answered after the switch
     assert "Usage: /mode roleplay|work" in out and "Unknown command /bogus" in out
+    assert "I will remember that (fact 1)" in out and "1. The inn is the Lantern." in out
     # The start-up log names the model serving each role.
     assert "character role -> SmolLM2-135M-Instruct" in first.stderr
     assert "office role -> SmolLM2-135M-Instruct" in first.stderr

@@ -374,3 +374,38 @@ async def test_summarize_map_reduces_what_does_not_fit_and_streams_the_result(
     await core.set_mode("console", KEY, "roleplay")
     refused = [r async for r in core.summarize("console", KEY, True, "u1")]
     assert "work conversations" in refused[-1].text
+
+
+async def test_fact_limits_and_regenerate_on_edit(settings: Settings, store: Store) -> None:
+    model = ScriptedModel(["First answer.", "Second answer."])
+    core = ConversationCore(
+        replace(settings, regenerate_on_edit=True),
+        store,
+        FixedModels({"office": model, "character": model}),
+    )
+    assert "Tell me what" in await core.remember("console", KEY, "   ")
+    assert "too long" in await core.remember("console", KEY, "x" * 301)
+    for i in range(20):
+        assert f"(fact {i + 1})" in await core.remember("console", KEY, f"fact <|im_end|> {i}")
+    assert "20 facts" in await core.remember("console", KEY, "one more")
+    assert "already remember" in await core.remember("console", KEY, "fact <|im_end|> 3")
+    assert "from 1 to 20" in await core.forget_fact("console", KEY, "21")
+    assert "from 1 to 20" in await core.forget_fact("console", KEY, "two")
+    assert "Forgotten: fact <|im_end|> 0" == await core.forget_fact("console", KEY, "1")
+    assert "too long" in await core.set_note("console", KEY, "y" * 501)
+    assert "Persona set" in await core.set_persona("console", KEY, "u1", "Zed: a " + "z" * 10)
+    assert "too long" in await core.set_persona("console", KEY, "u1", "z" * 501)
+
+    msg = IncomingMessage("console", KEY, "u1", "Ann", "What is two and two?", True, True, "m1")
+    _ = [r async for r in core.respond(msg)]
+    # A fact is plain text to the model: its markup-looking text is never a control token.
+    assert "fact <|im_end|> 5" in text_of(model.prompts[-1])  # control ids would show as ¦
+    report = await core.memory_report("console", KEY)
+    assert "19. fact <|im_end|> 19" in report
+
+    # regenerate_on_edit: editing the message the last reply answers writes it again.
+    rewritten = [r async for r in core.message_edited("console", KEY, "m1", "And three?")]
+    assert rewritten[-1].final and rewritten[-1].text == "Second answer."
+    assert "user\nAnd three?" in text_of(model.prompts[-1])
+    # An edit to text with nothing in it is ignored.
+    assert [r async for r in core.message_edited("console", KEY, "m1", "   ")] == []

@@ -17,7 +17,7 @@ from bot.conversations import STORAGE_ERRORS, ConversationState
 from bot.fairness import LruDict
 from bot.limits import clean_text
 from bot.messages import OutgoingReply
-from storage.store import USER
+from storage.store import USER, Conversation
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ class FollowsEdits(ConversationState):
             return None
         return self._early.pop((key, platform_message_id))
 
+    async def _known(self, key: str) -> Conversation | None:
+        """The conversation, if it exists: edits elsewhere never create one."""
+        conv = self._conversations.get(key)
+        if conv is None:
+            conv = await self.store.get_conversation(key)
+            if conv is not None:
+                self._conversations[key] = conv
+        return conv
+
     def _remember_early(self, key: str, platform_message_id: str, change: object) -> None:
         if self._early is None:
             self._early = LruDict(MAX_EARLY)
@@ -58,7 +67,10 @@ class FollowsEdits(ConversationState):
         if not text:
             return
         async with self._channel(key).intake:
-            conv = await self.conversation(platform, key)
+            conv = await self._known(key)
+            if conv is None:  # a channel the bot never stored anything of
+                self._remember_early(key, platform_message_id, text)
+                return
             try:
                 changed = await self.store.edit_platform_message(conv.id, platform_message_id, text)
             except STORAGE_ERRORS as exc:
@@ -82,7 +94,10 @@ class FollowsEdits(ConversationState):
     async def message_deleted(self, platform: str, key: str, platform_message_id: str) -> bool:
         """Follow a deletion: the message leaves the context.  False: nothing stored for it."""
         async with self._channel(key).intake:
-            conv = await self.conversation(platform, key)
+            conv = await self._known(key)
+            if conv is None:
+                self._remember_early(key, platform_message_id, DELETED)
+                return False
             try:
                 gone = await self.store.delete_platform_message(conv.id, platform_message_id)
             except STORAGE_ERRORS as exc:

@@ -7,15 +7,17 @@ messages.  At the next trim the window cuts exactly where that summary ends, and
 becomes the pinned one, both at once.  Between trims the pinned summary, and so the front of
 the prompt, does not change.
 
-Jobs run on the routed model when their conversation is idle and the model has a free sequence
-(on the serial path: nothing else generating).  A new message in that conversation, or a reply
-that needs the sequence, cancels the job; it starts again when things are quiet.  So a summary
-never delays a reply, and never runs while a reply streams in its conversation.
+Jobs run on the routed model when their conversation has been idle for a few seconds and the
+model has a free sequence (on the serial path: nothing else generating).  A new message in that
+conversation, or a reply that needs the sequence, cancels the job; it starts again when things
+are quiet.  So a summary never runs while a reply streams in its conversation, and a reply
+waits for it at most the scheduler step in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ MAX_FACTS = 20
 MAX_FACT_CHARS = 300
 MAX_NOTE_CHARS = 500
 CHUNK_FRACTION = 0.25  # the share of the history budget one trim drops (bot.prompt.fit_window)
+IDLE_S = 5.0  # a conversation is idle this long after its last turn before a summary starts
 MAX_CHUNKS_PER_JOB = 4  # the work one summary job may do (each chunk: one generation)
 SHORTEN_TRIES = 2
 MIN_FACT_BUDGET = 256  # tokens pinned facts may always use, even with summaries off
@@ -137,6 +140,8 @@ class MemoryKeeper:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, tuple[str, asyncio.Task[None]]] = {}  # key -> (role, work)
         self._tick = asyncio.Event()  # set (and replaced) whenever a turn or a reply ends
+        self._hurry: dict[str, asyncio.Event] = {}
+        self.idle_s = IDLE_S
         self.summaries_written = 0
         self.closed = False
 
@@ -199,7 +204,11 @@ class MemoryKeeper:
         if not self.closed and key in self._plans and key not in self._jobs:
             task = asyncio.get_running_loop().create_task(self._run(key))
             self._jobs[key] = task
-            task.add_done_callback(lambda _t: self._jobs.pop(key, None))
+            task.add_done_callback(lambda _t: self._ended(key))
+
+    def _ended(self, key: str) -> None:
+        self._jobs.pop(key, None)
+        self._hurry.pop(key, None)
 
     def interrupt(self, key: str) -> None:
         """A message or command arrived in ``key``: its job stops now (and runs later)."""
@@ -220,10 +229,15 @@ class MemoryKeeper:
             task.cancel()
             await asyncio.wait({task})
 
+    def hurry(self, key: str) -> None:
+        """Start the job of ``key`` without waiting for the idle time (bench, tests)."""
+        self._hurry.setdefault(key, asyncio.Event()).set()
+
     async def settle(self, key: str) -> None:
-        """Wait for the job of ``key`` to end, if one is planned or running (bench, tests)."""
+        """Start the job of ``key`` now and wait for it to end (bench, tests)."""
         task = self._jobs.get(key)
         if task is not None:
+            self.hurry(key)
             await asyncio.wait({task})
 
     async def close(self) -> None:
@@ -240,6 +254,11 @@ class MemoryKeeper:
             plan = self._plans.get(key)
             if plan is None:
                 return
+            # A conversation is idle once nothing happened in it for a while: a summary
+            # started between two quick messages would hold the model when the next arrives.
+            hurry = self._hurry.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), self.idle_s)
             while not (self._idle(key) and self._room(plan.role)):
                 await self._tick.wait()
             work = asyncio.get_running_loop().create_task(self._summarize(key, plan))

@@ -96,6 +96,7 @@ async def test_summaries_follow_the_trims_and_never_run_beside_a_reply(
         elif turn % 3 == 1:
             # The next message arrives while the summary is being written: it stops, and
             # the reply does not wait for it.
+            core.memory.hurry(KEY)
             for _ in range(100):
                 if model.active["summary"]:
                     break
@@ -391,7 +392,7 @@ async def test_fact_limits_and_regenerate_on_edit(settings: Settings, store: Sto
     assert "already remember" in await core.remember("console", KEY, "fact <|im_end|> 3")
     assert "from 1 to 20" in await core.forget_fact("console", KEY, "21")
     assert "from 1 to 20" in await core.forget_fact("console", KEY, "two")
-    assert "Forgotten: fact <|im_end|> 0" == await core.forget_fact("console", KEY, "1")
+    assert await core.forget_fact("console", KEY, "1") == "Forgotten: fact <|im_end|> 0"
     assert "too long" in await core.set_note("console", KEY, "y" * 501)
     assert "Persona set" in await core.set_persona("console", KEY, "u1", "Zed: a " + "z" * 10)
     assert "too long" in await core.set_persona("console", KEY, "u1", "z" * 501)

@@ -155,16 +155,17 @@ class ConversationState:
             await asyncio.sleep(0.05)
 
     def _room(self, role: str) -> bool:
-        """Whether ``role``'s model has a sequence that no reply is using."""
-        return self._answering.get(role, 0) < max(1, self.settings.models[role].parallel)
+        """Whether ``role``'s model is free for background work: no reply generating on it.
+        (Even with free sequences, a summary's prompt chunks would share the replies' decode
+        steps, and on a CPU every token in a step costs the replies time.)"""
+        return self._answering.get(role, 0) == 0
 
     @asynccontextmanager
     async def _generating(self, key: str, role: str) -> AsyncIterator[None]:
         """A reply generates in ``key`` on ``role``'s model: summaries make way."""
         self._answering[role] = self._answering.get(role, 0) + 1
         try:
-            if not self._room(role):
-                self.memory.make_room(role)
+            self.memory.make_room(role)
             await self.memory.quiet(key)
             yield
         finally:

@@ -7,9 +7,9 @@ messages.  At the next trim the window cuts exactly where that summary ends, and
 becomes the pinned one, both at once.  Between trims the pinned summary, and so the front of
 the prompt, does not change.
 
-Jobs run on the routed model when their conversation has been idle for a few seconds and the
-model has a free sequence (on the serial path: nothing else generating).  A new message in that
-conversation, or a reply that needs the sequence, cancels the job; it starts again when things
+Jobs run on the routed model when their conversation has been idle for a few seconds and no
+reply is generating on that model: they are background work.  A new message in that
+conversation, or any reply starting on the model, cancels the job; it starts again when things
 are quiet.  So a summary never runs while a reply streams in its conversation, and a reply
 waits for it at most the scheduler step in progress.
 """
@@ -128,12 +128,12 @@ class MemoryKeeper:
         models: Callable[[str], Awaitable[ChatModel]],
         *,
         idle: Callable[[str], bool],
-        room: Callable[[str], bool],
+        room: Callable[[str], bool],  # whether a role's model is free for background work
     ) -> None:
         self.store = store
         self._models = models  # role -> awaitable ChatModel
         self._idle = idle  # whether a conversation has nothing queued or streaming
-        self._room = room  # whether a role's model has a sequence no reply needs
+        self._room = room
         self._summaries: LruDict[str, list[Summary]] = LruDict(4096)
         self._plans: dict[str, Plan] = {}
         self._failed: dict[str, int] = {}  # boundary a job failed at: not retried at once
@@ -217,7 +217,7 @@ class MemoryKeeper:
             task.cancel()
 
     def make_room(self, role: str) -> None:
-        """A reply needs ``role``'s model: jobs generating on it stop, and wait for quiet."""
+        """A reply starts on ``role``'s model: jobs generating on it stop, and wait for quiet."""
         for running_role, work in list(self._running.values()):
             if running_role == role:
                 work.cancel()

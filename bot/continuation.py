@@ -15,12 +15,12 @@ from dataclasses import replace
 
 from ai_model.base import ModelError
 from bot.characters import Character
-from bot.conversations import APOLOGY, STORAGE_ERRORS, trace_wanted
+from bot.conversations import APOLOGY, trace_wanted
 from bot.messages import OutgoingReply
 from bot.prompt import PromptTooLong
 from bot.prompting import PromptBuilding
 from bot.settings import ROLE_FOR_MODE
-from storage.store import Conversation, StoredMessage
+from storage.store import STORAGE_ERRORS, Conversation, StoredMessage
 
 log = logging.getLogger(__name__)
 

@@ -51,9 +51,6 @@ APOLOGY = (
     "please try again in a moment."
 )
 MAX_CONVERSATIONS_CACHED = 4096  # conversation rows and queues kept in memory
-# What a failing database raises through SQLAlchemy and the drivers (a value the driver cannot
-# encode surfaces as ValueError).
-STORAGE_ERRORS = (SQLAlchemyError, OSError, ValueError)
 
 
 def trace_wanted(exc: BaseException) -> bool:

@@ -21,7 +21,7 @@ from bot.assembly import pinned_limit
 from bot.characters import Character
 from bot.commands import ConversationCommands
 from bot.continuation import Continuation
-from bot.conversations import APOLOGY, STORAGE_ERRORS, ModelProvider, Ticket, trace_wanted
+from bot.conversations import APOLOGY, ModelProvider, Ticket, trace_wanted
 from bot.edits import DELETED, FollowsEdits
 from bot.limits import shorten
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
@@ -35,6 +35,7 @@ from storage.store import (
     FAILED,
     NOTICE,
     RECEIVED,
+    STORAGE_ERRORS,
     USER,
     Conversation,
     StoredMessage,

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from bot.conversations import STORAGE_ERRORS, ConversationState
+from bot.conversations import ConversationState
 from bot.fairness import LruDict
 from bot.limits import clean_text
 from bot.messages import OutgoingReply
-from storage.store import USER, Conversation
+from storage.store import STORAGE_ERRORS, USER, Conversation
 
 log = logging.getLogger(__name__)
 

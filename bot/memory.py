@@ -27,7 +27,7 @@ from ai_model.config import SamplingSettings
 from ai_model.templates import encode
 from bot.fairness import LruDict
 from bot.prompt import Window, clean_name
-from storage.store import ASSISTANT, Store, StoredMessage, Summary
+from storage.store import ASSISTANT, STORAGE_ERRORS, Store, StoredMessage, Summary
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,11 @@ class MemoryKeeper:
                     work.cancel()
             if work.cancelled():
                 continue  # a reply needed the model: wait for quiet, then start again
-            if work.exception() is not None:
-                log.error("memory: the summary job of %s failed", key, exc_info=work.exception())
+            if (exc := work.exception()) is not None:
+                if isinstance(exc, (ModelError, *STORAGE_ERRORS)):
+                    log.warning("memory: no summary for %s this time: %s", key, exc)
+                else:
+                    log.error("memory: the summary job of %s failed", key, exc_info=exc)
                 self._failed[key] = plan.boundary
             if self._plans.get(key) is plan:
                 del self._plans[key]
@@ -292,7 +295,8 @@ class MemoryKeeper:
         if not lines:
             return
         summary = previous.text if previous else ""
-        chunks = _chunks(model, lines, summary_room=plan.budget)
+        # Tokenizing hostile or huge messages takes a while: never on the event loop.
+        chunks = await asyncio.to_thread(_chunks, model, lines, plan.budget)
         if len(chunks) > MAX_CHUNKS_PER_JOB:
             # A backlog (say, a long conversation from before memory was on): the chunks next
             # to the window matter most; older ones are skipped rather than holding the model.
@@ -310,8 +314,8 @@ class MemoryKeeper:
             log.warning("memory: the model wrote an empty summary for %s", key)
             self._failed[key] = plan.boundary
             return
+        summary, tokens = await asyncio.to_thread(_within, model, summary, plan.budget)
         first = previous.first_id if previous else history[0].id
-        tokens = _count(model, summary)
         stored = await self.store.add_summary(
             plan.conversation_id, first, plan.boundary, summary, tokens
         )
@@ -329,12 +333,11 @@ class MemoryKeeper:
 
     async def _shorten(self, model: ChatModel, plan: Plan, summary: str) -> str:
         for _ in range(SHORTEN_TRIES):
-            if _count(model, summary) <= plan.budget:
+            if await asyncio.to_thread(_count, model, summary) <= plan.budget:
                 return summary
             words = max(20, int(plan.budget * 0.5))
             summary = await _generate(model, SHORTEN.format(words=words), summary, plan.budget)
-        # Still too long: the prompt keeps its end (fit_memory); store it within bounds too.
-        return summary
+        return summary  # still too long: cut to the budget before it is stored (_within)
 
 
 def _line(message: StoredMessage) -> str:
@@ -346,16 +349,26 @@ def _count(model: ChatModel, text: str) -> int:
     return len(model.tokenize(text.encode("utf-8"), False, False))
 
 
+def _within(model: ChatModel, text: str, budget: int) -> tuple[str, int]:
+    """``text`` and its token count, cut at its start to at most ``budget`` tokens (blocking)."""
+    ids = model.tokenize(text.encode("utf-8"), False, False)
+    if len(ids) <= budget:
+        return text, len(ids)
+    cut = "… " + model.detokenize(ids[len(ids) - budget + 2 :]).strip()
+    return cut, len(model.tokenize(cut.encode("utf-8"), False, False))
+
+
 def _chunks(model: ChatModel, lines: list[str], summary_room: int) -> list[list[str]]:
-    """The lines in chunks whose summarizing prompt fits the model's window."""
+    """The lines in chunks whose summarizing prompt fits the model's window (blocking)."""
     room = max(64, model.n_ctx - 2 * summary_room - 256)
     chunks: list[list[str]] = [[]]
     used = 0
     for line in lines:
-        n = _count(model, line)
+        ids = model.tokenize(line.encode("utf-8"), False, False)
+        n = len(ids)
         if n > room:  # one huge message: its start is what the summary can take
-            line = line[: room * 3]
-            n = _count(model, line)
+            line = model.detokenize(ids[: room - 8])
+            n = len(model.tokenize(line.encode("utf-8"), False, False))
         if chunks[-1] and used + n > room:
             chunks.append([])
             used = 0
@@ -371,7 +384,7 @@ async def _generate(model: ChatModel, instructions: str, content: str, max_token
         *template.turn("user", content),
         *template.generation_prompt(),
     ]
-    tokens = [*model.bos, *encode(pieces, model)]
+    tokens = [*model.bos, *await asyncio.to_thread(encode, pieces, model)]
     room = model.n_ctx - len(tokens) - 1
     if room < 16:
         raise ModelError("the summary prompt does not fit the window")

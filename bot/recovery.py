@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bot.conversations import STORAGE_ERRORS, Ticket
+from bot.conversations import Ticket
 from bot.core import ConversationCore
 from bot.messages import OutgoingReply, ReplyKind
-from storage.store import ANSWERED, FAILED, Unanswered
+from storage.store import ANSWERED, FAILED, STORAGE_ERRORS, Unanswered
 
 log = logging.getLogger(__name__)
 

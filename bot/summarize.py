@@ -9,21 +9,23 @@ stored: the summary describes the conversation, it does not take part in it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
 from ai_model.templates import encode
-from bot.conversations import STORAGE_ERRORS, ConversationState
+from bot.conversations import ConversationState
 from bot.messages import OutgoingReply
 from bot.prompt import clean_name
-from storage.store import ASSISTANT, StoredMessage
+from storage.store import ASSISTANT, STORAGE_ERRORS, StoredMessage
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 500
 PART_TOKENS = 200  # the length of one partial summary
+MAX_ROUNDS = 4
 FINAL_TOKENS = 400
 MAP = (
     "Summarize this part of a team chat in a few short bullet points: decisions, who owns "
@@ -45,9 +47,11 @@ def chunk_lines(model: ChatModel, lines: Sequence[str], room: int) -> list[list[
     chunks: list[list[str]] = [[]]
     used = 0
     for line in lines:
-        n = len(model.tokenize(line.encode("utf-8"), False, False))
-        if n > room:
-            line, n = line[: room * 2], room  # at least 2 bytes a token: within the room
+        ids = model.tokenize(line.encode("utf-8"), False, False)
+        n = len(ids)
+        if n > room:  # one huge message: its start is what fits
+            line = model.detokenize(ids[: room - 8])
+            n = len(model.tokenize(line.encode("utf-8"), False, False))
         if chunks[-1] and used + n > room:
             chunks.append([])
             used = 0
@@ -115,15 +119,20 @@ class Summaries(ConversationState):
         try:
             model = await self.models.get("office")
             room = max(64, model.n_ctx - FINAL_TOKENS - 300)
-            parts = chunk_lines(model, lines, room)
+            # Tokenizing huge or hostile messages takes a while: never on the event loop.
+            parts = await asyncio.to_thread(chunk_lines, model, lines, room)
             async with self._generating(key, "office"):
-                while len(parts) > 1:  # map, then reduce in rounds, until one part is left
-                    notes = [await self._generate(model, MAP, "\n".join(p)) for p in parts]
-                    parts = chunk_lines(model, [n for n in notes if n], room) or [["(none)"]]
+                for _ in range(MAX_ROUNDS):  # map, then reduce in rounds, to one part
+                    if len(parts) == 1:
+                        break
+                    notes = [await self._generate(model, MAP, "\n".join(p), room) for p in parts]
+                    noted = [n for n in notes if n] or ["(none)"]
+                    parts = await asyncio.to_thread(chunk_lines, model, noted, room)
                     merged = True
+                parts = parts[-1:]  # a tiny window may not merge all: the newest notes win
                 instructions = REDUCE if merged else MAP
                 sampling = SamplingSettings(max_tokens=FINAL_TOKENS, temperature=0.3, seed=5)
-                tokens = _prompt(model, instructions, "\n".join(parts[0]))
+                tokens = await asyncio.to_thread(_prompt, model, instructions, "\n".join(parts[0]))
                 async for piece in model.stream(tokens, sampling):
                     text += piece
                     yield OutgoingReply(key, text, delta=piece)
@@ -133,9 +142,12 @@ class Summaries(ConversationState):
             return
         yield OutgoingReply(key, text.strip() or "(nothing to summarize)", final=True)
 
-    async def _generate(self, model: ChatModel, instructions: str, content: str) -> str:
-        sampling = SamplingSettings(max_tokens=PART_TOKENS, temperature=0.3, seed=5)
+    async def _generate(self, model: ChatModel, instructions: str, content: str, room: int) -> str:
+        # Notes shorter than a quarter of the room: each round merges at least four parts.
+        tokens_each = max(16, min(PART_TOKENS, room // 4))
+        sampling = SamplingSettings(max_tokens=tokens_each, temperature=0.3, seed=5)
         text = ""
-        async for piece in model.stream(_prompt(model, instructions, content), sampling):
+        tokens = await asyncio.to_thread(_prompt, model, instructions, content)
+        async for piece in model.stream(tokens, sampling):
             text += piece
         return text.strip()

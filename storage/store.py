@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Row, func, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from storage.schema import characters, conversations, messages, summaries, world_books
@@ -34,6 +34,11 @@ OPEN_STATES = (RECEIVED, ANSWERING)
 T = TypeVar("T")
 # A busy or locked database is waited out: SQLite's own busy timeout first, then these pauses.
 BUSY_RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.0, 4.0)
+
+
+# What a failing database raises through SQLAlchemy and the drivers (a value the driver cannot
+# encode surfaces as ValueError).
+STORAGE_ERRORS = (SQLAlchemyError, OSError, ValueError)
 
 
 def is_busy(exc: BaseException) -> bool:

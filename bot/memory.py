@@ -135,8 +135,8 @@ class MemoryKeeper:
         self._idle = idle  # whether a conversation has nothing queued or streaming
         self._room = room
         self._summaries: LruDict[str, list[Summary]] = LruDict(4096)
-        self._plans: dict[str, Plan] = {}
-        self._failed: dict[str, int] = {}  # boundary a job failed at: not retried at once
+        self._plans: LruDict[str, Plan] = LruDict(4096)  # the oldest plans are dropped
+        self._failed: LruDict[str, int] = LruDict(4096)  # where a job failed: not retried at once
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, tuple[str, asyncio.Task[None]]] = {}  # key -> (role, work)
         self._tick = asyncio.Event()  # set (and replaced) whenever a turn or a reply ends
@@ -182,8 +182,8 @@ class MemoryKeeper:
         """A reset: nothing summarized before applies any more."""
         self.interrupt(key)
         self._summaries.pop(key)
-        self._plans.pop(key, None)
-        self._failed.pop(key, None)
+        self._plans.pop(key)
+        self._failed.pop(key)
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class MemoryKeeper:
     def wake(self, key: str) -> None:
         """The conversation's turn ended: start its job if one is planned and needed."""
         self.notify()
-        if not self.closed and key in self._plans and key not in self._jobs:
+        if not self.closed and self._plans.get(key) is not None and key not in self._jobs:
             task = asyncio.get_running_loop().create_task(self._run(key))
             self._jobs[key] = task
             task.add_done_callback(lambda _t: self._ended(key))
@@ -278,7 +278,7 @@ class MemoryKeeper:
                     log.error("memory: the summary job of %s failed", key, exc_info=exc)
                 self._failed[key] = plan.boundary
             if self._plans.get(key) is plan:
-                del self._plans[key]
+                self._plans.pop(key)
             return
 
     async def _summarize(self, key: str, plan: Plan) -> None:

@@ -129,7 +129,7 @@ async def test_the_window_holds_and_user_text_reaches_the_server_as_plain_tokens
     for i, body in enumerate(bodies):
         prompt = body["prompt"]
         assert len(prompt) + body["n_predict"] <= 1024  # every prompt fits the window
-        newest = f"Ann: Message {i}: {hostile} " + "filler words " * 20
+        newest = f"Message {i}: {hostile} " + "filler words " * 20  # a DM: no name in front
         # Off the loop: the proxy that answers this runs on it.
         plain = await asyncio.to_thread(model.tokenize, newest.encode(), False, False)
         assert IM_START not in plain and IM_END not in plain

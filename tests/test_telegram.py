@@ -268,8 +268,10 @@ async def test_other_update_kinds_are_ignored_or_noted(bot: Callable[..., Any]) 
     texts = [m.text for m in server.bot_messages(DM)]
     assert sum("only read text" in t for t in texts) == 2  # sticker and photo notes
     assert server.bot_messages(GROUP) == []
-    assert len(office.prompts) == 2  # "typo" and "still there?"; the edit was ignored
-    assert "edited text" not in text_of(office.prompts[-1])
+    assert len(office.prompts) == 2  # "typo" and "still there?": the edit is not answered
+    # ... but it replaced the stored text, so the next prompt reads it.
+    assert "user\nedited text" in text_of(office.prompts[-1])
+    assert "user\ntypo" not in text_of(office.prompts[-1])
 
 
 def _sticker() -> dict[str, Any]:

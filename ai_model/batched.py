@@ -13,9 +13,10 @@ it, and adapts the scheduler to the :class:`ai_model.base.ChatModel` protocol.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,10 @@ class BatchedModel:
         self._model = model
         self._ctx = ctx
         self._closed = False
+        # Tokenizer calls run on worker threads; close() waits for those in flight before it
+        # frees the vocabulary they read.
+        self._users = 0
+        self._users_done = threading.Condition()
         self.name = name
         self.template = template
         self.n_ctx = settings.n_ctx
@@ -161,12 +166,26 @@ class BatchedModel:
             raise ModelError(f"{self.name} is closed")
         return self._model
 
+    @contextlib.contextmanager
+    def _vocab(self) -> Iterator[Any]:
+        """The weights, held open for one tokenizer call (any thread)."""
+        with self._users_done:
+            model = self._open()
+            self._users += 1
+        try:
+            yield model
+        finally:
+            with self._users_done:
+                self._users -= 1
+                self._users_done.notify_all()
+
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        return list(self._open().tokenize(text, add_bos, special))
+        with self._vocab() as model:
+            return list(model.tokenize(text, add_bos, special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        self._open()
-        return bytes(self._model.detokenize(list(tokens))).decode("utf-8", errors="replace")
+        with self._vocab() as model:
+            return bytes(model.detokenize(list(tokens))).decode("utf-8", errors="replace")
 
     def generated(self, slot: str | None) -> Sequence[int]:
         return self.scheduler.generated.get(slot, ())
@@ -204,9 +223,12 @@ class BatchedModel:
 
     def close(self) -> None:
         """Let running generations end, save conversation states, free llama.cpp."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._users_done:
+            if self._closed:
+                return
+            self._closed = True
+            while self._users:
+                self._users_done.wait()
         self.scheduler.close()
         saved = 0
         if self._files is not None:

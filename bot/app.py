@@ -54,7 +54,10 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
             settings, store, registry, kill_points=KillPoints.from_env(os.environ)
         )
         await core.load_library()
-        yield App(settings, registry, store, core)
+        try:
+            yield App(settings, registry, store, core)
+        finally:
+            await core.memory.close()  # background summaries stop before the models close
     finally:
         await store.close()
         await registry.aclose()

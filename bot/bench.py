@@ -204,6 +204,7 @@ class Bench:
             f"restored from RAM {events.count('ram')}, disk {events.count('disk')}, "
             f"resident {events.count('resident')}, cold {events.count('cold')}"
         )
+        await core.memory.close()  # as the app's drain does
         registry.close()  # saves the states, as at a shutdown
         await store.close()
 
@@ -212,6 +213,7 @@ class Bench:
         restart = await self.ttft(core, "long")
         event = restarted.scheduler.admissions[-1].event  # type: ignore[attr-defined]
         log(f"after restart: {restart:.3f} s ({event})")
+        await core.memory.close()  # as the app's drain does
         registry.close()
         await store.close()
 
@@ -267,6 +269,7 @@ class Bench:
             f"prefix reuse past the window: {sum(hits)}/{len(hits)} turns (llama.cpp's count), "
             f"with {core.memory.summaries_written} summaries written and pinned at the trims"
         )
+        await core.memory.close()  # as the app's drain does
         registry.close()
         await store.close()
 
@@ -335,6 +338,7 @@ class Bench:
             f"{[round(r, 1) for r in raw_rates]} tok/s; "
             f"loop lag p99 {results['loop_lag_p99_ms']} ms"
         )
+        await core.memory.close()  # as the app's drain does
         registry.close()
         serial_registry.close()
         await store.close()

@@ -92,6 +92,7 @@ async def concurrency(bench: Bench, parallel: int, results: dict[str, Any]) -> N
     sixteen = await asyncio.gather(
         *(bench.ttft(core, f"{label}-sixteen-{i}") for i in range(s.sixteen))
     )
+    await core.memory.close()  # as the app's drain does
     registry.close()
     await store.close()
 

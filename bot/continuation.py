@@ -50,18 +50,12 @@ class Continuation(PromptBuilding):
         reply's last token, reusing what is evaluated, and the stored reply grows.  Snapshots
         carry the whole text, so adapters edit the reply's platform messages (see
         :meth:`last_reply_pieces`) and add one when it outgrows the limit."""
-        user_key = None
-        if user_id is not None:
-            allowed, notice = self.admit(platform, user_id)
-            if not allowed:
-                if notice:
-                    yield self._notice(key, notice)
-                return
-            user_key = f"{platform}:{user_id}"
-            if refusal := self._queue_refusal(key, user_key):
-                yield self._notice(key, refusal)
-                return
-        ticket = self._ticket(key, user_key)
+        refused, ticket = self._asked(platform, key, user_id)
+        if refused is not None:
+            yield refused
+            return
+        if ticket is None:
+            return
         try:
             await ticket.wait()
             conv = await self.conversation(platform, key)

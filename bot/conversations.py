@@ -270,6 +270,22 @@ class ConversationState:
         finally:
             ticket.release()
 
+    def _asked(
+        self, platform: str, key: str, user_id: str | None
+    ) -> tuple[OutgoingReply | None, Ticket | None]:
+        """A command that makes the model write (``user_id`` asked; None: the bot itself):
+        the notice refusing it under the fair-share rules, or its place in the queue.  Both
+        None: dropped quietly (the sender was told before that they are over the limit)."""
+        user_key = None
+        if user_id is not None:
+            allowed, notice = self.admit(platform, user_id)
+            if not allowed:
+                return (self._notice(key, notice) if notice else None), None
+            user_key = f"{platform}:{user_id}"
+            if refusal := self._queue_refusal(key, user_key):
+                return self._notice(key, refusal), None
+        return None, self._ticket(key, user_key)
+
     def _queue_refusal(self, key: str, user: str) -> str | None:
         """Why a new answer may not be queued for ``user`` in ``key`` now (None: it may)."""
         platform, _, user_id = user.partition(":")

@@ -264,18 +264,12 @@ class ConversationCore(ConversationCommands, FollowsEdits, Summaries, Continuati
         The old version stays the one in context until the new one is stored, so a failed
         generation loses nothing.  ``user_id`` (who asked) is held to the fair-share limits.
         """
-        user_key = None
-        if user_id is not None:
-            allowed, notice = self.admit(platform, user_id)
-            if not allowed:
-                if notice:
-                    yield self._notice(key, notice)
-                return
-            user_key = f"{platform}:{user_id}"
-            if refusal := self._queue_refusal(key, user_key):
-                yield self._notice(key, refusal)
-                return
-        ticket = self._ticket(key, user_key)
+        refused, ticket = self._asked(platform, key, user_id)
+        if refused is not None:
+            yield refused
+            return
+        if ticket is None:
+            return
         try:
             await ticket.wait()
             conv = await self.conversation(platform, key)

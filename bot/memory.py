@@ -291,12 +291,14 @@ class MemoryKeeper:
         history = await self.store.history(
             plan.conversation_id, after_id=after, upto_id=plan.boundary
         )
-        lines = [_line(m) for m in history]
+        lines = [transcript_line(m) for m in history]
         if not lines:
             return
         summary = previous.text if previous else ""
         # Tokenizing hostile or huge messages takes a while: never on the event loop.
-        chunks = await asyncio.to_thread(_chunks, model, lines, plan.budget)
+        # Room for the instructions, the summary so far and the new one beside each chunk.
+        room = max(64, model.n_ctx - 2 * plan.budget - 256)
+        chunks = await asyncio.to_thread(chunk_lines, model, lines, room)
         if len(chunks) > MAX_CHUNKS_PER_JOB:
             # A backlog (say, a long conversation from before memory was on): the chunks next
             # to the window matter most; older ones are skipped rather than holding the model.
@@ -329,18 +331,19 @@ class MemoryKeeper:
         content = f"Summary so far:\n{summary or '(nothing yet)'}\n\nNew messages:\n" + "\n".join(
             chunk
         )
-        return await _generate(model, instructions.format(words=words), content, plan.budget)
+        return await generate(model, instructions.format(words=words), content, plan.budget)
 
     async def _shorten(self, model: ChatModel, plan: Plan, summary: str) -> str:
         for _ in range(SHORTEN_TRIES):
             if await asyncio.to_thread(_count, model, summary) <= plan.budget:
                 return summary
             words = max(20, int(plan.budget * 0.5))
-            summary = await _generate(model, SHORTEN.format(words=words), summary, plan.budget)
+            summary = await generate(model, SHORTEN.format(words=words), summary, plan.budget)
         return summary  # still too long: cut to the budget before it is stored (_within)
 
 
-def _line(message: StoredMessage) -> str:
+def transcript_line(message: StoredMessage) -> str:
+    """One stored message as a line a summarizing prompt quotes: ``Name: text``."""
     who = "Assistant" if message.role == ASSISTANT and not message.author_name else None
     return f"{who or clean_name(message.author_name)}: {message.text}"
 
@@ -358,15 +361,15 @@ def _within(model: ChatModel, text: str, budget: int) -> tuple[str, int]:
     return cut, len(model.tokenize(cut.encode("utf-8"), False, False))
 
 
-def _chunks(model: ChatModel, lines: list[str], summary_room: int) -> list[list[str]]:
-    """The lines in chunks whose summarizing prompt fits the model's window (blocking)."""
-    room = max(64, model.n_ctx - 2 * summary_room - 256)
+def chunk_lines(model: ChatModel, lines: Sequence[str], room: int) -> list[list[str]]:
+    """``lines`` in order, in chunks of at most ``room`` tokens; a longer line keeps its start
+    (blocking: tokenizes)."""
     chunks: list[list[str]] = [[]]
     used = 0
     for line in lines:
         ids = model.tokenize(line.encode("utf-8"), False, False)
         n = len(ids)
-        if n > room:  # one huge message: its start is what the summary can take
+        if n > room:
             line = model.detokenize(ids[: room - 8])
             n = len(model.tokenize(line.encode("utf-8"), False, False))
         if chunks[-1] and used + n > room:
@@ -374,21 +377,30 @@ def _chunks(model: ChatModel, lines: list[str], summary_room: int) -> list[list[
             used = 0
         chunks[-1].append(line)
         used += n
-    return chunks
+    return [c for c in chunks if c]
 
 
-async def _generate(model: ChatModel, instructions: str, content: str, max_tokens: int) -> str:
+def instructed_prompt(model: ChatModel, instructions: str, content: str) -> list[int]:
+    """A one-shot prompt: system instructions, the content as a user turn (plain text), the
+    reply cue (blocking: tokenizes)."""
     template = model.template
     pieces = [
         *template.turn("system", instructions),
         *template.turn("user", content),
         *template.generation_prompt(),
     ]
-    tokens = [*model.bos, *await asyncio.to_thread(encode, pieces, model)]
+    return [*model.bos, *encode(pieces, model)]
+
+
+async def generate(
+    model: ChatModel, instructions: str, content: str, max_tokens: int, seed: int = 11
+) -> str:
+    """The whole answer to :func:`instructed_prompt` (tokenized off the event loop)."""
+    tokens = await asyncio.to_thread(instructed_prompt, model, instructions, content)
     room = model.n_ctx - len(tokens) - 1
     if room < 16:
         raise ModelError("the summary prompt does not fit the window")
-    sampling = SamplingSettings(max_tokens=min(max_tokens, room), temperature=0.3, seed=11)
+    sampling = SamplingSettings(max_tokens=min(max_tokens, room), temperature=0.3, seed=seed)
     text = ""
     async for piece in model.stream(tokens, sampling, ()):
         text += piece

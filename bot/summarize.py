@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
-from ai_model.templates import encode
 from bot.conversations import ConversationState
+from bot.memory import chunk_lines, generate, instructed_prompt, transcript_line
 from bot.messages import OutgoingReply
-from bot.prompt import clean_name
-from storage.store import ASSISTANT, STORAGE_ERRORS, StoredMessage
+from storage.store import STORAGE_ERRORS, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -37,39 +36,6 @@ REDUCE = (
 )
 
 
-def _line(message: StoredMessage) -> str:
-    who = "Assistant" if message.role == ASSISTANT else clean_name(message.author_name)
-    return f"{who}: {message.text}"
-
-
-def chunk_lines(model: ChatModel, lines: Sequence[str], room: int) -> list[list[str]]:
-    """``lines`` in order, in chunks of at most ``room`` tokens (a longer line is cut)."""
-    chunks: list[list[str]] = [[]]
-    used = 0
-    for line in lines:
-        ids = model.tokenize(line.encode("utf-8"), False, False)
-        n = len(ids)
-        if n > room:  # one huge message: its start is what fits
-            line = model.detokenize(ids[: room - 8])
-            n = len(model.tokenize(line.encode("utf-8"), False, False))
-        if chunks[-1] and used + n > room:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(line)
-        used += n
-    return [c for c in chunks if c]
-
-
-def _prompt(model: ChatModel, instructions: str, content: str) -> list[int]:
-    template = model.template
-    pieces = [
-        *template.turn("system", instructions),
-        *template.turn("user", content),
-        *template.generation_prompt(),
-    ]
-    return [*model.bos, *encode(pieces, model)]
-
-
 class Summaries(ConversationState):
     """The /summarize command of the core."""
 
@@ -85,13 +51,14 @@ class Summaries(ConversationState):
         if count and (not count.isdigit() or not 1 <= int(count) <= MAX_MESSAGES):
             yield self._notice(key, f"Give a number of messages from 1 to {MAX_MESSAGES}.")
             return
-        if user_id is not None:
-            allowed, notice = self.admit(platform, user_id)
-            if not allowed:
-                if notice:
-                    yield self._notice(key, notice)
-                return
-        async with self._turn(key):
+        refused, ticket = self._asked(platform, key, user_id)
+        if refused is not None:
+            yield refused
+            return
+        if ticket is None:
+            return
+        try:
+            await ticket.wait()
             try:
                 messages = await self._to_summarize(conv.id, conv.reset_after_id, count)
             except STORAGE_ERRORS as exc:
@@ -101,8 +68,10 @@ class Summaries(ConversationState):
             if not messages:
                 yield self._notice(key, "There is nothing new to summarize since my last reply.")
                 return
-            async for reply in self._map_reduce(key, [_line(m) for m in messages]):
+            async for reply in self._map_reduce(key, [transcript_line(m) for m in messages]):
                 yield reply
+        finally:
+            ticket.release()
 
     async def _to_summarize(
         self, conversation_id: int, reset: int, count: str
@@ -132,7 +101,8 @@ class Summaries(ConversationState):
                 parts = parts[-1:]  # a tiny window may not merge all: the newest notes win
                 instructions = REDUCE if merged else MAP
                 sampling = SamplingSettings(max_tokens=FINAL_TOKENS, temperature=0.3, seed=5)
-                tokens = await asyncio.to_thread(_prompt, model, instructions, "\n".join(parts[0]))
+                content = "\n".join(parts[0])
+                tokens = await asyncio.to_thread(instructed_prompt, model, instructions, content)
                 async for piece in model.stream(tokens, sampling):
                     text += piece
                     yield OutgoingReply(key, text, delta=piece)
@@ -144,10 +114,4 @@ class Summaries(ConversationState):
 
     async def _generate(self, model: ChatModel, instructions: str, content: str, room: int) -> str:
         # Notes shorter than a quarter of the room: each round merges at least four parts.
-        tokens_each = max(16, min(PART_TOKENS, room // 4))
-        sampling = SamplingSettings(max_tokens=tokens_each, temperature=0.3, seed=5)
-        text = ""
-        tokens = await asyncio.to_thread(_prompt, model, instructions, content)
-        async for piece in model.stream(tokens, sampling):
-            text += piece
-        return text.strip()
+        return await generate(model, instructions, content, max(16, min(PART_TOKENS, room // 4)), 5)

@@ -7,11 +7,14 @@ import asyncio
 import contextlib
 import html
 import itertools
+import logging
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
@@ -144,8 +147,9 @@ def test_next_boundary_ends_on_a_whole_exchange() -> None:
 
 
 async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summary(
-    settings: Settings, store: Store, tmp_path: Path
+    settings: Settings, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bot.memory")
     small = ModelSettings(
         n_ctx=1024,
         state_dir=str(tmp_path / "states"),
@@ -204,6 +208,8 @@ async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summa
         # The backlog was bounded: at most a few chunks were summarized for one job.
         assert core.memory.summaries_written <= 3
         assert MAX_CHUNKS_PER_JOB <= 4
+        skipped = [r.getMessage() for r in caplog.records if "are skipped" in r.getMessage()]
+        assert skipped, "the backlog was not bounded"  # the oldest chunks were left out
     finally:
         await core.memory.close()
         registry.close()

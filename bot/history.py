@@ -62,8 +62,10 @@ class HistoryCache:
             self._loading[key].append(message)
         found = self._cache.get(key)
         if found is not None:
-            keys = [position(m) for m in found]
-            found.insert(bisect.bisect(keys, position(message)), message)
+            if not found or position(found[-1]) <= position(message):
+                found.append(message)  # the usual case: the newest message
+            else:
+                bisect.insort(found, message, key=position)
 
     def replaced(self, key: str, message: StoredMessage) -> None:
         """A stored message's text changed (a platform edit)."""

@@ -132,6 +132,7 @@ class BatchedModel:
             n_batch=settings.n_batch,
             prefill_chunk=settings.prefill_chunk,
             parking=parking,
+            shared_prefix_bytes=settings.shared_prefix_mb * 2**20,
         )
 
     @classmethod

@@ -55,6 +55,9 @@ class ModelSettings:
     # In-process, batched: RAM for evaluated states of conversations whose sequence was
     # handed to another one; past it they go to state_dir (or are dropped without one).
     park_mb: int = 1024
+    # In-process, batched: RAM for the prompt beginnings fresh conversations share (the system
+    # prompt, a character card), so a new channel evaluates only what is its own (0: off).
+    shared_prefix_mb: int = 256
     path: str = ""
     download_url: str = ""
     chat_template: str = "auto"
@@ -101,6 +104,8 @@ class ModelSettings:
             raise ValueError("prefill_chunk must be between 1 and n_batch")
         if self.park_mb < 0:
             raise ValueError("park_mb must be 0 (no RAM tier) or more")
+        if self.shared_prefix_mb < 0:
+            raise ValueError("shared_prefix_mb must be 0 (off) or more")
         if self.n_ctx < 256:
             raise ValueError(f"n_ctx must be at least 256, not {self.n_ctx}")
         if self.n_batch < 1:

@@ -104,7 +104,10 @@ class ModelRegistry:
         if s.remote:
             remote = (s.backend, s.url.rstrip("/"), s.model, s.api_key, s.parallel)
             return ("remote", *remote, s.request_timeout_s, s.retries, str(r.path), s.n_ctx)
-        serving = (s.parallel, s.prefill_chunk, s.park_mb, s.cache_slots, s.state_dir)
+        serving = (
+            *(s.parallel, s.prefill_chunk, s.park_mb, s.shared_prefix_mb),
+            *(s.cache_slots, s.state_dir),
+        )
         return (str(r.path), *s.load_key()[1:], *serving)
 
     def shares_model(self, role_a: str, role_b: str) -> bool:

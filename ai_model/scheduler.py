@@ -33,6 +33,7 @@ from ai_model.parking import (
     read_sequence,
     write_sequence,
 )
+from ai_model.prefixes import SharedPrefixes
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class Admission:
 
     key: str | None
     seq: int
-    event: str  # "resident", "ram", "disk" or "cold"
+    event: str  # "resident", "ram", "disk", "shared" (a shared beginning) or "cold"
     reused: int
     computed: int
 
@@ -87,6 +88,7 @@ class _Seq:
         self.admitted = 0
         self.prompt_len = 0
         self.pending: list[int] = []  # prompt tokens still to evaluate
+        self.share_at = 0  # copy the state out once this many tokens are evaluated (0: never)
         self.next_token: int | None = None  # sampled, evaluated at the next step
         self.sampler: Any = None
         self.n_generated = 0
@@ -147,6 +149,7 @@ class Scheduler:
         n_batch: int,
         prefill_chunk: int,
         parking: Parking,
+        shared_prefix_bytes: int = 0,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -158,6 +161,9 @@ class Scheduler:
         self.n_batch = n_batch
         self.prefill_chunk = prefill_chunk
         self.parking = parking
+        self.shared = SharedPrefixes(
+            shared_prefix_bytes, lambda t: bool(llama_cpp.llama_vocab_is_control(vocab, t))
+        )
         self.seqs = [_Seq(i) for i in range(parallel)]
         internals: Any = _internals
         self._batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=False)
@@ -298,17 +304,39 @@ class Scheduler:
         seq.tokens = list(state.tokens)
         return tier
 
+    def _start_shared(self, seq: _Seq, key: str | None, prompt: Sequence[int]) -> str:
+        """A fresh prompt: start from a beginning other conversations shared, if one is held,
+        or plan to keep a copy of the one it shares with them (see :mod:`ai_model.prefixes`)."""
+        import llama_cpp
+
+        state = self.shared.find(prompt)
+        if state is None:
+            seq.share_at = self.shared.boundary(key, prompt)
+            return "cold"
+        if not write_sequence(self._ctx.ctx, seq.id, state) or (
+            llama_cpp.llama_memory_seq_pos_max(self._mem, seq.id) + 1 != len(state.tokens)
+        ):
+            log.warning("%s: llama.cpp refused a shared beginning", self.name)
+            self._clear(seq)
+            seq.key = key
+            return "cold"
+        seq.tokens = list(state.tokens)  # _admit cuts it to what the prompt shares
+        return "shared"
+
     def _admit(self, req: Request) -> None:
         import llama_cpp
 
         seq = self._pick(req.key)
         prompt = list(req.prompt)
+        seq.share_at = 0
         if req.key is not None and seq.key == req.key:
             event = "resident"
         else:
             self._evict(seq)
             event = "cold" if req.key is None else self._restore(seq, req.key, prompt)
             seq.key = req.key
+            if event == "cold":
+                event = self._start_shared(seq, req.key, prompt)
         # The last prompt token is always evaluated again: its logits start the reply.
         keep = min(common_prefix(seq.tokens, prompt), len(prompt) - 1)
         if keep < len(seq.tokens):
@@ -359,7 +387,10 @@ class Scheduler:
         for seq in running:
             if not seq.pending or budget <= 0:
                 continue
-            chunk = seq.pending[: min(self.prefill_chunk, budget)]
+            size = min(self.prefill_chunk, budget)
+            if seq.share_at > len(seq.tokens):  # the shared beginning ends a chunk
+                size = min(size, seq.share_at - len(seq.tokens))
+            chunk = seq.pending[:size]
             last = len(chunk) == len(seq.pending)
             for j, token in enumerate(chunk):
                 add(seq, token, last and j == len(chunk) - 1)
@@ -382,6 +413,9 @@ class Scheduler:
             filled = self.seqs[seq_id]
             filled.tokens.extend(filled.pending[:n])
             del filled.pending[:n]
+            if filled.share_at and len(filled.tokens) == filled.share_at:
+                filled.share_at = 0
+                self.shared.add(read_sequence(self._ctx.ctx, filled.id, filled.tokens))
         for i, (seq, _token, logits) in enumerate(rows):
             if logits and seq.req is not None:
                 self._accept(seq, int(seq.sampler.sample(self._ctx, i)))

@@ -236,6 +236,36 @@ class Bench:
             ttft_after_restart_over_empty=round(restart / median_empty, 3),
         )
 
+    async def fresh_first_tokens(self, results: dict[str, Any]) -> None:
+        """A new conversation's first token with the beginning other conversations shared (the
+        system prompt) held, and without it: two models side by side, measured alternately."""
+        sides = [await self.open(tag=f"fresh-{mb}", shared_prefix_mb=mb) for mb in (256, 0)]
+        times: list[list[float]] = [[], []]
+        for _registry, _store, core in sides:
+            for i in range(2):  # two conversations began alike: the next ones can share
+                await self.ttft(core, f"fresh-first-{i}")
+        for i in range(self.sizes.repeats):
+            for side, (_registry, _store, core) in enumerate(sides):
+                times[side].append(await self.ttft(core, f"fresh-{i}"))
+        registry = sides[0][0]
+        model = await registry.get("office")
+        events = [a.event for a in model.scheduler.admissions][2:]  # type: ignore[attr-defined]
+        for registry, store, core in sides:
+            await core.memory.close()
+            registry.close()
+            await store.close()
+        shared, unshared = statistics.median(times[0]), statistics.median(times[1])
+        results.update(
+            ttft_fresh_s=round(shared, 4),
+            ttft_fresh_unshared_s=round(unshared, 4),
+            ttft_fresh_shared_over_unshared=round(shared / unshared, 3),
+        )
+        log(
+            f"fresh conversations: shared beginning {[round(t, 3) for t in times[0]]} s "
+            f"({events.count('shared')} of {len(events)} started from it), "
+            f"without {[round(t, 3) for t in times[1]]} s"
+        )
+
     async def prefix_hit_rate(self, results: dict[str, Any]) -> None:
         """Consecutive messages of one channel past the window, answered by the real model:
         the prompt tokens that llama.cpp already held (its own count), per turn."""
@@ -402,6 +432,7 @@ async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
         await bench.generation_speed(results)
         await bench.prefix_hit_rate(results)
         await bench.first_token_figures(results)
+        await bench.fresh_first_tokens(results)
         for parallel in (1, PARALLEL):  # the serial path, then the batched one
             await concurrency(bench, parallel, results)
         results["sixteen_channels_worst_over_p50"] = round(

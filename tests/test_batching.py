@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from ai_model.batched import BatchedModel
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.local import LocalModel
+from ai_model.parking import SavedState
+from ai_model.prefixes import SharedPrefixes
 from ai_model.templates import encode
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, ReplyKind
@@ -314,3 +317,57 @@ async def test_a_request_that_cannot_be_admitted_fails_alone(
         assert (await reply(model, prompt(model, *CONVERSATIONS[2]), "next")).strip()
     finally:
         model.close()
+
+
+SYSTEM = (
+    "You are a helpful, concise office assistant in a team chat. Answer clearly and politely. "
+    "When several people talk to you, each of their messages starts with their name."
+)
+# Users whose messages begin alike: a shared beginning must still stop before their text.
+ALIKE = "Ann: Please summarise the quarterly report for the board, in three short bullet points, "
+FRESH = [ALIKE + "about sales.", ALIKE + "about hiring.", ALIKE + "about costs.", "Bob: Hello!"]
+
+
+def with_system(model: Any, text: str) -> list[int]:
+    pieces = [*model.template.turn("system", SYSTEM), *model.template.turn("user", text)]
+    return [*model.bos, *encode((*pieces, *model.template.generation_prompt()), model)]
+
+
+async def test_fresh_conversations_start_from_the_beginning_others_shared(tmp_path: Path) -> None:
+    model = await load(tmp_path, parallel=2, state_dir="")
+    plain = await load(tmp_path, parallel=2, state_dir="", shared_prefix_mb=0)
+    system_part = len([*model.bos, *encode(model.template.turn("system", SYSTEM), model)])
+    try:
+        prompts = [with_system(model, text) for text in FRESH]
+        short = replace(SAMPLING, max_tokens=16)
+        replies = [await reply(model, p, f"fresh-{i}", short) for i, p in enumerate(prompts)]
+        events = list(model.scheduler.admissions)
+        unshared = [await reply(plain, p, f"fresh-{i}", short) for i, p in enumerate(prompts)]
+        plain_events = list(plain.scheduler.admissions)
+    finally:
+        model.close()
+        plain.close()
+    # The first two are evaluated whole; from the third on, only what is their own.
+    assert [e.event for e in events] == ["cold", "cold", "shared", "shared"]
+    assert [e.event for e in plain_events] == ["cold"] * 4
+    # The shared part is the system turn and the next turn's opening control token: never the
+    # users' text, though the first three messages begin with the same words.
+    assert all(e.reused == system_part + 1 for e in events[2:])
+    assert events[2].computed == len(prompts[2]) - system_part - 1
+    assert replies == unshared and all(r.strip() for r in replies)
+
+
+def test_shared_beginnings_end_at_a_turn_and_come_from_other_conversations() -> None:
+    control = {0, 50}  # token ids standing for chat markup
+    shared = SharedPrefixes(10_000, lambda t: t in control)
+    base = [0, *range(1, 50), 50, *range(51, 60)]  # a turn boundary after token 50
+    assert shared.boundary("a", [*base, 100, 101]) == 0  # nothing to compare with yet
+    assert shared.boundary("a", [*base, 102, 103]) == 0  # its own earlier prompt does not count
+    assert shared.boundary("b", [*base, 104]) == 51  # cut back to the control token
+    shared.add(SavedState(tuple(base[:51]), bytearray(6_000)))
+    assert shared.boundary("c", [*base, 105]) == 0  # already held
+    found = shared.find([*base[:40], 7, 7])
+    assert found is not None and found.tokens == tuple(base[:51])  # cut at 40 when loaded
+    assert shared.find([*base[:20], 9]) is None  # too little in common to be worth it
+    shared.add(SavedState(tuple(range(200, 260)), bytearray(6_000)))  # past the budget
+    assert shared.find([*base, 1]) is None and shared.nbytes == 6_000

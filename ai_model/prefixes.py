@@ -1,0 +1,77 @@
+"""Prompt beginnings that fresh conversations share: the system prompt, a character card.
+
+Most new conversations begin like others did.  The batched scheduler notes the beginning of each
+fresh prompt it evaluates (one with nothing resident or parked for it).  Once a fresh prompt
+begins with at least ``MIN_USEFUL_PREFIX`` tokens that another conversation's fresh prompt also
+began with, the scheduler evaluates that shared part in a chunk of its own and keeps a copy of
+the sequence's state here.  Later fresh conversations beginning the same way start from that
+copy and evaluate only the rest, as llama-server's slots do with their cached prompts.
+
+Only whole turns are shared: a shared beginning ends right after a control token (a turn's chat
+markup), never inside a message's text.  So a fresh conversation's speed can tell a user no more
+than that some other conversation began with the same turns (usually the system prompt everyone
+gets).  A conversation's own earlier prompts never count as "another conversation".
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+
+from ai_model.parking import MIN_USEFUL_PREFIX, SavedState, common_prefix
+
+KEEP = 4  # shared beginnings held at once (least recently used goes first)
+REMEMBER = 16  # fresh prompts whose beginnings are compared with the next one
+COMPARED = 2048  # tokens of each such prompt that are kept for the comparison
+
+
+class SharedPrefixes:
+    """Copies of sequence states holding only a beginning that fresh prompts share."""
+
+    def __init__(self, max_bytes: int, is_control: Callable[[int], bool]) -> None:
+        self.max_bytes = max_bytes
+        self._is_control = is_control
+        self._states: OrderedDict[tuple[int, ...], SavedState] = OrderedDict()
+        self._recent: deque[tuple[str | None, tuple[int, ...]]] = deque(maxlen=REMEMBER)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._states.values())
+
+    def find(self, prompt: Sequence[int]) -> SavedState | None:
+        """The held beginning sharing the most with ``prompt`` (the prompt's last token is
+        always evaluated again, for its logits), if it shares enough to be worth loading."""
+        best, most = None, MIN_USEFUL_PREFIX - 1
+        for state in self._states.values():
+            n = min(common_prefix(state.tokens, prompt), len(prompt) - 1)
+            if n > most:
+                best, most = state, n
+        if best is not None:
+            self._states.move_to_end(best.tokens)
+        return best
+
+    def boundary(self, key: str | None, prompt: Sequence[int]) -> int:
+        """Where to copy the state while ``prompt`` is evaluated (0: nowhere): the end of the
+        longest beginning it shares with another conversation's fresh prompt, cut back to a
+        turn boundary.  Notes ``prompt`` for the prompts after it."""
+        shared = 0
+        if self.max_bytes > 0:
+            for other_key, other in self._recent:
+                if key is None or other_key != key:
+                    shared = max(shared, common_prefix(other, prompt))
+        self._recent.append((key, tuple(prompt[:COMPARED])))
+        n = min(shared, len(prompt) - 1)
+        while n > 0 and not self._is_control(prompt[n - 1]):
+            n -= 1
+        if n < MIN_USEFUL_PREFIX or tuple(prompt[:n]) in self._states:
+            return 0
+        return n
+
+    def add(self, state: SavedState) -> None:
+        """Hold ``state``, dropping the least recently used ones past the budget."""
+        if state.nbytes > self.max_bytes:
+            return
+        self._states[state.tokens] = state
+        self._states.move_to_end(state.tokens)
+        while self.nbytes > self.max_bytes:
+            self._states.popitem(last=False)

@@ -412,6 +412,7 @@ class Bench:
             core_concurrent_channels=s.core_channels,
         )
         log(f"core: {results['core_msgs_per_s']} msgs/s, p99 {results['core_p99_ms']} ms")
+        await core.memory.close()  # as the app's drain does
         await store.close()
 
 

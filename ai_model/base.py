@@ -25,7 +25,9 @@ class ChatModel(Protocol):
     """A loaded model: its tokenizer, chat template and a streaming generator.
 
     ``stream`` is an async iterator of text pieces; implementations serve one generation at a
-    time and queue the rest fairly (first come, first served).
+    time and queue the rest fairly (first come, first served).  ``background`` marks work that
+    nobody waits for (a summary job): a backend that generates for several conversations at
+    once may evaluate its prompt in small steps, so that a reply starting meanwhile waits little.
     """
 
     name: str
@@ -47,4 +49,5 @@ class ChatModel(Protocol):
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]: ...

@@ -35,6 +35,7 @@ from ai_model.templates import (
 
 log = logging.getLogger(__name__)
 _backend = threading.Lock()
+BACKGROUND_CHUNK = 32  # prompt tokens per step of background work (summaries)
 
 
 def _init_backend() -> None:
@@ -197,6 +198,7 @@ class BatchedModel:
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         """Yield reply text pieces for the prompt ``tokens``; ``slot`` names the conversation,
         whose evaluated state is kept and reused."""
@@ -216,6 +218,8 @@ class BatchedModel:
             max_tokens=min(sampling.max_tokens, self.n_ctx - len(prompt)),
             emit=handoff.emit,
             cancel=handoff.cancel,
+            # A step never waits on more than this much of a background prompt.
+            prefill_chunk=BACKGROUND_CHUNK if background else None,
         )
         self.scheduler.submit(request)
         # Leaving sets the cancel flag, which frees the sequence at the scheduler's next step.

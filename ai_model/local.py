@@ -180,6 +180,7 @@ class LocalModel:
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         """Yield reply text pieces for the prompt ``tokens``, waiting for our turn first.
 

@@ -229,6 +229,7 @@ class RemoteModel:
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         """Yield reply text pieces; failures before the first piece are retried."""
         client, gate = self._client()

@@ -51,6 +51,7 @@ class Request:
     stops: tuple[str, ...]
     max_tokens: int
     emit: Callable[[object], None]
+    prefill_chunk: int | None = None  # prompt tokens per step, if fewer than the model's
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -385,9 +386,9 @@ class Scheduler:
         budget = self.n_batch - len(rows)
         prefill = []
         for seq in running:
-            if not seq.pending or budget <= 0:
+            if not seq.pending or budget <= 0 or seq.req is None:
                 continue
-            size = min(self.prefill_chunk, budget)
+            size = min(seq.req.prefill_chunk or self.prefill_chunk, self.prefill_chunk, budget)
             if seq.share_at > len(seq.tokens):  # the shared beginning ends a chunk
                 size = min(size, seq.share_at - len(seq.tokens))
             chunk = seq.pending[:size]

@@ -94,6 +94,7 @@ class ScriptedModel:
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         async with self._turn:
             if len(tokens) + sampling.max_tokens > self.n_ctx:

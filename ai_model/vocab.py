@@ -58,6 +58,7 @@ class VocabModel:
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         raise ModelError(f"{self.name} is loaded for its vocabulary only and cannot generate")
         yield ""  # pragma: no cover - makes this an async generator

@@ -331,14 +331,18 @@ class MemoryKeeper:
         content = f"Summary so far:\n{summary or '(nothing yet)'}\n\nNew messages:\n" + "\n".join(
             chunk
         )
-        return await generate(model, instructions.format(words=words), content, plan.budget)
+        return await generate(
+            model, instructions.format(words=words), content, plan.budget, background=True
+        )
 
     async def _shorten(self, model: ChatModel, plan: Plan, summary: str) -> str:
         for _ in range(SHORTEN_TRIES):
             if await asyncio.to_thread(_count, model, summary) <= plan.budget:
                 return summary
             words = max(20, int(plan.budget * 0.5))
-            summary = await generate(model, SHORTEN.format(words=words), summary, plan.budget)
+            summary = await generate(
+                model, SHORTEN.format(words=words), summary, plan.budget, background=True
+            )
         return summary  # still too long: cut to the budget before it is stored (_within)
 
 
@@ -393,7 +397,12 @@ def instructed_prompt(model: ChatModel, instructions: str, content: str) -> list
 
 
 async def generate(
-    model: ChatModel, instructions: str, content: str, max_tokens: int, seed: int = 11
+    model: ChatModel,
+    instructions: str,
+    content: str,
+    max_tokens: int,
+    seed: int = 11,
+    background: bool = False,
 ) -> str:
     """The whole answer to :func:`instructed_prompt` (tokenized off the event loop)."""
     tokens = await asyncio.to_thread(instructed_prompt, model, instructions, content)
@@ -402,6 +411,6 @@ async def generate(
         raise ModelError("the summary prompt does not fit the window")
     sampling = SamplingSettings(max_tokens=min(max_tokens, room), temperature=0.3, seed=seed)
     text = ""
-    async for piece in model.stream(tokens, sampling, ()):
+    async for piece in model.stream(tokens, sampling, (), background=background):
         text += piece
     return text.strip()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ai_model.base import GenerationError
-from ai_model.batched import BatchedModel
+from ai_model.batched import BACKGROUND_CHUNK, BatchedModel
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.local import LocalModel
@@ -24,6 +24,7 @@ from ai_model.templates import encode
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, ReplyKind
 from tests.test_window import sentence
+from tests.waiting import wait_until
 
 SAMPLING = SamplingSettings(max_tokens=40, seed=123, temperature=0.6)
 
@@ -248,9 +249,9 @@ async def test_the_window_holds_in_every_sequence(tmp_path: Path, make_core) -> 
     lengths: list[int] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
         lengths.append(len(tokens))
-        return original(tokens, sampling, stop, slot)
+        return original(tokens, sampling, stop, slot, background)
 
     model.stream = recording  # type: ignore[method-assign]
     core: ConversationCore = make_core(
@@ -371,3 +372,38 @@ def test_shared_beginnings_end_at_a_turn_and_come_from_other_conversations() -> 
     assert shared.find([*base[:20], 9]) is None  # too little in common to be worth it
     shared.add(SavedState(tuple(range(200, 260)), bytearray(6_000)))  # past the budget
     assert shared.find([*base, 1]) is None and shared.nbytes == 6_000
+
+
+async def test_background_work_is_evaluated_in_small_steps(tmp_path: Path) -> None:
+    """A summary job's long prompt never holds a reply that starts meanwhile for more than a
+    small step; a reply's own prompt still goes in full chunks."""
+    model = await load(tmp_path, parallel=2, n_ctx=2048, state_dir="")
+    rng = random.Random(5)
+    summary_job = prompt(model, "Ann: " + sentence(rng, 700) + " Summarise that.")
+    question = prompt(model, "Bob: " + sentence(rng, 60) + " What do you think?")
+    assert len(question) > BACKGROUND_CHUNK
+    try:
+        job = asyncio.create_task(
+            collect(model.stream(summary_job, SamplingSettings(max_tokens=4), background=True))
+        )
+        await wait_until(lambda: model.scheduler.steps)  # the job is being evaluated
+        answer = await reply(model, question, "b", SamplingSettings(max_tokens=4, seed=1))
+        await job
+    finally:
+        model.close()
+    seq_job = model.scheduler.admissions[0].seq
+    seq_b = next(adm.seq for adm in model.scheduler.admissions if adm.key == "b")
+    job_steps = [
+        dict(step.prefill)[seq_job]
+        for step in model.scheduler.steps
+        if dict(step.prefill).get(seq_job)
+    ]
+    b_steps = [
+        dict(step.prefill)[seq_b] for step in model.scheduler.steps if dict(step.prefill).get(seq_b)
+    ]
+    assert sum(job_steps) == len(summary_job) and max(job_steps) == BACKGROUND_CHUNK
+    assert b_steps == [len(question)] and answer.strip()
+
+
+async def collect(pieces: Any) -> str:
+    return "".join([piece async for piece in pieces])

@@ -65,9 +65,9 @@ async def test_routing_sends_roleplay_to_the_character_model_and_work_to_office(
             model = await registry.get(role)
             original = model.stream
 
-            def stream(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+            def stream(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
                 served.append((role, model, model.detokenize(tokens)))  # type: ignore[attr-defined]
-                return original(tokens, sampling, stop, slot)
+                return original(tokens, sampling, stop, slot, background)
 
             model.stream = stream  # type: ignore[method-assign]
             return model
@@ -172,6 +172,7 @@ class FailingModel(ScriptedModel):
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         yield "Half a th"
         raise GenerationError("llama_decode returned -1")

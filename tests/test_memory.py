@@ -51,6 +51,7 @@ class Tracking(ScriptedModel):
         sampling: SamplingSettings,
         stop: Sequence[str] = (),
         slot: str | None = None,
+        background: bool = False,
     ) -> AsyncIterator[str]:
         kind = "reply" if slot is not None else "summary"
         if kind == "summary":
@@ -160,10 +161,10 @@ async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summa
     prompts: list[list[int]] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
         if slot is not None:
             prompts.append(list(tokens))
-        return original(tokens, sampling, stop, slot)
+        return original(tokens, sampling, stop, slot, background)
 
     model.stream = recording  # type: ignore[method-assign]
     core = ConversationCore(
@@ -228,9 +229,9 @@ async def test_edits_and_deletions_reach_the_real_model_and_keep_the_prefix_befo
     prompts: list[str] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
         prompts.append(model.detokenize(tokens))  # type: ignore[attr-defined]
-        return original(tokens, sampling, stop, slot)
+        return original(tokens, sampling, stop, slot, background)
 
     model.stream = recording  # type: ignore[method-assign]
     core = ConversationCore(
@@ -288,9 +289,9 @@ async def test_continue_lengthens_the_same_telegram_message_and_the_note_sits_at
     prompts: list[list[int]] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
         prompts.append(list(tokens))
-        return original(tokens, sampling, stop, slot)
+        return original(tokens, sampling, stop, slot, background)
 
     model.stream = recording  # type: ignore[method-assign]
     core = ConversationCore(

@@ -105,9 +105,9 @@ async def test_the_real_model_answers_a_conversation_that_outgrows_its_window(
     prompts: list[int] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
         prompts.append(len(tokens))
-        return original(tokens, sampling, stop, slot)
+        return original(tokens, sampling, stop, slot, background)
 
     model.stream = recording  # type: ignore[method-assign]
     core: ConversationCore = make_core(

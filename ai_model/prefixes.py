@@ -54,11 +54,12 @@ class SharedPrefixes:
         """Where to copy the state while ``prompt`` is evaluated (0: nowhere): the end of the
         longest beginning it shares with another conversation's fresh prompt, cut back to a
         turn boundary.  Notes ``prompt`` for the prompts after it."""
+        if self.max_bytes <= 0:  # off: nothing is noted either
+            return 0
         shared = 0
-        if self.max_bytes > 0:
-            for other_key, other in self._recent:
-                if key is None or other_key != key:
-                    shared = max(shared, common_prefix(other, prompt))
+        for other_key, other in self._recent:
+            if key is None or other_key != key:
+                shared = max(shared, common_prefix(other, prompt))
         self._recent.append((key, tuple(prompt[:COMPARED])))
         n = min(shared, len(prompt) - 1)
         while n > 0 and not self._is_control(prompt[n - 1]):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 
 from ai_model.base import ModelError
@@ -50,23 +50,20 @@ class Continuation(PromptBuilding):
         reply's last token, reusing what is evaluated, and the stored reply grows.  Snapshots
         carry the whole text, so adapters edit the reply's platform messages (see
         :meth:`last_reply_pieces`) and add one when it outgrows the limit."""
-        refused, ticket = self._asked(platform, key, user_id)
-        if refused is not None:
-            yield refused
+        work = self._continue_last(platform, key, is_dm)
+        async for reply in self._in_turn(platform, key, user_id, work):
+            yield reply
+
+    async def _continue_last(
+        self, platform: str, key: str, is_dm: bool
+    ) -> AsyncGenerator[OutgoingReply, None]:
+        conv = await self.conversation(platform, key)
+        last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
+        if last is None or last.reply_to_id is None:
+            yield self._notice(key, "There is no reply of mine to continue yet.")
             return
-        if ticket is None:
-            return
-        try:
-            await ticket.wait()
-            conv = await self.conversation(platform, key)
-            last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
-            if last is None or last.reply_to_id is None:
-                yield self._notice(key, "There is no reply of mine to continue yet.")
-                return
-            async for reply in self._continue(conv, last, is_dm):
-                yield reply
-        finally:
-            ticket.release()
+        async for reply in self._continue(conv, last, is_dm):
+            yield reply
 
     async def _continue(
         self, conv: Conversation, last: StoredMessage, is_dm: bool

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -270,21 +270,37 @@ class ConversationState:
         finally:
             ticket.release()
 
-    def _asked(
-        self, platform: str, key: str, user_id: str | None
-    ) -> tuple[OutgoingReply | None, Ticket | None]:
-        """A command that makes the model write (``user_id`` asked; None: the bot itself):
-        the notice refusing it under the fair-share rules, or its place in the queue.  Both
-        None: dropped quietly (the sender was told before that they are over the limit)."""
+    async def _in_turn(
+        self,
+        platform: str,
+        key: str,
+        user_id: str | None,
+        work: AsyncGenerator[OutgoingReply, None],
+    ) -> AsyncIterator[OutgoingReply]:
+        """Run ``work``, a command that makes the model write (``user_id`` asked; None: the bot
+        itself), in the conversation's answering queue under the fair-share rules, or say why
+        not.  ``work`` has not started yet: refused, it never runs."""
         user_key = None
-        if user_id is not None:
-            allowed, notice = self.admit(platform, user_id)
-            if not allowed:
-                return (self._notice(key, notice) if notice else None), None
-            user_key = f"{platform}:{user_id}"
-            if refusal := self._queue_refusal(key, user_key):
-                return self._notice(key, refusal), None
-        return None, self._ticket(key, user_key)
+        try:
+            if user_id is not None:
+                allowed, notice = self.admit(platform, user_id)
+                if not allowed:
+                    if notice:  # otherwise they were told before: dropped quietly
+                        yield self._notice(key, notice)
+                    return
+                user_key = f"{platform}:{user_id}"
+                if refusal := self._queue_refusal(key, user_key):
+                    yield self._notice(key, refusal)
+                    return
+            ticket = self._ticket(key, user_key)
+            try:
+                await ticket.wait()
+                async for reply in work:
+                    yield reply
+            finally:
+                ticket.release()
+        finally:
+            await work.aclose()
 
     def _queue_refusal(self, key: str, user: str) -> str | None:
         """Why a new answer may not be queued for ``user`` in ``key`` now (None: it may)."""

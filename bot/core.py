@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from ai_model.base import ChatModel, ModelError
@@ -264,35 +264,27 @@ class ConversationCore(ConversationCommands, FollowsEdits, Summaries, Continuati
         The old version stays the one in context until the new one is stored, so a failed
         generation loses nothing.  ``user_id`` (who asked) is held to the fair-share limits.
         """
-        refused, ticket = self._asked(platform, key, user_id)
-        if refused is not None:
-            yield refused
+        work = self._regenerate_last(platform, key, is_dm)
+        async for reply in self._in_turn(platform, key, user_id, work):
+            yield reply
+
+    async def _regenerate_last(
+        self, platform: str, key: str, is_dm: bool
+    ) -> AsyncGenerator[OutgoingReply, None]:
+        conv = await self.conversation(platform, key)
+        last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
+        if last is None:
+            yield self._notice(key, "There is no reply of mine to regenerate yet.")
             return
-        if ticket is None:
+        if last.reply_to_id is None:  # a greeting: its versions come from the card
+            yield await self._swipe(platform, key, 1)
             return
-        try:
-            await ticket.wait()
-            conv = await self.conversation(platform, key)
-            last = await self.store.last_reply(conv.id, after_id=conv.reset_after_id)
-            if last is None:
-                yield OutgoingReply(
-                    key,
-                    "There is no reply of mine to regenerate yet.",
-                    final=True,
-                    kind=ReplyKind.NOTICE,
-                )
-                return
-            if last.reply_to_id is None:  # a greeting: its versions come from the card
-                yield await self._swipe(platform, key, 1)
-                return
-            char = self.characters.find(last.author_name) if last.author_name else None
-            mode = self.mode_of(conv, is_dm)
-            async for reply in self._answer(
-                key, mode, last.reply_to_id, char, None, swipe_of=last.swipe_group
-            ):
-                yield reply
-        finally:
-            ticket.release()
+        char = self.characters.find(last.author_name) if last.author_name else None
+        mode = self.mode_of(conv, is_dm)
+        async for reply in self._answer(
+            key, mode, last.reply_to_id, char, None, swipe_of=last.swipe_group
+        ):
+            yield reply
 
     async def _answer(
         self,

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
 from bot.conversations import ConversationState
 from bot.memory import chunk_lines, generate, instructed_prompt, transcript_line
 from bot.messages import OutgoingReply
-from storage.store import STORAGE_ERRORS, StoredMessage
+from storage.store import STORAGE_ERRORS, Conversation, StoredMessage
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +51,22 @@ class Summaries(ConversationState):
         if count and (not count.isdigit() or not 1 <= int(count) <= MAX_MESSAGES):
             yield self._notice(key, f"Give a number of messages from 1 to {MAX_MESSAGES}.")
             return
-        refused, ticket = self._asked(platform, key, user_id)
-        if refused is not None:
-            yield refused
-            return
-        if ticket is None:
-            return
+        async for reply in self._in_turn(platform, key, user_id, self._summary(conv, count)):
+            yield reply
+
+    async def _summary(self, conv: Conversation, count: str) -> AsyncGenerator[OutgoingReply, None]:
+        key = conv.key
         try:
-            await ticket.wait()
-            try:
-                messages = await self._to_summarize(conv.id, conv.reset_after_id, count)
-            except STORAGE_ERRORS as exc:
-                log.error("could not read the messages of %s to summarize: %s", key, exc)
-                yield self._notice(key, "I could not read the messages; try again in a moment.")
-                return
-            if not messages:
-                yield self._notice(key, "There is nothing new to summarize since my last reply.")
-                return
-            async for reply in self._map_reduce(key, [transcript_line(m) for m in messages]):
-                yield reply
-        finally:
-            ticket.release()
+            messages = await self._to_summarize(conv.id, conv.reset_after_id, count)
+        except STORAGE_ERRORS as exc:
+            log.error("could not read the messages of %s to summarize: %s", key, exc)
+            yield self._notice(key, "I could not read the messages; try again in a moment.")
+            return
+        if not messages:
+            yield self._notice(key, "There is nothing new to summarize since my last reply.")
+            return
+        async for reply in self._map_reduce(key, [transcript_line(m) for m in messages]):
+            yield reply
 
     async def _to_summarize(
         self, conversation_id: int, reset: int, count: str

@@ -21,13 +21,18 @@ class GenerationError(ModelError):
     """llama.cpp failed while generating a reply."""
 
 
+BACKGROUND_CHUNK = 32  # prompt tokens per step of background work (summaries)
+
+
 class ChatModel(Protocol):
     """A loaded model: its tokenizer, chat template and a streaming generator.
 
     ``stream`` is an async iterator of text pieces; implementations serve one generation at a
     time and queue the rest fairly (first come, first served).  ``background`` marks work that
-    nobody waits for (a summary job): a backend that generates for several conversations at
-    once may evaluate its prompt in small steps, so that a reply starting meanwhile waits little.
+    nobody waits for (a summary job): the in-process backends evaluate its prompt in steps of
+    :data:`BACKGROUND_CHUNK` tokens and stop between them once the consumer stops listening, so
+    that a reply starting meanwhile waits for one small step, not for the whole prompt (a
+    remote server schedules its own work).
     """
 
     name: str

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ai_model.base import GenerationError, ModelError
+from ai_model.base import BACKGROUND_CHUNK, GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import Handoff
 from ai_model.local import _llama_kwargs, special_token_check, state_fingerprint
@@ -35,7 +35,6 @@ from ai_model.templates import (
 
 log = logging.getLogger(__name__)
 _backend = threading.Lock()
-BACKGROUND_CHUNK = 32  # prompt tokens per step of background work (summaries)
 
 
 def _init_backend() -> None:

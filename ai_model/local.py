@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -13,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ai_model.base import ModelError
+from ai_model.base import BACKGROUND_CHUNK, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import DONE, Handoff
 from ai_model.slots import SlotPool
@@ -195,6 +196,8 @@ class LocalModel:
         def work() -> None:
             try:
                 self.slots.activate(slot, prompt)
+                if background and not self._prefill(prompt, cancel):
+                    return  # nobody listens any more: the reply waiting for the turn goes next
                 chunks = self._completion(prompt, sampling, stops)
                 for chunk in chunks:
                     if cancel.is_set():
@@ -226,6 +229,29 @@ class LocalModel:
         job.add_done_callback(lambda _: self._turn.release())
         async for piece in handoff.pieces():
             yield piece
+
+    def _prefill(self, prompt: list[int], cancel: threading.Event) -> bool:
+        """Evaluate all but the last token of ``prompt`` in small steps, stopping early once
+        ``cancel`` is set; return whether it got to the end (blocking; on the model's thread).
+
+        ``create_completion`` evaluates a prompt in one call that cannot be interrupted: a
+        summary's 2,000-token prompt would hold every reply queued behind it for seconds on a
+        CPU.  After this, it finds the prompt cached but for its last token.
+        """
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens]
+        end = len(prompt) - 1
+        done = 0
+        while done < min(end, len(cached)) and cached[done] == prompt[done]:
+            done += 1
+        llm.n_tokens = done  # eval() drops the cache from here on
+        while done < end:
+            if cancel.is_set():
+                return False
+            step = prompt[done : min(end, done + BACKGROUND_CHUNK)]
+            llm.eval(step)
+            done += len(step)
+        return not cancel.is_set()
 
     def raw_token_times(self, tokens: Sequence[int], sampling: SamplingSettings) -> list[float]:
         """Blocking, for benchmarks: stream with ``llama_cpp.Llama`` directly, from an empty

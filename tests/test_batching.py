@@ -405,5 +405,45 @@ async def test_background_work_is_evaluated_in_small_steps(tmp_path: Path) -> No
     assert b_steps == [len(question)] and answer.strip()
 
 
+async def test_serial_background_work_stops_between_small_steps(
+    smollm: LocalModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the serial path too (one generation at a time), a summary job's long prompt goes in
+    small steps, and a job that stops (a reply needs the model) frees the model within a step:
+    the reply queued behind it does not wait for the rest of the job's prompt."""
+    rng = random.Random(6)
+    summary_job = prompt(smollm, "Ann: " + sentence(rng, 700) + " Summarise that.")
+    question = prompt(smollm, "Bob: " + sentence(rng, 40) + " What do you think?")
+    alone = await reply(smollm, question, "b", SamplingSettings(max_tokens=8, seed=1))
+    evaluated: list[tuple[str, int]] = []  # (who, how many tokens) per llama.cpp evaluation
+    who = ["job"]
+    real_eval = smollm.llama.eval
+
+    def eval_(tokens: Any) -> None:
+        evaluated.append((who[0], len(tokens)))
+        real_eval(tokens)
+
+    monkeypatch.setattr(smollm.llama, "eval", eval_)
+    job = asyncio.create_task(
+        collect(smollm.stream(summary_job, SamplingSettings(max_tokens=4), background=True))
+    )
+    await wait_until(lambda: evaluated)  # the job's prompt is being evaluated
+    answer = asyncio.create_task(
+        reply(smollm, question, "b", SamplingSettings(max_tokens=8, seed=1))
+    )
+    await asyncio.sleep(0)  # the reply is queued for the model's turn
+    job.cancel()  # what MemoryKeeper.make_room does when a reply starts
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
+    who[0] = "reply"
+    assert await answer == alone  # the reply did not notice the job
+    job_steps = [n for name, n in evaluated if name == "job"]
+    assert set(job_steps) == {BACKGROUND_CHUNK}  # small steps
+    assert sum(job_steps) <= len(summary_job) // 4  # stopped long before the end
+    assert [name for name, _ in evaluated] == ["job"] * len(job_steps) + ["reply"] * (
+        len(evaluated) - len(job_steps)
+    )
+
+
 async def collect(pieces: Any) -> str:
     return "".join([piece async for piece in pieces])

@@ -272,7 +272,12 @@ class Scheduler:
                 if seq.key == key:
                     return seq
         empty = [s for s in idle if not s.tokens]
-        return empty[0] if empty else min(idle, key=lambda s: s.used)
+        if empty:
+            return empty[0]
+        # What a request without a conversation (a summary job) left is of use to nobody: it
+        # goes before any conversation's state, which would have to be parked.
+        anonymous = [s for s in idle if s.key is None]
+        return min(anonymous or idle, key=lambda s: s.used)
 
     def _clear(self, seq: _Seq) -> None:
         import llama_cpp

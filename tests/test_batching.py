@@ -445,5 +445,28 @@ async def test_serial_background_work_stops_between_small_steps(
     )
 
 
+async def test_summary_jobs_reuse_their_own_sequence_not_a_conversations(
+    tmp_path: Path,
+) -> None:
+    """Work without a conversation (summary jobs) takes a sequence; once it has one, the next
+    job reuses it instead of parking another conversation."""
+    model = await load(tmp_path, parallel=2, n_ctx=2048, state_dir="")
+    short = SamplingSettings(max_tokens=4, seed=1)
+    try:
+        await reply(model, prompt(model, "Hello from a."), "a", short)
+        await reply(model, prompt(model, "Hello from b."), "b", short)
+        for n in range(3):
+            job = prompt(model, f"Summarise chapter {n}: the ship sailed north.")
+            await collect(model.stream(job, short, background=True))
+        await reply(model, prompt(model, "Hello from b.", "Hi.", "Still there?"), "b", short)
+    finally:
+        model.close()
+    events = [(adm.key, adm.event) for adm in model.scheduler.admissions]
+    assert events[:2] == [("a", "cold"), ("b", "cold")]
+    assert events[-1] == ("b", "resident")  # the jobs parked a (the least recent) and only a
+    job_seqs = {adm.seq for adm in model.scheduler.admissions if adm.key is None}
+    assert len(job_seqs) == 1
+
+
 async def collect(pieces: Any) -> str:
     return "".join([piece async for piece in pieces])

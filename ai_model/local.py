@@ -112,7 +112,12 @@ class LocalModel:
     ) -> None:
         self._llm = llm
         self.slots = SlotPool(
-            llm, cache_slots, state_dir, fingerprint, max_disk_bytes=state_dir_max_mb * 2**20
+            llm,
+            cache_slots,
+            state_dir,
+            fingerprint,
+            max_disk_bytes=state_dir_max_mb * 2**20,
+            is_control=special_token_check(llm),
         )
         self.name = name
         self.template = template

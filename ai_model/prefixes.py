@@ -25,6 +25,14 @@ REMEMBER = 16  # fresh prompts whose beginnings are compared with the next one
 COMPARED = 2048  # tokens of each such prompt that are kept for the comparison
 
 
+def whole_turns(n: int, prompt: Sequence[int], is_control: Callable[[int], bool]) -> int:
+    """``n`` cut back to end right after a control token of ``prompt`` (0 if none comes
+    before it): what another conversation may reuse never reaches into a message's text."""
+    while n > 0 and not is_control(prompt[n - 1]):
+        n -= 1
+    return n
+
+
 class SharedPrefixes:
     """Copies of sequence states holding only a beginning that fresh prompts share."""
 
@@ -61,9 +69,7 @@ class SharedPrefixes:
             if key is None or other_key != key:
                 shared = max(shared, common_prefix(other, prompt))
         self._recent.append((key, tuple(prompt[:COMPARED])))
-        n = min(shared, len(prompt) - 1)
-        while n > 0 and not self._is_control(prompt[n - 1]):
-            n -= 1
+        n = whole_turns(min(shared, len(prompt) - 1), prompt, self._is_control)
         if n < MIN_USEFUL_PREFIX or tuple(prompt[:n]) in self._states:
             return 0
         return n

@@ -3,9 +3,13 @@
 A loaded model keeps ``cache_slots`` llama.cpp contexts on the same weights, each with its own KV
 cache.  A conversation keeps its context while it is among the most recently used ones, so a
 message in channel B after one in channel A does not re-evaluate B's history, and switching costs
-nothing (the contexts are swapped, not copied).  With a ``state_dir``, the states are written to
-disk at shutdown and restored on first use after a restart, if they still match the model file,
-its settings and the prompt; a stale or corrupt file is ignored.
+nothing (the contexts are swapped, not copied).  A new conversation takes the least recently
+used context and keeps the whole turns its prompt shares with what that context held (in
+practice, the system part or character card everyone gets), so it evaluates only the rest; a
+shared part never reaches into a message's text (see :mod:`ai_model.prefixes`).  With a
+``state_dir``, the states are written to disk at shutdown and restored on first use after a
+restart, if they still match the model file, its settings and the prompt; a stale or corrupt
+file is ignored.
 
 Everything here runs on the model's single worker thread.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from ai_model.parking import (
     read_sequence,
     write_sequence,
 )
+from ai_model.prefixes import whole_turns
 
 __all__ = ["SlotPool", "common_prefix", "prune_states"]
 log = logging.getLogger(__name__)
@@ -55,8 +60,10 @@ class SlotPool:
         fingerprint: str,
         *,
         max_disk_bytes: int = 4096 * 2**20,
+        is_control: Callable[[int], bool] = lambda _token: False,
     ) -> None:
         self.llm = llm
+        self.is_control = is_control  # which tokens are chat markup (see _keep_shared_beginning)
         self.n_slots = max(1, n_slots)
         self.state_dir = state_dir
         self.files = StateFiles(state_dir, fingerprint, max_disk_bytes) if state_dir else None
@@ -91,6 +98,8 @@ class SlotPool:
             event = "cold"
             if self.files is not None and self._restore(slot, key, prompt):
                 event = "disk"
+            else:
+                self._keep_shared_beginning(slot, prompt)
         slot.used = time.monotonic()
         self._enter(slot)
         self.last_event = event
@@ -122,14 +131,22 @@ class SlotPool:
         )
         return _Slot(ctx, np.zeros_like(self.llm.input_ids), 0, True)
 
+    def _keep_shared_beginning(self, slot: _Slot, prompt: Sequence[int]) -> None:
+        """Keep of what ``slot`` held (another conversation) only the whole turns that
+        ``prompt`` begins with too; llama-cpp-python evaluates the rest."""
+        held = slot.input_ids[: slot.n_tokens].tolist()
+        n = whole_turns(min(common_prefix(held, prompt), len(prompt) - 1), prompt, self.is_control)
+        slot.n_tokens = n if n >= MIN_USEFUL_PREFIX else 0
+
     def _free_slot(self) -> _Slot:
         unused = [s for s in self.slots if s.key is None and s is not self.active]
         if unused:
             return unused[0]
         victim = min(self.slots, key=lambda s: s.used)
         log.info("state cache: evicting %s (least recently used)", victim.key)
-        victim.ctx.kv_cache_clear()
-        victim.n_tokens, victim.requires_eval, victim.key = 0, True, None
+        # Its evaluated tokens stay for now: the new conversation's prompt most likely begins
+        # with the same system part (or character card); see _keep_shared_beginning.
+        victim.requires_eval, victim.key = True, None
         return victim
 
     # -- disk ---------------------------------------------------------------------------------
@@ -160,6 +177,7 @@ class SlotPool:
         if not write_sequence(slot.ctx.ctx, 0, found):
             log.warning("llama.cpp refused the saved state of %s: ignored", key)
             slot.ctx.kv_cache_clear()
+            slot.n_tokens = 0
             return False
         slot.input_ids[: len(found.tokens)] = found.tokens
         slot.n_tokens, slot.requires_eval = len(found.tokens), True

@@ -143,3 +143,42 @@ async def test_the_next_prompt_reuses_the_reply_tokens_in_the_cache(
     assert produced
     # The second prompt matches what llama.cpp evaluated, through the whole generated reply.
     assert common_prefix(evaluated, seen[1]) == len(seen[0]) + len(produced)
+
+
+async def test_a_new_conversation_reuses_the_whole_turns_an_evicted_one_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new channel takes the least recently used context and keeps what its prompt shares
+    with it, cut back to a turn boundary: the system part, never a message's text."""
+    system = "You are Mira, the innkeeper of the Lantern. " * 4
+    words = "Ann: The quick brown fox jumps over the lazy dog near the old mill by the river."
+
+    def with_system(*turns: str) -> list[int]:
+        pieces = [*model.template.turn("system", system)]
+        for i, t in enumerate(turns):
+            pieces += model.template.turn(("user", "assistant")[i % 2], t)
+        return [*model.bos, *encode((*pieces, *model.template.generation_prompt()), model)]
+
+    model = await load(tmp_path, cache_slots=2, state_dir="")
+    try:
+        c_prompt = with_system(words + " Where is Bob?")
+        cold = await reply(model, c_prompt, "c")  # the reply with nothing reused
+        model.slots.active.ctx.kv_cache_clear()
+        model.llama.n_tokens = 0
+        await reply(model, with_system(words + " What time is it?"), "a")
+        await reply(model, with_system("Bob: Hello!"), "b")
+        evaluated: list[int] = []
+        real_eval = model.llama.eval
+        monkeypatch.setattr(model.llama, "eval", lambda t: (evaluated.append(len(t)), real_eval(t)))
+        again = await reply(model, c_prompt, "c2")  # a new channel: a's context is taken
+        assert model.slots.last_event == "cold"
+        system_turn = [*model.bos, *encode(model.template.turn("system", system), model)]
+        start = model.tokenize(b"<|im_start|>", False, True)
+    finally:
+        model.close()
+    assert again == cold and cold.strip()
+    assert c_prompt[: len(system_turn)] == system_turn
+    user_start = c_prompt.index(start[0], len(system_turn) - 1)
+    # Reused: the system turn and the next turn's opening markup, though "Ann: The quick ..."
+    # matched too; evaluated: the rest of the prompt.
+    assert evaluated[0] == len(c_prompt) - (user_start + 1)

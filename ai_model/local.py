@@ -17,7 +17,7 @@ from typing import Any
 from ai_model.base import BACKGROUND_CHUNK, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import DONE, Handoff
-from ai_model.slots import SlotPool
+from ai_model.slots import SlotPool, common_prefix
 from ai_model.templates import (
     ChatTemplate,
     UnknownTemplateError,
@@ -244,11 +244,8 @@ class LocalModel:
         CPU.  After this, it finds the prompt cached but for its last token.
         """
         llm = self._llm
-        cached = llm.input_ids[: llm.n_tokens]
         end = len(prompt) - 1
-        done = 0
-        while done < min(end, len(cached)) and cached[done] == prompt[done]:
-            done += 1
+        done = common_prefix(llm.input_ids[: llm.n_tokens], prompt[:end])
         llm.n_tokens = done  # eval() drops the cache from here on
         while done < end:
             if cancel.is_set():

@@ -75,10 +75,10 @@ class SharedPrefixes:
         return n
 
     def add(self, state: SavedState) -> None:
-        """Hold ``state``, dropping the least recently used ones past the budget."""
+        """Hold ``state``, dropping the least recently used ones past the budget or ``KEEP``."""
         if state.nbytes > self.max_bytes:
             return
         self._states[state.tokens] = state
         self._states.move_to_end(state.tokens)
-        while self.nbytes > self.max_bytes:
+        while self.nbytes > self.max_bytes or len(self._states) > KEEP:
             self._states.popitem(last=False)

@@ -292,8 +292,6 @@ class Scheduler:
         self._clear(seq)
 
     def _restore(self, seq: _Seq, key: str, prompt: Sequence[int]) -> str:
-        import llama_cpp
-
         found = self.parking.take(key)
         if found is None:
             return "cold"
@@ -301,32 +299,35 @@ class Scheduler:
         if common_prefix(state.tokens, prompt) < MIN_USEFUL_PREFIX:
             log.info("%s: the parked state of %s no longer matches: dropped", self.name, key)
             return "cold"
-        if not write_sequence(self._ctx.ctx, seq.id, state) or (
-            llama_cpp.llama_memory_seq_pos_max(self._mem, seq.id) + 1 != len(state.tokens)
-        ):
+        if not self._load(seq, state):
             log.warning("%s: llama.cpp refused the parked state of %s", self.name, key)
             self._clear(seq)
             return "cold"
-        seq.tokens = list(state.tokens)
         return tier
+
+    def _load(self, seq: _Seq, state: SavedState) -> bool:
+        """Write ``state`` into ``seq``'s cells; whether llama.cpp took all of it."""
+        import llama_cpp
+
+        if not write_sequence(self._ctx.ctx, seq.id, state) or (
+            llama_cpp.llama_memory_seq_pos_max(self._mem, seq.id) + 1 != len(state.tokens)
+        ):
+            return False
+        seq.tokens = list(state.tokens)
+        return True
 
     def _start_shared(self, seq: _Seq, key: str | None, prompt: Sequence[int]) -> str:
         """A fresh prompt: start from a beginning other conversations shared, if one is held,
         or plan to keep a copy of the one it shares with them (see :mod:`ai_model.prefixes`)."""
-        import llama_cpp
-
         state = self.shared.find(prompt)
         if state is None:
             seq.share_at = self.shared.boundary(key, prompt)
             return "cold"
-        if not write_sequence(self._ctx.ctx, seq.id, state) or (
-            llama_cpp.llama_memory_seq_pos_max(self._mem, seq.id) + 1 != len(state.tokens)
-        ):
+        if not self._load(seq, state):  # _admit cuts what it loaded to what the prompt shares
             log.warning("%s: llama.cpp refused a shared beginning", self.name)
             self._clear(seq)
             seq.key = key
             return "cold"
-        seq.tokens = list(state.tokens)  # _admit cuts it to what the prompt shares
         return "shared"
 
     def _admit(self, req: Request) -> None:

@@ -19,7 +19,7 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.local import LocalModel
 from ai_model.parking import SavedState
-from ai_model.prefixes import SharedPrefixes
+from ai_model.prefixes import KEEP, SharedPrefixes
 from ai_model.templates import encode
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, ReplyKind
@@ -372,6 +372,11 @@ def test_shared_beginnings_end_at_a_turn_and_come_from_other_conversations() -> 
     assert shared.find([*base[:20], 9]) is None  # too little in common to be worth it
     shared.add(SavedState(tuple(range(200, 260)), bytearray(6_000)))  # past the budget
     assert shared.find([*base, 1]) is None and shared.nbytes == 6_000
+    roomy = SharedPrefixes(10**9, lambda t: t in control)
+    for n in range(KEEP + 2):  # more beginnings than are held: the oldest go first
+        roomy.add(SavedState(tuple(range(1000 * n, 1000 * n + 40)), bytearray(10)))
+    assert roomy.nbytes == KEEP * 10
+    assert roomy.find([*range(0, 40), 1]) is None and roomy.find([*range(5000, 5040), 1])
 
 
 async def test_background_work_is_evaluated_in_small_steps(tmp_path: Path) -> None:

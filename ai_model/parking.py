@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import struct
 import zlib
@@ -52,12 +53,28 @@ class SavedState:
         return len(self.data)
 
 
+def state_buffer(size: int) -> Any:
+    """A writable ctypes byte array of ``size`` bytes for a state, its memory mapped at once.
+
+    A state runs to hundreds of MB.  A plain ctypes array zero-fills it, faulting its pages in
+    one at a time (about 0.1 s for 138 MB on 2 cores); an anonymous mapping populated in one
+    call takes half of that, and its pages come zeroed from the kernel.  Freed (unmapped) with
+    the array.
+    """
+    populate = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere the pages fault in on use
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    if anonymous is None or size <= 0:  # Windows has no flags argument
+        return (ctypes.c_uint8 * size)()
+    area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | anonymous | populate)
+    return (ctypes.c_uint8 * size).from_buffer(area)  # the array keeps ``area`` alive
+
+
 def read_sequence(ctx: Any, seq_id: int, tokens: Sequence[int]) -> SavedState:
     """Copy sequence ``seq_id`` of the llama.cpp context ``ctx`` out of it."""
     import llama_cpp
 
     size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
-    buffer = (ctypes.c_uint8 * size)()
+    buffer = state_buffer(size)
     written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id)
     if written != size:
         buffer = (ctypes.c_uint8 * written).from_buffer_copy(buffer, 0)
@@ -132,7 +149,7 @@ class StateFiles:
                 state_size = size - len(MAGIC) - 4 - length - 4 * n
                 if len(tokens) != 4 * n or state_size <= 0:
                     raise ValueError("truncated")
-                data = (ctypes.c_uint8 * state_size)()
+                data = state_buffer(state_size)
                 if src.readinto(data) != state_size:
                     raise ValueError("truncated")
         except FileNotFoundError:

@@ -175,7 +175,9 @@ class ConsoleAdapter:
         elif name == "/mode":
             mode = parse_mode(arg)
             if mode is None:
-                self._write("Usage: /mode roleplay|work\n")
+                now = await self.core.who_am_i(PLATFORM, self.key, is_dm=True)
+                wrong = "That is not a mode. " if arg.strip() else ""
+                self._write(f"{wrong}{now} Usage: /mode roleplay|work\n")
             else:
                 await self.core.set_mode(PLATFORM, self.key, mode)
                 self._write(f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers now.\n")

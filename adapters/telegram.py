@@ -563,9 +563,14 @@ class TelegramAdapter:
     async def _cmd_mode(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:
             return
-        mode = parse_mode(" ".join(ctx.args or []))
+        asked = " ".join(ctx.args or []).strip()
+        mode = parse_mode(asked)
         if mode is None:
-            await self._say(message, "Usage: /mode roleplay or /mode work")
+            key = conversation_key(message.chat_id)
+            is_dm = message.chat.type == ChatType.PRIVATE
+            now = await self.core.who_am_i(PLATFORM, key, is_dm)
+            wrong = "That is not a mode. " if asked else ""
+            await self._say(message, f"{wrong}{now} Usage: /mode roleplay or /mode work")
             return
         if await self._refuse_unless_admin(message, "change the mode"):
             return

@@ -222,13 +222,16 @@ class ConversationCommands(ConversationState):
             parts.append("No pinned facts; /remember <fact> pins one.")
         return "\n\n".join(parts)
 
-    async def help_text(self, platform: str, key: str, is_dm: bool) -> str:
+    async def who_am_i(self, platform: str, key: str, is_dm: bool) -> str:
+        """One sentence: this conversation's mode and who answers in it."""
         conv = await self.conversation(platform, key)
         if self.mode_of(conv, is_dm) == "roleplay":
             names = ", ".join(c.display_name for c in self.cast_of(conv))
-            who = f"I play {names} (roleplay mode)."
-        else:
-            who = "I am the office assistant here (work mode)."
+            return f"I play {names} (roleplay mode)."
+        return "I am the office assistant here (work mode)."
+
+    async def help_text(self, platform: str, key: str, is_dm: bool) -> str:
+        who = await self.who_am_i(platform, key, is_dm)
         return (
             f"{who}\n"
             "Commands:\n"

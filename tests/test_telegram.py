@@ -147,6 +147,13 @@ async def test_group_mode_and_character_need_an_admin(bot: Callable[..., Any]) -
     server.push(GROUP, BOB, "Bob", "/start")
     await wait_reply_count(server, GROUP, 8)
     assert "Welcome to the Lantern Inn" in last_text(server, GROUP)  # the character's greeting
+    # Anyone may ask which mode the group is in; a word that names no mode changes nothing.
+    server.push(GROUP, BOB, "Bob", "/mode")
+    await wait_reply_count(server, GROUP, 9)
+    assert last_text(server, GROUP).startswith("I play Mira (roleplay mode). Usage: /mode")
+    server.push(GROUP, ANN, "Ann", "/mode dance")
+    await wait_reply_count(server, GROUP, 10)
+    assert last_text(server, GROUP).startswith("That is not a mode. I play Mira (roleplay mode).")
     conv = await core.conversation("telegram", f"telegram:{GROUP}")
     assert conv.mode == "roleplay"
 

@@ -527,14 +527,24 @@ class DiscordAdapter:
             )
             await self._stream(interaction.channel, replies, InteractionSink(interaction))
 
-        @tree.command(name="mode", description="Set this channel's mode (admins)")
+        @tree.command(name="mode", description="Show this channel's mode, or set it (admins)")
         @app_commands.choices(
             mode=[
                 app_commands.Choice(name="roleplay", value="roleplay"),
                 app_commands.Choice(name="work", value="work"),
             ]
         )
-        async def mode(interaction: discord.Interaction, mode: app_commands.Choice[str]) -> None:
+        async def mode(
+            interaction: discord.Interaction, mode: app_commands.Choice[str] | None = None
+        ) -> None:
+            if mode is None:  # anyone may ask
+                now = await self.core.who_am_i(
+                    PLATFORM, self._key(interaction), interaction.guild is None
+                )
+                await interaction.response.send_message(
+                    f"{now} Admins switch it with /mode roleplay or /mode work.", ephemeral=True
+                )
+                return
             if not self.is_admin(interaction):
                 await self._refuse(interaction, "change the mode")
                 return

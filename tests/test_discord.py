@@ -103,6 +103,10 @@ def sub(name: str, *options: dict[str, Any]) -> list[dict[str, Any]]:
 
 async def test_mode_needs_manage_channels_and_opens_the_scene(bot: Callable[..., Any]) -> None:
     server, _, _, core = await bot()
+    token = await server.command(CHANNEL_ROLEPLAY, BOB, "mode", [])  # anyone may ask
+    await server.wait_for(lambda: server.responses(token))
+    shown = server.responses(token)[0]
+    assert shown.ephemeral and shown.content.startswith("I am the office assistant here (work")
     token = await server.command(CHANNEL_ROLEPLAY, BOB, "mode", [opt("mode", "roleplay")])
     await server.wait_for(lambda: server.responses(token))
     refusal = server.responses(token)[0]

@@ -17,7 +17,7 @@ from bot.lorebook import Lorebook, LoreEntry, activate
 from bot.memory import fit_memory, memory_text
 from bot.prompt import TurnEncoder, Window, clean_name, fit_window
 from bot.scene import example_text, post_history_text, stop_strings, story_text
-from storage.store import USER, StoredMessage
+from storage.records import USER, StoredMessage
 
 RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings
 LORE_SCAN = 10  # messages handed to the lorebook (each book applies its own scan depth)

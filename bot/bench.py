@@ -33,7 +33,7 @@ from bot.core import ConversationCore
 from bot.messages import IncomingMessage
 from bot.settings import Settings
 from storage import Store, open_database
-from storage.store import ASSISTANT, USER
+from storage.records import ASSISTANT, USER
 
 TARGETS = {
     "concurrent4_worst_ttft_over_single": ("<=", 2.0),

@@ -17,7 +17,7 @@ from bot.memory import MAX_FACT_CHARS, MAX_FACTS, MAX_NOTE_CHARS
 from bot.messages import OutgoingReply, ReplyKind
 from bot.prompt import clean_name
 from bot.settings import Mode
-from storage.store import ASSISTANT, Conversation, StoredMessage
+from storage.records import ASSISTANT, Conversation, StoredMessage
 
 MAX_CAST = 8  # characters in one scene; further names are ignored
 MAX_PERSONA_CHARS = 500

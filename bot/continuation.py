@@ -20,7 +20,8 @@ from bot.messages import OutgoingReply
 from bot.prompt import PromptTooLong
 from bot.prompting import PromptBuilding
 from bot.settings import ROLE_FOR_MODE
-from storage.store import STORAGE_ERRORS, Conversation, StoredMessage
+from storage.records import Conversation, StoredMessage
+from storage.store import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 

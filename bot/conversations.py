@@ -30,7 +30,8 @@ from bot.memory import MemoryKeeper
 from bot.messages import OutgoingReply, ReplyKind
 from bot.prompt import TurnEncoder
 from bot.settings import Mode, Settings, parse_mode
-from storage.store import Conversation, Store, StoredMessage
+from storage.records import Conversation, StoredMessage
+from storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -29,17 +29,17 @@ from bot.prompt import PromptTooLong, clean_name
 from bot.scene import choose_speakers, clean_reply, strip_name_tag
 from bot.settings import ROLE_FOR_MODE, Mode
 from bot.summarize import Summaries
-from storage.store import (
+from storage.records import (
     ANSWERING,
     ASSISTANT,
     FAILED,
     NOTICE,
     RECEIVED,
-    STORAGE_ERRORS,
     USER,
     Conversation,
     StoredMessage,
 )
+from storage.store import STORAGE_ERRORS
 
 __all__ = ["APOLOGY", "ConversationCore", "ModelProvider"]
 

@@ -17,7 +17,8 @@ from bot.conversations import ConversationState
 from bot.fairness import LruDict
 from bot.limits import clean_text
 from bot.messages import OutgoingReply
-from storage.store import STORAGE_ERRORS, USER, Conversation
+from storage.records import USER, Conversation
+from storage.store import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import bisect
 from collections import OrderedDict
 
-from storage.store import Conversation, Store, StoredMessage
+from storage.records import Conversation, StoredMessage
+from storage.store import Store
 
 
 def position(message: StoredMessage) -> tuple[int, int]:

@@ -27,7 +27,8 @@ from ai_model.config import SamplingSettings
 from ai_model.templates import encode
 from bot.fairness import LruDict
 from bot.prompt import Window, clean_name
-from storage.store import ASSISTANT, STORAGE_ERRORS, Store, StoredMessage, Summary
+from storage.records import ASSISTANT, StoredMessage, Summary
+from storage.store import STORAGE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ai_model.templates import ChatTemplate, Piece, Tokenizer, encode
-from storage.store import ASSISTANT, StoredMessage
+from storage.records import ASSISTANT, StoredMessage
 
 MAX_NAME_CHARS = 64
 _NAME_JUNK = re.compile(r"[\s:]+")

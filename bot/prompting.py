@@ -22,7 +22,7 @@ from bot.lorebook import match_entries
 from bot.memory import MIN_FACT_BUDGET, Plan, next_boundary
 from bot.prompt import clean_name
 from bot.settings import ROLE_FOR_MODE, Mode
-from storage.store import USER, Conversation
+from storage.records import USER, Conversation
 
 
 class PromptBuilding(ConversationState):

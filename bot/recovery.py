@@ -25,7 +25,8 @@ from typing import Any
 from bot.conversations import Ticket
 from bot.core import ConversationCore
 from bot.messages import OutgoingReply, ReplyKind
-from storage.store import ANSWERED, FAILED, STORAGE_ERRORS, Unanswered
+from storage.records import ANSWERED, FAILED, Unanswered
+from storage.store import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from ai_model.config import SamplingSettings
 from bot.conversations import ConversationState
 from bot.memory import chunk_lines, generate, instructed_prompt, transcript_line
 from bot.messages import OutgoingReply
-from storage.store import STORAGE_ERRORS, Conversation, StoredMessage
+from storage.records import Conversation, StoredMessage
+from storage.store import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -16,20 +16,22 @@ from sqlalchemy import Row, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from storage.records import (
+    ANSWERED,
+    ASSISTANT,
+    FAILED,
+    OPEN_STATES,
+    USER,
+    Conversation,
+    StoredMessage,
+    Summary,
+    Unanswered,
+    conversation_of,
+    message_of,
+)
 from storage.schema import characters, conversations, messages, summaries, world_books
 
 log = logging.getLogger(__name__)
-
-USER = "user"
-ASSISTANT = "assistant"
-NOTICE = "notice"
-
-# The life of a user message that expects an answer (messages.reply_state).
-RECEIVED = "received"  # stored, waiting for its turn
-ANSWERING = "answering"  # the model is writing the answer, or it is being delivered
-ANSWERED = "answered"  # a complete answer reached the platform
-FAILED = "failed"  # the user got a notice instead (reply_error says why)
-OPEN_STATES = (RECEIVED, ANSWERING)
 
 T = TypeVar("T")
 # A busy or locked database is waited out: SQLite's own busy timeout first, then these pauses.
@@ -49,97 +51,11 @@ def is_busy(exc: BaseException) -> bool:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    """A channel, chat or console session, identified by its adapter-made ``key``."""
-
-    id: int
-    platform: str
-    key: str
-    mode: str | None
-    character: str | None
-    settings: Mapping[str, Any] = field(default_factory=dict)
-    reset_after_id: int = 0
-    window_start_id: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    id: int
-    role: str
-    text: str
-    author_id: str | None = None
-    author_name: str | None = None
-    token_count: int | None = None
-    reply_to_id: int | None = None
-    in_context: bool = True
-    platform_message_id: str | None = None
-    swipe_of: int | None = None
-    reply_state: str | None = None
-    delivered: bool | None = None
-
-    @property
-    def swipe_group(self) -> int:
-        """The id shared by every version of this message."""
-        return self.swipe_of if self.swipe_of is not None else self.id
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """A rolling summary of a conversation's messages ``first_id`` .. ``last_id``."""
-
-    id: int
-    first_id: int
-    last_id: int
-    text: str
-    token_count: int
-
-
 SUMMARIES_KEPT = 4  # per conversation; older ones are deleted as new ones arrive
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _conversation(row: Row[Any]) -> Conversation:
-    return Conversation(
-        id=row.id,
-        platform=row.platform,
-        key=row.key,
-        mode=row.mode,
-        character=row.character,
-        settings=json.loads(row.settings or "{}"),
-        reset_after_id=row.reset_after_id,
-        window_start_id=row.window_start_id,
-    )
-
-
-def _message(r: Row[Any]) -> StoredMessage:
-    return StoredMessage(
-        id=r.id,
-        role=r.role,
-        text=r.text,
-        author_id=r.author_id,
-        author_name=r.author_name,
-        token_count=r.token_count,
-        reply_to_id=r.reply_to_id,
-        in_context=r.in_context,
-        platform_message_id=r.platform_message_id,
-        swipe_of=r.swipe_of,
-        reply_state=r.reply_state,
-        delivered=r.delivered,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Unanswered:
-    """A user message whose answer never completed: what a restart must finish."""
-
-    message: StoredMessage
-    conversation_key: str
-    platform: str
-    pieces: tuple[str, ...]  # platform ids of the answer streamed before the stop
 
 
 class Store:
@@ -196,7 +112,7 @@ class Store:
             row = (
                 await conn.execute(select(conversations).where(conversations.c.key == key))
             ).first()
-        return _conversation(row) if row else None
+        return conversation_of(row) if row else None
 
     async def conversation(self, platform: str, key: str) -> Conversation:
         """The conversation for ``key``, created (with no explicit mode) on first use."""
@@ -495,7 +411,7 @@ class Store:
         )
         async with self.engine.connect() as conn:
             row = (await conn.execute(query.limit(1))).first()
-        return _message(row) if row is not None else None
+        return message_of(row) if row is not None else None
 
     # -- edits, deletions and summaries ---------------------------------------------------------
 
@@ -521,7 +437,7 @@ class Store:
             await conn.execute(
                 update(messages).where(messages.c.id == row.id).values(text=text, edited_at=_now())
             )
-            before = _message(row)
+            before = message_of(row)
             return before, replace(before, text=text)
 
         return await self._write(work)
@@ -541,7 +457,7 @@ class Store:
                 .where(messages.c.id == row.id)
                 .values(in_context=False, deleted_at=_now())
             )
-            return _message(row)
+            return message_of(row)
 
         return await self._write(work)
 
@@ -616,7 +532,7 @@ class Store:
             rows = (await conn.execute(query)).all()
         return [
             Unanswered(
-                _message(r), r.key, r.conv_platform, tuple(json.loads(r.reply_pieces or "[]"))
+                message_of(r), r.key, r.conv_platform, tuple(json.loads(r.reply_pieces or "[]"))
             )
             for r in rows
         ]
@@ -629,7 +545,7 @@ class Store:
             .order_by(messages.c.id)
         )
         async with self.engine.connect() as conn:
-            return [_message(r) for r in (await conn.execute(query)).all()]
+            return [message_of(r) for r in (await conn.execute(query)).all()]
 
     async def recent_channels(
         self, platform: str, since: datetime, limit: int
@@ -676,7 +592,7 @@ class Store:
         query = query.order_by(position, messages.c.id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [_message(r) for r in rows]
+        return [message_of(r) for r in rows]
 
     async def recent_messages(
         self, conversation_id: int, after_id: int, limit: int
@@ -694,7 +610,7 @@ class Store:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [_message(r) for r in reversed(rows)]
+        return [message_of(r) for r in reversed(rows)]
 
     async def last_reply(self, conversation_id: int, after_id: int = 0) -> StoredMessage | None:
         """The newest bot reply still in context (what /regenerate replaces)."""
@@ -711,7 +627,7 @@ class Store:
         )
         async with self.engine.connect() as conn:
             r = (await conn.execute(query)).first()
-        return _message(r) if r is not None else None
+        return message_of(r) if r is not None else None
 
     async def count_messages(self, conversation_id: int) -> int:
         async with self.engine.connect() as conn:
@@ -734,7 +650,7 @@ class Store:
             .order_by(messages.c.id)
         )
         async with self.engine.connect() as conn:
-            return [_message(r) for r in (await conn.execute(query)).all()]
+            return [message_of(r) for r in (await conn.execute(query)).all()]
 
     async def choose_swipe(self, conversation_id: int, group: int, message_id: int) -> None:
         """Put version ``message_id`` of ``group`` in context and every other version out."""

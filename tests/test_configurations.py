@@ -17,7 +17,7 @@ from ai_model.config import ModelSettings, SamplingSettings
 from bot.app import open_app
 from bot.settings import PlatformSettings, Settings
 from storage import Store, open_database
-from storage.store import ANSWERED, ASSISTANT, USER
+from storage.records import ANSWERED, ASSISTANT, USER
 from tests.fake_telegram import FakeTelegram
 from tests.llama_server import LlamaServer
 

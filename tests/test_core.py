@@ -17,7 +17,7 @@ from bot.core import APOLOGY, ConversationCore
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import Settings
 from storage import Store, open_database
-from storage.store import ASSISTANT, USER
+from storage.records import ASSISTANT, USER
 from tests.conftest import BACKENDS, FixedModels
 
 

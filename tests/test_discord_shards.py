@@ -17,7 +17,7 @@ from ai_model.scripted import ScriptedModel
 from bot.core import ConversationCore
 from bot.settings import PlatformSettings, Settings
 from storage import Store, open_database
-from storage.store import RECEIVED, USER
+from storage.records import RECEIVED, USER
 from tests.conftest import FixedModels
 from tests.fake_discord import CHANNEL_G2, CHANNEL_WORK, DM_CHANNEL, FakeDiscord, user
 

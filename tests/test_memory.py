@@ -25,7 +25,7 @@ from bot.messages import IncomingMessage, ReplyKind
 from bot.prompt import Turn, Window
 from bot.settings import Settings
 from storage import Store
-from storage.store import ASSISTANT, USER
+from storage.records import ASSISTANT, USER
 from tests.conftest import FixedModels
 from tests.test_core import text_of
 from tests.test_window import sentence

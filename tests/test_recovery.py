@@ -19,8 +19,8 @@ from bot.core import ConversationCore
 from bot.recovery import OFFLINE
 from bot.settings import PlatformSettings, Settings
 from storage import Store
+from storage.records import RECEIVED, USER
 from storage.schema import messages
-from storage.store import RECEIVED, USER
 from tests.conftest import FixedModels
 from tests.fake_telegram import FakeTelegram
 

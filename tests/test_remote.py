@@ -23,7 +23,7 @@ from bot.core import APOLOGY, ConversationCore
 from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
 from bot.settings import Settings
 from storage import Store
-from storage.store import ASSISTANT, FAILED, USER
+from storage.records import ASSISTANT, FAILED, USER
 from tests.llama_server import LlamaServer, Proxy, start
 from tests.waiting import free_port
 

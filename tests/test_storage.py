@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from storage import Store, open_database
 from storage.migrations import MIGRATIONS
-from storage.store import ANSWERING, ASSISTANT, RECEIVED, USER
+from storage.records import ANSWERING, ASSISTANT, RECEIVED, USER
 from tests.conftest import BACKENDS
 
 

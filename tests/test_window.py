@@ -12,7 +12,7 @@ from bot.bench import sentence
 from bot.core import ConversationCore
 from bot.messages import IncomingMessage, ReplyKind
 from bot.prompt import PromptTooLong, Turn, fit_window
-from storage.store import NOTICE
+from storage.records import NOTICE
 
 
 def turns(sizes: list[int]) -> list[Turn]:

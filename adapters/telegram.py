@@ -563,18 +563,17 @@ class TelegramAdapter:
     async def _cmd_mode(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
         if (message := self._message(update)) is None:
             return
+        key = conversation_key(message.chat_id)
         asked = " ".join(ctx.args or []).strip()
         mode = parse_mode(asked)
         if mode is None:
-            key = conversation_key(message.chat_id)
-            is_dm = message.chat.type == ChatType.PRIVATE
-            now = await self.core.who_am_i(PLATFORM, key, is_dm)
+            now = await self.core.who_am_i(PLATFORM, key, message.chat.type == ChatType.PRIVATE)
             wrong = "That is not a mode. " if asked else ""
             await self._say(message, f"{wrong}{now} Usage: /mode roleplay or /mode work")
             return
         if await self._refuse_unless_admin(message, "change the mode"):
             return
-        await self.core.set_mode(PLATFORM, conversation_key(message.chat_id), mode)
+        await self.core.set_mode(PLATFORM, key, mode)
         await self._say(message, f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers.")
         await self._open_scene(message)
 

@@ -1,7 +1,7 @@
 # The two commands of the README: `make run` and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-PACKAGES := bot adapters storage ai_model
+PACKAGES := bot adapters chat storage ai_model
 
 .PHONY: run test bootstrap lint bench
 

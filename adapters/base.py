@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from bot.messages import OutgoingReply
+from chat.messages import OutgoingReply
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,9 @@ from typing import TextIO
 
 from adapters.base import SentMessage, deliver
 from adapters.streaming import single
-from bot.core import ConversationCore
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.settings import ROLE_FOR_MODE, parse_mode
+from chat.core import ConversationCore
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.settings import ROLE_FOR_MODE, parse_mode
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from adapters.text import split_message
-from bot.messages import OutgoingReply
+from chat.messages import OutgoingReply
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class MessageSink(Protocol):
 
 
 class DeliveryTracker(Protocol):
-    """Told what reached the platform (the core records it; see ``bot.core``).
+    """Told what reached the platform (the core records it; see ``chat.core``).
 
     Both are called only for replies that answer a stored message (``reply.answers``), and
     never raise: a failure to record is the tracker's to log.

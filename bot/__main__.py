@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ai_model.base import ModelError
-from bot.settings import Settings, SettingsError, load_settings
+from chat.settings import Settings, SettingsError, load_settings
 from bot.shutdown import Shutdown
 
 
@@ -72,10 +72,10 @@ def _dispatch(
         return 0
     if command == "bench":
         if args.backend == "llama-server":
-            from bot import bench_remote
+            from bot.bench import remote as bench_remote
 
             return bench_remote.main(url=args.url, quick=args.quick)
-        from bot import bench
+        from bot.bench import figures as bench
 
         return bench.main(quick=args.quick, gpu_layers=args.gpu_layers)
     if command in ("character", "lorebook"):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from adapters.base import Adapter
 from ai_model.registry import ModelRegistry
-from bot.cards import export_card, parse_card_bytes
-from bot.characters import CardError
-from bot.core import ConversationCore
-from bot.faults import KillPoints
-from bot.settings import Settings
+from chat.roleplay.cards import export_card, parse_card_bytes
+from chat.roleplay.characters import CardError
+from chat.core import ConversationCore
+from chat.faults import KillPoints
+from chat.settings import Settings
 from bot.shutdown import Shutdown
 from storage import Store, open_database
 
@@ -49,7 +49,7 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
         raise
     store = Store(await open_database(settings.database_url))
     try:
-        # The crash tests' kill points (bot.faults): inert unless LOCALBOT_KILL_AT is set.
+        # The crash tests' kill points (chat.faults): inert unless LOCALBOT_KILL_AT is set.
         core = ConversationCore(
             settings, store, registry, kill_points=KillPoints.from_env(os.environ)
         )

@@ -11,7 +11,7 @@ from typing import Any
 
 import regex
 
-from bot.limits import (
+from chat.limits import (
     LORE_REGEX_TIMEOUT_S,
     MAX_LORE_CONTENT_CHARS,
     MAX_LORE_ENTRIES,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from bot.limits import MAX_AUTHOR_NAME_CHARS, clean_text
+from chat.limits import MAX_AUTHOR_NAME_CHARS, clean_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,5 +69,5 @@ class OutgoingReply:
     swipe: tuple[int, int] | None = None  # (version shown, versions stored), for swipes
     stored_id: int | None = None  # the database id of a final, stored reply
     # The database id of the user message this answers: adapters report its delivery
-    # (``bot.core.ConversationCore.piece_sent`` / ``delivered``) so a restart can finish it.
+    # (``chat.core.ConversationCore.piece_sent`` / ``delivered``) so a restart can finish it.
     answers: int | None = None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from ai_model.config import ModelSettings, SamplingSettings
-from bot.characters import (
+from chat.roleplay.characters import (
     CardError,
     Character,
     card_from_fields,

@@ -14,12 +14,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import replace
 
 from ai_model.base import ModelError
-from bot.characters import Character
-from bot.conversations import APOLOGY, trace_wanted
-from bot.messages import OutgoingReply
-from bot.prompt import PromptTooLong
-from bot.prompting import PromptBuilding
-from bot.settings import ROLE_FOR_MODE
+from chat.roleplay.characters import Character
+from chat.conversations import APOLOGY, trace_wanted
+from chat.messages import OutgoingReply
+from chat.prompt.window import PromptTooLong
+from chat.prompt.building import PromptBuilding
+from chat.settings import ROLE_FOR_MODE
 from storage.records import Conversation, StoredMessage
 from storage.store import STORAGE_ERRORS
 

@@ -35,16 +35,16 @@ from adapters.streaming import (
     single,
     stream_reply,
 )
-from adapters.telegram_sinks import MAX_MESSAGE_CHARS, ChatSink
+from adapters.telegram.sinks import MAX_MESSAGE_CHARS, ChatSink
 from adapters.text import split_message
-from bot.cards import parse_card_bytes
-from bot.characters import CardError
-from bot.core import ConversationCore
-from bot.limits import MAX_CARD_BYTES, fit, shorten
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.recovery import Recovery, Resumable
-from bot.recovery import finish as finish_recovery
-from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
+from chat.roleplay.cards import parse_card_bytes
+from chat.roleplay.characters import CardError
+from chat.core import ConversationCore
+from chat.limits import MAX_CARD_BYTES, fit, shorten
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.recovery import Recovery, Resumable
+from chat.recovery import finish as finish_recovery
+from chat.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class TelegramAdapter:
         await self._stream(message.chat_id, replies, reply_to)
 
     async def _on_edit(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
-        """A user edited a message: the stored text follows (see :mod:`bot.edits`)."""
+        """A user edited a message: the stored text follows (see :mod:`chat.edits`)."""
         message = update.edited_message
         if message is None or message.from_user is None or message.from_user.is_bot:
             return

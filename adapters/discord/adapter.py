@@ -22,7 +22,7 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 
 from adapters.base import SentMessage
-from adapters.discord_sinks import (
+from adapters.discord.sinks import (
     MAX_MESSAGE_CHARS,
     NO_MENTIONS,
     ChannelSink,
@@ -40,14 +40,14 @@ from adapters.streaming import (
     stream_reply,
 )
 from adapters.text import split_message
-from bot.cards import parse_card_bytes
-from bot.characters import CardError
-from bot.core import ConversationCore
-from bot.limits import MAX_CARD_BYTES, fit, shorten
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.recovery import Recovery, Resumable
-from bot.recovery import finish as finish_recovery
-from bot.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
+from chat.roleplay.cards import parse_card_bytes
+from chat.roleplay.characters import CardError
+from chat.core import ConversationCore
+from chat.limits import MAX_CARD_BYTES, fit, shorten
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.recovery import Recovery, Resumable
+from chat.recovery import finish as finish_recovery
+from chat.settings import ROLE_FOR_MODE, PlatformSettings, parse_mode
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +395,7 @@ class DiscordAdapter:
         await self._stream(message.channel, self.core.respond(msg), sink)
 
     async def _on_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
-        """A message was edited: the stored text follows (see :mod:`bot.edits`)."""
+        """A message was edited: the stored text follows (see :mod:`chat.edits`)."""
         message = payload.message
         if message.author.bot or message.webhook_id is not None:
             return  # our own streamed edits, other bots, character posts

@@ -11,12 +11,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ai_model.base import ChatModel
-from bot.characters import Character
-from bot.limits import MAX_PINNED_SHARE
-from bot.lorebook import Lorebook, LoreEntry, activate
-from bot.memory import fit_memory, memory_text
-from bot.prompt import TurnEncoder, Window, clean_name, fit_window
-from bot.scene import example_text, post_history_text, stop_strings, story_text
+from chat.roleplay.characters import Character
+from chat.limits import MAX_PINNED_SHARE
+from chat.roleplay.lorebook import Lorebook, LoreEntry, activate
+from chat.prompt.memory import fit_memory, memory_text
+from chat.prompt.window import TurnEncoder, Window, clean_name, fit_window
+from chat.roleplay.scene import example_text, post_history_text, stop_strings, story_text
 from storage.records import USER, StoredMessage
 
 RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings

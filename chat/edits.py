@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from bot.conversations import ConversationState
-from bot.fairness import LruDict
-from bot.limits import clean_text
-from bot.messages import OutgoingReply
+from chat.conversations import ConversationState
+from chat.fairness import LruDict
+from chat.limits import clean_text
+from chat.messages import OutgoingReply
 from storage.records import USER, Conversation
 from storage.store import STORAGE_ERRORS
 
@@ -57,7 +57,7 @@ class FollowsEdits(ConversationState):
     def regenerate(
         self, platform: str, key: str, is_dm: bool, user_id: str | None = None
     ) -> AsyncIterator[OutgoingReply]:
-        raise NotImplementedError  # the answer pipeline (bot.core) provides it
+        raise NotImplementedError  # the answer pipeline (chat.core) provides it
 
     async def message_edited(
         self, platform: str, key: str, platform_message_id: str, text: str, is_dm: bool = False

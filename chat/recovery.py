@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bot.conversations import Ticket
-from bot.core import ConversationCore
-from bot.messages import OutgoingReply, ReplyKind
+from chat.conversations import Ticket
+from chat.core import ConversationCore
+from chat.messages import OutgoingReply, ReplyKind
 from storage.records import ANSWERED, FAILED, Unanswered
 from storage.store import STORAGE_ERRORS
 

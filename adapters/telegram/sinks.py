@@ -12,8 +12,8 @@ from telegram.constants import ParseMode
 from telegram.error import BadRequest
 
 from adapters.text import to_telegram_html
-from bot.limits import fit
-from bot.messages import OutgoingReply, ReplyKind
+from chat.limits import fit
+from chat.messages import OutgoingReply, ReplyKind
 
 if TYPE_CHECKING:
     from adapters.telegram import TelegramAdapter

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bot.characters import CardError, Character, character_from_card
-from bot.limits import (
+from chat.roleplay.characters import CardError, Character, character_from_card
+from chat.limits import (
     MAX_CARD_BYTES,
     MAX_CARD_JSON_BYTES,
     MAX_ZIP_MEMBERS,

@@ -15,9 +15,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
-from bot.conversations import ConversationState
-from bot.memory import chunk_lines, generate, instructed_prompt, transcript_line
-from bot.messages import OutgoingReply
+from chat.conversations import ConversationState
+from chat.prompt.memory import chunk_lines, generate, instructed_prompt, transcript_line
+from chat.messages import OutgoingReply
 from storage.records import Conversation, StoredMessage
 from storage.store import STORAGE_ERRORS
 

@@ -3,7 +3,7 @@
 Within one conversation, messages are stored and answered in arrival order, one at a time, and
 conversation commands take their turn among them; different conversations only share the model
 queue.  :class:`ConversationState` is the base of the core: the commands
-(:mod:`bot.commands`) and the answer pipeline (:mod:`bot.core`) build on it.
+(:mod:`chat.actions`) and the answer pipeline (:mod:`chat.core`) build on it.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from typing import Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai_model.base import ChatModel, ModelError
-from bot.characters import Character, CharacterLibrary, shipped_characters
-from bot.fairness import LruDict, RateLimiter, Verdict
-from bot.faults import KillPoints
-from bot.history import HistoryCache
-from bot.library import Library
-from bot.lorebook import Lorebook
-from bot.memory import MemoryKeeper
-from bot.messages import OutgoingReply, ReplyKind
-from bot.prompt import TurnEncoder
-from bot.settings import Mode, Settings, parse_mode
+from chat.roleplay.characters import Character, CharacterLibrary, shipped_characters
+from chat.fairness import LruDict, RateLimiter, Verdict
+from chat.faults import KillPoints
+from chat.prompt.history import HistoryCache
+from chat.roleplay.library import Library
+from chat.roleplay.lorebook import Lorebook
+from chat.prompt.memory import MemoryKeeper
+from chat.messages import OutgoingReply, ReplyKind
+from chat.prompt.window import TurnEncoder
+from chat.settings import Mode, Settings, parse_mode
 from storage.records import Conversation, StoredMessage
 from storage.store import Store
 

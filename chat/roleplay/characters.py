@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.limits import MAX_FIELD_CHARS, MAX_GREETINGS, MAX_NAME_CHARS
-from bot.lorebook import Lorebook, LoreError, check_book
+from chat.limits import MAX_FIELD_CHARS, MAX_GREETINGS, MAX_NAME_CHARS
+from chat.roleplay.lorebook import Lorebook, LoreError, check_book
 
 SAMPLING_OVERRIDES = ("temperature", "top_p", "min_p", "repeat_penalty", "repeat_last_n")
 EXTENSION_KEY = "localbot"  # where our own per-character settings live inside a card
@@ -201,7 +201,7 @@ def card_from_fields(
 @functools.cache
 def shipped_characters() -> tuple[Character, ...]:
     """The characters that ship with the bot (``bot/shipped_cards/*.json``)."""
-    folder = importlib.resources.files("bot") / "shipped_cards"
+    folder = importlib.resources.files("chat.roleplay") / "shipped_cards"
     found = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):

@@ -28,8 +28,8 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench import bench_settings, log
-from bot.core import ConversationCore
-from bot.messages import IncomingMessage
+from chat.core import ConversationCore
+from chat.messages import IncomingMessage
 from storage import Store, open_database
 
 QUESTIONS = [

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 from ai_model.base import ChatModel
 from ai_model.config import SamplingSettings
-from bot.messages import IncomingMessage
+from chat.messages import IncomingMessage
 
 if TYPE_CHECKING:
     from bot.bench import Bench
-    from bot.core import ConversationCore
+    from chat.core import ConversationCore
 
 STORIES = [
     "Write a long, detailed story about a dragon who opens a bakery.",

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bot.characters import Character, apply_macros
-from bot.conversations import ConversationState
-from bot.library import Imported
-from bot.lorebook import Lorebook
-from bot.memory import MAX_FACT_CHARS, MAX_FACTS, MAX_NOTE_CHARS
-from bot.messages import OutgoingReply, ReplyKind
-from bot.prompt import clean_name
-from bot.settings import Mode
+from chat.roleplay.characters import Character, apply_macros
+from chat.conversations import ConversationState
+from chat.roleplay.library import Imported
+from chat.roleplay.lorebook import Lorebook
+from chat.prompt.memory import MAX_FACT_CHARS, MAX_FACTS, MAX_NOTE_CHARS
+from chat.messages import OutgoingReply, ReplyKind
+from chat.prompt.window import clean_name
+from chat.settings import Mode
 from storage.records import ASSISTANT, Conversation, StoredMessage
 
 MAX_CAST = 8  # characters in one scene; further names are ignored

@@ -2,10 +2,10 @@
 
 Adapters call :meth:`ConversationCore.respond` with an :class:`IncomingMessage` and render the
 :class:`OutgoingReply` snapshots it yields.  The core is assembled from parts that each read top
-to bottom: the conversation commands (:mod:`bot.commands`), prompt building
-(:mod:`bot.prompting`), /continue (:mod:`bot.continuation`), /summarize (:mod:`bot.summarize`),
-platform edits and deletions (:mod:`bot.edits`), and the queues and fair shares
-(:mod:`bot.conversations`).
+to bottom: the conversation commands (:mod:`chat.actions`), prompt building
+(:mod:`chat.prompt.building`), /continue (:mod:`chat.continuation`), /summarize (:mod:`chat.summarize`),
+platform edits and deletions (:mod:`chat.edits`), and the queues and fair shares
+(:mod:`chat.conversations`).
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from ai_model.base import ChatModel, ModelError
-from bot.assembly import pinned_limit
-from bot.characters import Character
-from bot.commands import ConversationCommands
-from bot.continuation import Continuation
-from bot.conversations import APOLOGY, ModelProvider, Ticket, trace_wanted
-from bot.edits import DELETED, FollowsEdits
-from bot.limits import shorten
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.prompt import PromptTooLong, clean_name
-from bot.scene import choose_speakers, clean_reply, strip_name_tag
-from bot.settings import ROLE_FOR_MODE, Mode
-from bot.summarize import Summaries
+from chat.prompt.assembly import pinned_limit
+from chat.roleplay.characters import Character
+from chat.actions import ConversationCommands
+from chat.continuation import Continuation
+from chat.conversations import APOLOGY, ModelProvider, Ticket, trace_wanted
+from chat.edits import DELETED, FollowsEdits
+from chat.limits import shorten
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.prompt.window import PromptTooLong, clean_name
+from chat.roleplay.scene import choose_speakers, clean_reply, strip_name_tag
+from chat.settings import ROLE_FOR_MODE, Mode
+from chat.summarize import Summaries
 from storage.records import (
     ANSWERING,
     ASSISTANT,

@@ -7,8 +7,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 
-from bot.characters import Character, apply_macros
-from bot.lorebook import Activation
+from chat.roleplay.characters import Character, apply_macros
+from chat.roleplay.lorebook import Activation
 
 ROLEPLAY_PROMPT = (
     "This is a roleplay chat. You are {{char}}. Stay in character and reply only as {{char}}: "

@@ -5,7 +5,7 @@ first-token times (a short and a long channel, both already evaluated; more chan
 resident sequences in turn; after a restart), the prefix reuse that llama.cpp itself reports past
 the window, streaming speed against raw llama.cpp, core throughput with a zero-cost model behind
 the real tokenizer, event-loop lag while generating, the concurrency figures of
-:mod:`bot.bench_batching` (serial and batched), and peak memory.
+:mod:`bot.bench.batching` (serial and batched), and peak memory.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
-from ai_model.scripted import ScriptedModel
-from bot.bench_batching import concurrency
-from bot.core import ConversationCore
-from bot.messages import IncomingMessage
-from bot.settings import Settings
+from tests.scripted import ScriptedModel
+from bot.bench.batching import concurrency
+from chat.core import ConversationCore
+from chat.messages import IncomingMessage
+from chat.settings import Settings
 from storage import Store, open_database
 from storage.records import ASSISTANT, USER
 

@@ -13,18 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from ai_model.base import ChatModel
-from bot.assembly import pinned_limit
-from bot.characters import (
+from chat.prompt.assembly import pinned_limit
+from chat.roleplay.characters import (
     CardError,
     Character,
     CharacterLibrary,
     character_from_card,
     check_card,
 )
-from bot.limits import MAX_NAME_CHARS, shorten
-from bot.lorebook import Lorebook, LoreError, check_book
-from bot.prompt import TurnEncoder
-from bot.scene import post_history_text, story_text
+from chat.limits import MAX_NAME_CHARS, shorten
+from chat.roleplay.lorebook import Lorebook, LoreError, check_book
+from chat.prompt.window import TurnEncoder
+from chat.roleplay.scene import post_history_text, story_text
 from storage.store import Store
 
 log = logging.getLogger(__name__)

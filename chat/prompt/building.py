@@ -1,7 +1,7 @@
 """Building a conversation's prompt: the history since the window start, the scene, the memory.
 
-Each prompt is assembled off the event loop (:mod:`bot.assembly`).  When the window has to move,
-the summary prepared for that trim (:mod:`bot.memory`) is pinned in the same step, so the front
+Each prompt is assembled off the event loop (:mod:`chat.prompt.assembly`).  When the window has to move,
+the summary prepared for that trim (:mod:`chat.prompt.memory`) is pinned in the same step, so the front
 of the prompt changes once per trim and not again when the summary arrives.
 """
 
@@ -13,15 +13,15 @@ from dataclasses import replace
 
 from ai_model.base import ChatModel
 from ai_model.config import SamplingSettings
-from bot.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble
-from bot.characters import Character
-from bot.commands import personas_of
-from bot.conversations import ConversationState
-from bot.history import position
-from bot.lorebook import match_entries
-from bot.memory import MIN_FACT_BUDGET, Plan, next_boundary
-from bot.prompt import clean_name
-from bot.settings import ROLE_FOR_MODE, Mode
+from chat.prompt.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble
+from chat.roleplay.characters import Character
+from chat.actions import personas_of
+from chat.conversations import ConversationState
+from chat.prompt.history import position
+from chat.roleplay.lorebook import match_entries
+from chat.prompt.memory import MIN_FACT_BUDGET, Plan, next_boundary
+from chat.prompt.window import clean_name
+from chat.settings import ROLE_FOR_MODE, Mode
 from storage.records import USER, Conversation
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
 from ai_model.templates import encode
-from bot.fairness import LruDict
-from bot.prompt import Window, clean_name
+from chat.fairness import LruDict
+from chat.prompt.window import Window, clean_name
 from storage.records import ASSISTANT, StoredMessage, Summary
 from storage.store import STORAGE_ERRORS, Store
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_FACTS = 20
 MAX_FACT_CHARS = 300
 MAX_NOTE_CHARS = 500
-CHUNK_FRACTION = 0.25  # the share of the history budget one trim drops (bot.prompt.fit_window)
+CHUNK_FRACTION = 0.25  # the share of the history budget one trim drops (chat.prompt.window.fit_window)
 IDLE_S = 5.0  # a conversation is idle this long after its last turn before a summary starts
 MAX_CHUNKS_PER_JOB = 4  # the work one summary job may do (each chunk: one generation)
 SHORTEN_TRIES = 2

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.limits import fit, shorten
-from bot.messages import OutgoingReply, ReplyKind
+from chat.limits import fit, shorten
+from chat.messages import OutgoingReply, ReplyKind
 
 if TYPE_CHECKING:
     from adapters.discord import DiscordAdapter

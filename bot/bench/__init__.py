@@ -1,0 +1,1 @@
+"""``python -m bot bench``: speed figures, measured side by side in one run."""

@@ -1,0 +1,1 @@
+"""Roleplay: characters and their cards, lorebooks, scene rules, the shared library."""

@@ -13,8 +13,8 @@ from ai_model.base import ChatModel
 from ai_model.config import ModelSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.local import LocalModel
-from bot.core import ConversationCore
-from bot.settings import Settings, parse_settings
+from chat.core import ConversationCore
+from chat.settings import Settings, parse_settings
 from storage import Store, open_database
 
 

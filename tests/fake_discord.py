@@ -3,8 +3,10 @@
 REST: users/@me, oauth2 application, gateway/bot, command sync, messages (create, edit), typing,
 channel webhooks (list, create, execute, edit), interaction callbacks, original-response edits and
 follow-ups.  Gateway: HELLO, IDENTIFY → READY + GUILD_CREATE, heartbeats, and dispatching
-MESSAGE_CREATE / INTERACTION_CREATE from tests.  Faults on demand: a 429 with ``retry_after`` and
-an "Unknown Webhook" (10015) error.
+MESSAGE_CREATE / INTERACTION_CREATE / MESSAGE_DELETE(_BULK) from tests.  Interactions follow
+Discord's rules: the first response within 3 s (else 404 code 10062), one initial response (else
+400 code 40060), follow-ups only after it.  Faults on demand: a 429 with ``retry_after`` and an
+"Unknown Webhook" (10015) error.
 """
 
 from __future__ import annotations
@@ -119,6 +121,14 @@ class FakeDiscord:
         self.identified = asyncio.Event()
         self.attachments: dict[str, bytes] = {}
         self._interaction_channel: dict[str, str] = {}  # token -> channel id
+        # Discord's interaction rules: the first response within 3 s of the interaction's
+        # creation (else 404 code 10062), only one initial response (else 400 code 40060),
+        # and follow-ups only once it is acknowledged.
+        self.interaction_deadline_s = 3.0
+        self._interaction_created: dict[str, float] = {}  # token -> monotonic time created
+        self._acknowledged: set[str] = set()
+        self.late_interactions: list[str] = []  # tokens whose first response came too late
+        self.double_acks: list[str] = []  # tokens that got a second initial response
         self._ws: web.WebSocketResponse | None = None
         self.shards: dict[int, web.WebSocketResponse] = {}  # shard id -> its connection
         self.shard_count = 1
@@ -389,6 +399,15 @@ class FakeDiscord:
             data["guild_id"] = guild
         await self.dispatch("MESSAGE_DELETE", data)
 
+    async def delete_bulk(self, channel_id: str, message_ids: list[str]) -> None:
+        """A moderator purges messages (MESSAGE_DELETE_BULK)."""
+        gone = set(message_ids)
+        self.history[channel_id] = [m for m in self.history[channel_id] if m["id"] not in gone]
+        data: dict[str, Any] = {"ids": list(message_ids), "channel_id": channel_id}
+        if (guild := self.guild_of(channel_id)) is not None:
+            data["guild_id"] = guild
+        await self.dispatch("MESSAGE_DELETE_BULK", data)
+
     async def command(
         self,
         channel_id: str,
@@ -402,6 +421,7 @@ class FakeDiscord:
         """A user runs a slash command; returns the interaction token."""
         token = f"tok{self.new_id()}"
         self._interaction_channel[token] = channel_id
+        self._interaction_created[token] = time.monotonic()
         data: dict[str, Any] = {
             "id": self.new_id(),
             "application_id": APP_ID,
@@ -775,6 +795,9 @@ class FakeDiscord:
     def _followup(
         self, method: str, parts: list[str], body: dict[str, Any], token: str
     ) -> web.Response:
+        if token in self._interaction_created and token not in self._acknowledged:
+            # An interaction never acknowledged has no webhook to follow up on.
+            return self._json({"message": "Unknown Webhook", "code": 10015}, 404)
         if method == "POST" and len(parts) == 3:
             posted = Posted(
                 self.new_id(),
@@ -797,6 +820,16 @@ class FakeDiscord:
 
     def _interaction_callback(self, parts: list[str], body: dict[str, Any]) -> web.Response:
         iid, token = parts[1], parts[2]
+        created = self._interaction_created.get(token)
+        if token in self._acknowledged:
+            self.double_acks.append(token)
+            return self._json(
+                {"message": "Interaction has already been acknowledged.", "code": 40060}, 400
+            )
+        if created is not None and time.monotonic() - created > self.interaction_deadline_s:
+            self.late_interactions.append(token)
+            return self._json({"message": "Unknown interaction", "code": 10062}, 404)
+        self._acknowledged.add(token)
         self.callbacks.append({"token": token, **body})
         data = body.get("data") or {}
         kind = body["type"]

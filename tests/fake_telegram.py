@@ -87,6 +87,7 @@ class FakeTelegram:
         self._down_calls = 0
         self.files: dict[str, bytes] = {}  # file_id -> content, for getFile and downloads
         self.flood_retry_after = 1
+        self.member_delay_s = 0.0  # getChatMember answers this late (a slow network)
         self._next_update = 1
         self.confirmed = 0
         self.deleted: list[SentMessage] = []
@@ -304,6 +305,8 @@ class FakeTelegram:
 
     async def _m_getChatMember(self, p: dict[str, Any]) -> web.Response:
         chat_id, user_id = int(p["chat_id"]), int(p["user_id"])
+        if self.member_delay_s:
+            await asyncio.sleep(self.member_delay_s)
         status = "administrator" if (chat_id, user_id) in self.admins else "member"
         member: dict[str, Any] = {
             "status": status,

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai_model.templates import TEMPLATES, template_markers
-from bot.characters import card_from_fields
-from bot.limits import MAX_FIELD_CHARS
+from chat.roleplay.characters import card_from_fields
+from chat.limits import MAX_FIELD_CHARS
 
 MARKERS = sorted({m for t in TEMPLATES.values() for m in template_markers(t)})
 
@@ -41,7 +41,7 @@ def _json(card: dict[str, Any]) -> bytes:
 
 
 def _png_card(card: dict[str, Any]) -> bytes:
-    from bot.cards import blank_png, write_png_card
+    from chat.roleplay.cards import blank_png, write_png_card
 
     return write_png_card(blank_png(), card)
 

@@ -21,8 +21,8 @@ from ai_model.local import LocalModel
 from ai_model.parking import SavedState
 from ai_model.prefixes import KEEP, SharedPrefixes
 from ai_model.templates import encode
-from bot.core import ConversationCore
-from bot.messages import IncomingMessage, ReplyKind
+from chat.core import ConversationCore
+from chat.messages import IncomingMessage, ReplyKind
 from tests.test_window import sentence
 from tests.waiting import wait_until
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from ai_model.scripted import ScriptedModel
-from bot.cards import blank_png, load_card, parse_card_bytes, write_png_card
-from bot.characters import CardError, character_from_card
-from bot.core import ConversationCore
+from tests.scripted import ScriptedModel
+from chat.roleplay.cards import blank_png, load_card, parse_card_bytes, write_png_card
+from chat.roleplay.characters import CardError, character_from_card
+from chat.core import ConversationCore
 from storage import Store
 from tests.test_cli import run_bot
 
@@ -161,7 +161,7 @@ async def test_import_store_and_export_round_trips_unknown_fields(
     await fresh.load_library()
     stored = fresh.characters.find("seraphine")
     assert stored is not None
-    from bot.cards import export_card
+    from chat.roleplay.cards import export_card
 
     export_card(stored, tmp_path / "out.json")
     assert json.loads((tmp_path / "out.json").read_text()) == V2

@@ -15,7 +15,7 @@ from adapters.streaming import StreamLimits
 from adapters.telegram import TelegramAdapter
 from ai_model.config import ModelSettings, SamplingSettings
 from bot.app import open_app
-from bot.settings import PlatformSettings, Settings
+from chat.settings import PlatformSettings, Settings
 from storage import Store, open_database
 from storage.records import ANSWERED, ASSISTANT, USER
 from tests.fake_telegram import FakeTelegram

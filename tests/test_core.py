@@ -12,10 +12,10 @@ import pytest
 from ai_model.base import ChatModel, GenerationError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
-from ai_model.scripted import ScriptedModel
-from bot.core import APOLOGY, ConversationCore
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.settings import Settings
+from tests.scripted import ScriptedModel
+from chat.core import APOLOGY, ConversationCore
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.settings import Settings
 from storage import Store, open_database
 from storage.records import ASSISTANT, USER
 from tests.conftest import BACKENDS, FixedModels

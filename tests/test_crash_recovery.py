@@ -1,7 +1,7 @@
 """Crashes of the real process: ``python -m bot run`` killed with SIGKILL, then restarted.
 
 The bot runs on the embedded model against the local Telegram and Discord servers.  Each kill
-point (:mod:`bot.faults`) is hit five times; then every message must be answered exactly once
+point (:mod:`chat.faults`) is hit five times; then every message must be answered exactly once
 and no cut-off stub may be left on the platform.  A run of random kills does the same at
 random moments (``LOCALBOT_RANDOM_KILLS`` sets how many; the closing report uses 50).
 """
@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import pytest
 
-from bot.faults import POINTS
+from chat.faults import POINTS
 from tests.fake_discord import CHANNEL_WORK, FakeDiscord, user
 from tests.fake_telegram import FakeTelegram
 from tests.test_cli import ROOT

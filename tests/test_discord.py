@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from adapters.discord import DiscordAdapter
-from adapters.discord_sinks import webhook_username
+from adapters.discord.sinks import webhook_username
 from adapters.streaming import StreamLimits
-from ai_model.scripted import ScriptedModel
-from bot.core import ConversationCore
-from bot.settings import PlatformSettings, Settings
+from tests.scripted import ScriptedModel
+from chat.core import ConversationCore
+from chat.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
 from tests.fake_discord import (
@@ -73,10 +73,13 @@ async def bot(
         await asyncio.wait_for(adapter.ready.wait(), 20)
         return discord_server, office, character, core
 
+    start.running = running  # type: ignore[attr-defined]  # for tests that stop one
     yield start
     for adapter, task in running:
         await adapter.stop()
         await asyncio.wait_for(task, 10)
+    # Every interaction was acknowledged in time, and once (Discord's rules).
+    assert discord_server.late_interactions == [] and discord_server.double_acks == []
 
 
 def last(server: FakeDiscord, channel: str) -> str:
@@ -392,7 +395,7 @@ async def test_card_import_swipe_world_book_and_cast(bot: Callable[..., Any]) ->
 
 
 async def test_a_failed_generation_becomes_an_apology(bot: Callable[..., Any]) -> None:
-    from bot.core import APOLOGY
+    from chat.core import APOLOGY
     from tests.test_core import FailingModel
 
     server, _, _, core = await bot()
@@ -560,3 +563,174 @@ async def test_note_persona_and_continue_steer_the_scene(bot: Callable[..., Any]
     prompt = text_of(character.prompts[-1])
     assert "About Galahad: a weary knight" in prompt
     assert "\nGalahad:" in character.stops[-1]  # the persona's name is the player's name
+
+
+# -- a busy server: deadlines, commands beside answers in flight, exactly once ----------------
+
+
+async def test_commands_are_acknowledged_in_time_while_an_answer_streams(
+    bot: Callable[..., Any],
+) -> None:
+    server, _, character, core = await bot(character_script=["*Mira pours the ale.*"])
+    key = f"discord:{CHANNEL_ROLEPLAY}"
+    await core.set_mode("discord", key, "roleplay")
+    character.gate = asyncio.Event()
+    await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, an ale!", mention_bot=True)
+    await server.wait_for(lambda: character.prompts)  # the answer is generating, held
+    number = [{"type": 4, "name": "number", "value": 1}]
+    tokens = [
+        await server.command(
+            CHANNEL_ROLEPLAY, BOB, "remember", [opt("fact", "Ale is free.")], admin=True
+        ),
+        await server.command(CHANNEL_ROLEPLAY, BOB, "note", [opt("text", "Short.")], admin=True),
+        await server.command(CHANNEL_ROLEPLAY, BOB, "persona", [opt("text", "Gal: a knight")]),
+        await server.command(CHANNEL_ROLEPLAY, BOB, "swipe"),
+        await server.command(CHANNEL_ROLEPLAY, BOB, "forget", number, admin=True),
+        await server.command(
+            CHANNEL_ROLEPLAY, BOB, "character", sub("world", opt("name", "off")), admin=True
+        ),
+        await server.command(CHANNEL_ROLEPLAY, BOB, "mode", [opt("mode", "roleplay")], admin=True),
+        await server.command(CHANNEL_ROLEPLAY, ANN, "reset", admin=True),
+    ]
+    await asyncio.sleep(3.5)  # past Discord's deadline, with the answer still held
+    acknowledged = {c["token"] for c in server.callbacks}
+    assert set(tokens) <= acknowledged and server.late_interactions == []
+    character.gate.set()
+    reset = tokens[-1]
+    await server.wait_for(
+        lambda: any("fresh conversation" in r.content for r in server.responses(reset))
+    )
+    greetings = lambda: [  # noqa: E731
+        p for p in server.in_channel(CHANNEL_ROLEPLAY) if "Welcome to the Lantern Inn" in p.content
+    ]
+    await server.wait_for(lambda: len(greetings()) == 2)  # the scene opened again after /reset
+    posted = [p.content for p in server.in_channel(CHANNEL_ROLEPLAY)]
+    assert posted.index("*Mira pours the ale.*") < posted.index(greetings()[1].content)
+
+
+async def test_regenerate_while_a_reply_streams_rewrites_that_reply_only(
+    bot: Callable[..., Any], store: Store
+) -> None:
+    server, office, _, core = await bot(
+        office_script=["First answer.", "Second answer.", "Second, rewritten."]
+    )
+    await server.say(CHANNEL_WORK, ANN, "one?", mention_bot=True)
+    await server.wait_for(
+        lambda: server.in_channel(CHANNEL_WORK) and last(server, CHANNEL_WORK) == "First answer."
+    )
+    first = server.in_channel(CHANNEL_WORK)[0]
+    office.gate = asyncio.Event()
+    await server.say(CHANNEL_WORK, ANN, "two?", mention_bot=True)
+    await server.wait_for(lambda: len(office.prompts) == 2)  # R2 is being written
+    await server.command(CHANNEL_WORK, BOB, "regenerate")
+    await asyncio.sleep(0.3)
+    office.gate.set()
+    await server.wait_for(
+        lambda: any(p.content == "Second, rewritten." for p in server.in_channel(CHANNEL_WORK))
+    )
+    await asyncio.sleep(0.3)
+    assert first.content == "First answer." and "Second" not in " ".join(first.edits)
+    second = server.in_channel(CHANNEL_WORK)[1]
+    assert second.content == "Second, rewritten." and len(server.in_channel(CHANNEL_WORK)) == 2
+    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+    shown = {m.text: m.platform_message_id for m in await store.history(conv.id)}
+    assert shown["First answer."] == first.id and shown["Second, rewritten."] == second.id
+
+
+async def test_continue_while_a_reply_streams_grows_that_reply_only(
+    bot: Callable[..., Any],
+) -> None:
+    server, office, *_ = await bot(office_script=["First answer.", "Second answer.", " More."])
+    await server.say(CHANNEL_WORK, ANN, "one?", mention_bot=True)
+    await server.wait_for(
+        lambda: server.in_channel(CHANNEL_WORK) and last(server, CHANNEL_WORK) == "First answer."
+    )
+    first = server.in_channel(CHANNEL_WORK)[0]
+    office.gate = asyncio.Event()
+    await server.say(CHANNEL_WORK, ANN, "two?", mention_bot=True)
+    await server.wait_for(lambda: len(office.prompts) == 2)
+    await server.command(CHANNEL_WORK, BOB, "continue")
+    await asyncio.sleep(0.3)
+    office.gate.set()
+    await server.wait_for(
+        lambda: any(p.content == "Second answer. More." for p in server.in_channel(CHANNEL_WORK))
+    )
+    assert first.content == "First answer." and "Second" not in " ".join(first.edits)
+    assert len(server.in_channel(CHANNEL_WORK)) == 2
+
+
+async def test_a_message_deleted_while_it_waits_gets_no_answer(
+    bot: Callable[..., Any], store: Store
+) -> None:
+    server, office, _, core = await bot(office_script=["For Ann.", "For Bob."])
+    office.gate = asyncio.Event()
+    await server.say(CHANNEL_WORK, ANN, "first question", mention_bot=True)
+    await server.wait_for(lambda: office.prompts)
+    bobs = await server.say(CHANNEL_WORK, BOB, "second question", mention_bot=True)
+    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+
+    async def stored() -> bool:
+        return any(m.text == "second question" for m in await store.history(conv.id))
+
+    deadline = time.monotonic() + 10
+    while not await stored():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await server.delete(CHANNEL_WORK, bobs)
+    await asyncio.sleep(0.3)
+    office.gate.set()
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    await asyncio.sleep(0.5)
+    assert [p.content for p in server.in_channel(CHANNEL_WORK)] == ["For Ann."]
+    assert len(office.prompts) == 1
+
+
+async def test_bulk_deletions_leave_the_context(bot: Callable[..., Any]) -> None:
+    server, office, *_ = await bot()
+    asides = [
+        await server.say(CHANNEL_WORK, BOB, "my pin is 1234"),
+        await server.say(CHANNEL_WORK, BOB, "and my password is hunter2"),
+    ]
+    await server.say(CHANNEL_WORK, ANN, "noted?", mention_bot=True)
+    await server.wait_for(lambda: office.prompts)
+    assert "hunter2" in text_of(office.prompts[-1])
+    await server.delete_bulk(CHANNEL_WORK, asides)  # a moderator's purge
+    await asyncio.sleep(0.5)
+    await server.say(CHANNEL_WORK, ANN, "and now?", mention_bot=True)
+    await server.wait_for(lambda: len(office.prompts) == 2)
+    prompt = text_of(office.prompts[-1])
+    assert "hunter2" not in prompt and "1234" not in prompt and "noted?" in prompt
+
+
+async def test_catch_up_reads_from_the_newest_message_stored_before_the_connection(
+    bot: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chat.recovery import Recovery
+
+    server, _office, _, _core = await bot()
+    await server.say(CHANNEL_WORK, ANN, "hello", mention_bot=True)
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    adapter, task = bot.running[0]  # type: ignore[attr-defined]
+    await adapter.stop()
+    await asyncio.wait_for(task, 10)
+    await server.say(CHANNEL_WORK, BOB, "are you back?", mention_bot=True, offline=True)
+    # Recovery takes a while; a live message arrives and is stored meanwhile.
+    live_stored = asyncio.Event()
+    plan = Recovery.plan
+
+    async def slow_plan(self: Recovery, platform: str) -> Any:
+        await asyncio.wait_for(live_stored.wait(), 20)
+        return await plan(self, platform)
+
+    monkeypatch.setattr(Recovery, "plan", slow_plan)
+    _server2, office2, _, core2 = await bot()
+    await server.identified.wait()
+    await server.say(CHANNEL_WORK, ANN, "just chatting")  # live, not a mention
+    conv = await core2.conversation("discord", f"discord:{CHANNEL_WORK}")
+    deadline = time.monotonic() + 10
+    while not any(m.text == "just chatting" for m in await core2.store.history(conv.id)):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    live_stored.set()
+    await server.wait_for(lambda: office2.prompts, within=20)
+    assert "are you back?" in text_of(office2.prompts[-1])

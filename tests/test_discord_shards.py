@@ -13,9 +13,9 @@ import pytest
 
 from adapters.discord import DiscordAdapter
 from adapters.streaming import StreamLimits
-from ai_model.scripted import ScriptedModel
-from bot.core import ConversationCore
-from bot.settings import PlatformSettings, Settings
+from tests.scripted import ScriptedModel
+from chat.core import ConversationCore
+from chat.settings import PlatformSettings, Settings
 from storage import Store, open_database
 from storage.records import RECEIVED, USER
 from tests.conftest import FixedModels

@@ -24,9 +24,9 @@ from adapters.streaming import StreamLimits
 from adapters.telegram import HANDLER_FAILED, TelegramAdapter
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.local import LocalModel, special_token_check
-from bot.characters import shipped_characters
-from bot.core import ConversationCore
-from bot.settings import PlatformSettings, Settings
+from chat.roleplay.characters import shipped_characters
+from chat.core import ConversationCore
+from chat.settings import PlatformSettings, Settings
 from storage import Store
 from storage.schema import messages
 from tests import hostile_corpus

@@ -18,12 +18,12 @@ import pytest
 
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
-from ai_model.scripted import ScriptedModel
-from bot.core import ConversationCore
-from bot.memory import MAX_CHUNKS_PER_JOB, next_boundary
-from bot.messages import IncomingMessage, ReplyKind
-from bot.prompt import Turn, Window
-from bot.settings import Settings
+from tests.scripted import ScriptedModel
+from chat.core import ConversationCore
+from chat.prompt.memory import MAX_CHUNKS_PER_JOB, next_boundary
+from chat.messages import IncomingMessage, ReplyKind
+from chat.prompt.window import Turn, Window
+from chat.settings import Settings
 from storage import Store
 from storage.records import ASSISTANT, USER
 from tests.conftest import FixedModels
@@ -150,7 +150,7 @@ def test_next_boundary_ends_on_a_whole_exchange() -> None:
 async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summary(
     settings: Settings, store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bot.memory")
+    caplog.set_level(logging.INFO, logger="chat.prompt.memory")
     small = ModelSettings(
         n_ctx=1024,
         state_dir=str(tmp_path / "states"),
@@ -277,7 +277,7 @@ async def test_continue_lengthens_the_same_telegram_message_and_the_note_sits_at
 ) -> None:
     from adapters.streaming import StreamLimits
     from adapters.telegram import TelegramAdapter
-    from bot.settings import PlatformSettings
+    from chat.settings import PlatformSettings
 
     small = ModelSettings(
         n_ctx=1024,
@@ -417,3 +417,20 @@ async def test_fact_limits_and_regenerate_on_edit(settings: Settings, store: Sto
     assert "user\nAnd three?" in text_of(model.prompts[-1])
     # An edit to text with nothing in it is ignored.
     assert [r async for r in core.message_edited("console", KEY, "m1", "   ")] == []
+
+
+def test_summary_chunks_count_what_is_sent_joins_included(smollm: Any) -> None:
+    from chat.prompt.memory import chunk_lines
+
+    rng = random.Random(4)
+    # Short chat lines, the case where the newlines between them weigh most.
+    lines = [
+        f"{rng.choice(['Ann', 'Bob'])}: {rng.choice(['ok', 'yes', 'no', 'hm'])}"
+        for _ in range(3000)
+    ]
+    room = 500
+    chunks = chunk_lines(smollm, lines, room)
+    assert sum(len(c) for c in chunks) == len(lines)
+    for chunk in chunks:
+        sent = smollm.tokenize("\n".join(chunk).encode(), add_bos=False, special=False)
+        assert len(sent) <= room, len(sent)

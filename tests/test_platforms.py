@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bot.app import run_platforms
-from bot.settings import parse_settings
+from chat.settings import parse_settings
 from tests.fake_discord import DM_CHANNEL, FakeDiscord, user
 from tests.fake_telegram import FakeTelegram
 

@@ -14,10 +14,10 @@ from sqlalchemy import select, update
 
 from adapters.streaming import StreamLimits
 from adapters.telegram import TelegramAdapter
-from ai_model.scripted import ScriptedModel
-from bot.core import ConversationCore
-from bot.recovery import OFFLINE
-from bot.settings import PlatformSettings, Settings
+from tests.scripted import ScriptedModel
+from chat.core import ConversationCore
+from chat.recovery import OFFLINE
+from chat.settings import PlatformSettings, Settings
 from storage import Store
 from storage.records import RECEIVED, USER
 from storage.schema import messages

@@ -19,9 +19,9 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
 from ai_model.remote import RemoteModel, SlotMap
-from bot.core import APOLOGY, ConversationCore
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
-from bot.settings import Settings
+from chat.core import APOLOGY, ConversationCore
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.settings import Settings
 from storage import Store
 from storage.records import ASSISTANT, FAILED, USER
 from tests.llama_server import LlamaServer, Proxy, start
@@ -291,7 +291,7 @@ async def test_two_shard_processes_share_one_database_and_one_server(
     one PostgreSQL database and one llama-server: every message is answered exactly once."""
     from adapters.discord import DiscordAdapter
     from adapters.streaming import StreamLimits
-    from bot.settings import PlatformSettings
+    from chat.settings import PlatformSettings
     from storage import open_database
     from tests.conftest import make_settings
     from tests.fake_discord import CHANNEL_G2, CHANNEL_WORK, DM_CHANNEL, FakeDiscord, user
@@ -331,3 +331,38 @@ async def test_two_shard_processes_share_one_database_and_one_server(
             await store.close()
             await registry.aclose()
         await server.stop()
+
+
+async def test_two_processes_on_one_server_never_queue_on_one_slot_while_another_is_free(
+    llama_server: LlamaServer,
+) -> None:
+    """Two bot processes (each its own model client, as separate processes would have) send
+    one long reply each at the same moment: the server runs them side by side."""
+    from ai_model.llama_server import LlamaServerDialect
+
+    sampling = SamplingSettings(max_tokens=96, seed=3, temperature=0.0)
+    settings = remote(llama_server.url, sampling=sampling, parallel=2)
+    first, second = [
+        await asyncio.to_thread(RemoteModel.load, settings, None, name, LlamaServerDialect())
+        for name in ("a", "b")
+    ]
+    from ai_model.templates import encode
+
+    ask = first.template.turn("user", "Write a long story about a lighthouse keeper.")
+    tokens = [*first.bos, *encode([*ask, *first.template.generation_prompt()], first)]
+    times: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def run(model: RemoteModel, key: str) -> None:
+        loop = asyncio.get_running_loop()
+        async for _ in model.stream(tokens, sampling, slot=f"conversation-{key}"):
+            times[key].append(loop.time())
+
+    try:
+        await asyncio.gather(run(first, "a"), run(second, "b"))
+    finally:
+        for model in (first, second):
+            await model.aclose()
+            model.close()
+    assert times["a"] and times["b"]
+    # Each one's first token came before the other one finished: no queue behind one slot.
+    assert times["b"][0] < times["a"][-1] and times["a"][0] < times["b"][-1]

@@ -13,17 +13,17 @@ from typing import Any
 
 import pytest
 
-from ai_model.scripted import ByteTokenizer, ScriptedModel
+from tests.scripted import ByteTokenizer, ScriptedModel
 from ai_model.slots import prune_states
 from ai_model.templates import CHATML, LLAMA3, TEMPLATES, plain_text_leaks
-from bot.cards import parse_card_bytes
-from bot.characters import CardError, card_from_fields, character_from_card
-from bot.conversations import QUEUE_FULL, USER_BUSY
-from bot.core import SLOW_STORAGE, ConversationCore
-from bot.fairness import LruDict, RateLimiter, Verdict
-from bot.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
-from bot.lorebook import Lorebook, LoreError, check_book
-from bot.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.roleplay.cards import parse_card_bytes
+from chat.roleplay.characters import CardError, card_from_fields, character_from_card
+from chat.conversations import QUEUE_FULL, USER_BUSY
+from chat.core import SLOW_STORAGE, ConversationCore
+from chat.fairness import LruDict, RateLimiter, Verdict
+from chat.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
+from chat.roleplay.lorebook import Lorebook, LoreError, check_book
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
 from storage import Store
 from tests.hostile_corpus import zip_bomb
 from tests.test_core import text_of
@@ -174,8 +174,8 @@ def _peak_growth(bomb: Path, call: str) -> str:
     script = textwrap.dedent(
         f"""
         import io, re, zipfile
-        from bot.cards import parse_card_bytes
-        from bot.characters import CardError
+        from chat.roleplay.cards import parse_card_bytes
+        from chat.roleplay.characters import CardError
         def peak_kb():
             status = open("/proc/self/status").read()
             return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
@@ -210,7 +210,7 @@ def test_card_field_caps_name_the_field() -> None:
 
 
 def _check(card: dict[str, Any]) -> None:
-    from bot.characters import check_card
+    from chat.roleplay.characters import check_card
 
     check_card(card)
 

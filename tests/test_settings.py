@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.settings import SettingsError, load_settings, parse_settings
+from chat.settings import SettingsError, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

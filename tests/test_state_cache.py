@@ -115,7 +115,7 @@ async def test_the_next_prompt_reuses_the_reply_tokens_in_the_cache(
     tmp_path: Path, make_core: Any
 ) -> None:
     from ai_model.slots import common_prefix
-    from bot.messages import IncomingMessage
+    from chat.messages import IncomingMessage
 
     small = ModelSettings(n_ctx=1024, state_dir="", sampling=SamplingSettings(max_tokens=40))
     model = await asyncio.to_thread(LocalModel.load, small, embedded_model_path(), "t")

@@ -15,9 +15,9 @@ from sqlalchemy import text
 
 from adapters.streaming import StreamLimits
 from adapters.telegram import COMMANDS, TelegramAdapter
-from ai_model.scripted import ScriptedModel
-from bot.core import ConversationCore
-from bot.settings import PlatformSettings, Settings
+from tests.scripted import ScriptedModel
+from chat.core import ConversationCore
+from chat.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
 from tests.fake_telegram import BOT, FakeTelegram
@@ -298,7 +298,7 @@ def _photo() -> dict[str, Any]:
 
 
 def test_settings_base_url_env_reaches_the_adapter(settings: Settings) -> None:
-    from bot.settings import parse_settings
+    from chat.settings import parse_settings
 
     parsed = parse_settings(
         {}, env={"TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_BASE_URL": "http://127.0.0.1:9/bot"}
@@ -471,3 +471,60 @@ async def wait_until_stored(core: ConversationCore, conversation_id: int, text: 
     while text not in [m.text for m in await core.store.history(conversation_id)]:
         assert time.monotonic() < deadline, f"{text!r} never stored"
         await asyncio.sleep(0.05)
+
+
+# -- a busy group: commands beside answers in flight, arrival order ----------------------------
+
+
+async def test_continue_while_a_reply_streams_grows_that_reply_only(
+    bot: Callable[..., Any],
+) -> None:
+    server, office, *_ = await bot(office_script=["First answer.", "Second answer.", " More."])
+    server.push(DM, ANN, "Ann", "one?")
+    await wait_reply_count(server, DM, 1)
+    first = server.bot_messages(DM)[0]
+    await server.wait_for(lambda: first.text == "First answer.")
+    office.gate = asyncio.Event()
+    server.push(DM, ANN, "Ann", "two?")
+    await server.wait_for(lambda: len(office.prompts) == 2)
+    server.push(DM, ANN, "Ann", "/continue")
+    await asyncio.sleep(0.5)
+    office.gate.set()
+    await server.wait_for(
+        lambda: any(
+            html.unescape(m.text) == "Second answer. More." for m in server.bot_messages(DM)
+        )
+    )
+    assert first.text == "First answer." and "Second" not in " ".join(first.edits)
+
+
+async def test_reset_in_a_group_applies_before_the_next_message_even_while_rights_are_checked(
+    bot: Callable[..., Any],
+) -> None:
+    server, office, _, core = await bot(office_script=lambda p: f"seen: {text_of(p)[-60:]}")
+    server.admins.add((GROUP, ANN))
+    server.push(GROUP, BOB, "Bob", "@lantern_bot old story: the dragon sleeps")
+    await wait_reply_count(server, GROUP, 1)
+    server.member_delay_s = 1.0  # getChatMember is slow
+    server.push(GROUP, ANN, "Ann", "/reset")
+    server.push(GROUP, ANN, "Ann", "@lantern_bot New story: the ship sinks")
+    await server.wait_for(lambda: len(office.prompts) == 2, within=20)
+    prompt = text_of(office.prompts[-1])
+    assert "New story: the ship sinks" in prompt and "dragon" not in prompt
+    conv = await core.conversation("telegram", f"telegram:{GROUP}")
+    stored = [m for m in await core.store.history(conv.id, after_id=conv.reset_after_id)]
+    assert [m.text for m in stored if m.role == "user"] == ["New story: the ship sinks"]
+
+
+async def test_mode_in_a_group_routes_the_next_message_even_while_rights_are_checked(
+    bot: Callable[..., Any],
+) -> None:
+    server, office, character, core = await bot()
+    await core.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
+    server.admins.add((GROUP, ANN))
+    server.member_delay_s = 1.0
+    server.push(GROUP, ANN, "Ann", "/mode work")
+    server.push(GROUP, ANN, "Ann", "@lantern_bot the agenda, please")
+    await server.wait_for(lambda: office.prompts, within=20)
+    assert "the agenda, please" in text_of(office.prompts[-1])
+    assert not any("the agenda" in text_of(p) for p in character.prompts)

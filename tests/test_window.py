@@ -7,11 +7,11 @@ import itertools
 import random
 
 from ai_model.local import LocalModel
-from ai_model.scripted import ScriptedModel
+from tests.scripted import ScriptedModel
 from bot.bench import sentence
-from bot.core import ConversationCore
-from bot.messages import IncomingMessage, ReplyKind
-from bot.prompt import PromptTooLong, Turn, fit_window
+from chat.core import ConversationCore
+from chat.messages import IncomingMessage, ReplyKind
+from chat.prompt.window import PromptTooLong, Turn, fit_window
 from storage.records import NOTICE
 
 

@@ -8,10 +8,9 @@ import logging
 from typing import TextIO
 
 from adapters.base import SentMessage, deliver
-from adapters.streaming import single
+from chat.commands.spec import Invocation
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
-from chat.settings import ROLE_FOR_MODE, parse_mode
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class ConsoleAdapter:
                 mentions_bot=True,
                 is_dm=True,
             )
-            await deliver(self, self.core.respond(msg))
+            await deliver(self, self.core.answers.respond(msg))
 
     async def stop(self) -> None:
         self._stopped.set()
@@ -95,95 +94,31 @@ class ConsoleAdapter:
         counter = f"  ({reply.swipe[0]}/{reply.swipe[1]}, /swipe for others)" if reply.swipe else ""
         self._write(new + (counter + "\n" if reply.final else ""))
         if reply.final:
-            await self.core.delivered(reply, [])  # shown in full: the message is answered
+            await self.core.answers.delivered(reply, [])  # shown in full: answered
         return SentMessage(sent.conversation_key, sent.message_id, reply.text)
-
-    async def _open_scene(self) -> None:
-        greeting = await self.core.open_scene(PLATFORM, self.key, is_dm=True, user=self.user)
-        if greeting is not None:
-            await deliver(self, single(greeting))
-
-    async def _character(self, name: str) -> None:
-        if not name:
-            current = await self.core.character_of(PLATFORM, self.key)
-            names = ", ".join(self.core.characters.names())
-            self._write(f"Character: {current.name}. Available: {names}.\n")
-            return
-        if name.lower().startswith("world"):
-            book = name[5:].strip()
-            detach = book.lower() in ("", "off")
-            if await self.core.attach_world_book(PLATFORM, self.key, None if detach else book):
-                self._write(
-                    "World book detached.\n" if detach else f"World book {book} attached.\n"
-                )
-            else:
-                self._write(f"No world book called {book}.\n")
-            return
-        cast = await self.core.set_cast(PLATFORM, self.key, [n.strip() for n in name.split(",")])
-        if cast is None:
-            self._write(f"No character called {name}. /character lists them.\n")
-            return
-        self._write(f"{' and '.join(c.name for c in cast)} on stage (in roleplay mode).\n")
-        await self._open_scene()
-
-    async def _memory_command(self, name: str, arg: str) -> None:
-        core, key = self.core, self.key
-        if name == "/memory":
-            answer = await core.memory_report(PLATFORM, key)
-        elif name == "/remember":
-            answer = await core.remember(PLATFORM, key, arg)
-        elif name == "/forget":
-            answer = await core.forget_fact(PLATFORM, key, arg)
-        elif name == "/note":
-            answer = await core.set_note(PLATFORM, key, arg)
-        else:
-            answer = await core.set_persona(PLATFORM, key, self.user, arg)
-        self._write(answer + "\n")
 
     async def _command(self, text: str) -> bool:
         """Run a slash command; return False when the chat should end."""
-        name, _, arg = text.partition(" ")
-        name = name.lower()
-        if name in ("/quit", "/exit"):
+        head, _, words = text.partition(" ")
+        name = head[1:].lower()
+        if name in ("quit", "exit"):
             return False
-        if name == "/help":
-            self._write(
-                await self.core.help_text(PLATFORM, self.key, is_dm=True) + "\n"
-                "  /quit                leave the chat\n"
-            )
-        elif name == "/reset":
-            await self.core.reset(PLATFORM, self.key)
-            self._write("Started a fresh conversation. Earlier messages stay stored.\n")
-            await self._open_scene()
-        elif name == "/character":
-            await self._character(arg.strip())
-        elif name in ("/regenerate", "/swipe"):
-            if name == "/regenerate":
-                replies = self.core.regenerate(PLATFORM, self.key, is_dm=True)
-            else:
-                step = -1 if arg.strip().lower() in ("back", "prev", "previous", "-1") else 1
-                replies = single(await self.core.swipe(PLATFORM, self.key, step))
-            await deliver(self, replies)
-        elif name in ("/memory", "/remember", "/forget", "/note", "/persona"):
-            await self._memory_command(name, arg)
-        elif name in ("/continue", "/summarize"):
-            if name == "/continue":
-                replies = self.core.continue_reply(PLATFORM, self.key, is_dm=True)
-            else:
-                replies = self.core.summarize(PLATFORM, self.key, True, None, arg)
-            await deliver(self, replies)
-        elif name == "/mode":
-            mode = parse_mode(arg)
-            if mode is None:
-                now = await self.core.who_am_i(PLATFORM, self.key, is_dm=True)
-                wrong = "That is not a mode. " if arg.strip() else ""
-                self._write(f"{wrong}{now} Usage: /mode roleplay|work\n")
-            else:
-                await self.core.set_mode(PLATFORM, self.key, mode)
-                self._write(f"Mode set to {mode}: the {ROLE_FOR_MODE[mode]} model answers now.\n")
-                await self._open_scene()
-        else:
-            self._write(f"Unknown command {name}. Type /help for the list.\n")
+        commands = self.core.commands
+        command = commands.find(name, PLATFORM)
+        if command is None:
+            self._write(commands.unknown(f"/{name}") + "\n")
+            return True
+        parsed = commands.parse(command, words, has_file=False)
+        if isinstance(parsed, str):
+            self._write(parsed + "\n")
+            return True
+        inv = Invocation(PLATFORM, self.key, self.user, self.user, True, parsed.args)
+        answer = await commands.run(parsed.command, inv)
+        if answer.text:
+            self._write(answer.text + "\n")
+        for replies in (answer.stream, answer.posts):
+            if replies is not None:
+                await deliver(self, replies)
         return True
 
 

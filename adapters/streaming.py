@@ -95,6 +95,7 @@ async def stream_reply(
     *,
     tracker: DeliveryTracker | None = None,
     resume: Sequence[str] = (),
+    versions_in_place: bool = True,
 ) -> list[str]:
     """Render reply snapshots into messages; return the platform ids of all messages sent.
 
@@ -108,7 +109,10 @@ async def stream_reply(
 
     ``tracker`` hears of each new message of an answer and of its final delivery.  ``resume``
     lists messages an earlier run streamed the answer into: the first reply edits them
-    (deleting any it no longer needs) instead of sending new ones.
+    (deleting any it no longer needs) instead of sending new ones.  A reply that names the
+    messages it ``replaces`` (chosen by the engine in the conversation's turn) is written into
+    them: always when it grows there (/continue), and for a new version (/regenerate, /swipe)
+    when ``versions_in_place`` (else it is posted anew).
     """
     all_ids: list[str] = []
     # (message id, text it shows) of the current reply
@@ -144,6 +148,8 @@ async def stream_reply(
                 await tracker.delivered(reply, [m for m, _ in shown])
 
     async for reply in _ahead(replies):
+        if not sent and reply.replaces and (reply.grows or versions_in_place):
+            sent = [(message_id, "") for message_id in reply.replaces]
         if broken:
             if reply.final:
                 undelivered.append((reply, sent))

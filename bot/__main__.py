@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ai_model.base import ModelError
-from chat.settings import Settings, SettingsError, load_settings
 from bot.shutdown import Shutdown
+from chat.settings import Settings, SettingsError, load_settings
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from adapters.base import Adapter
 from ai_model.registry import ModelRegistry
-from chat.roleplay.cards import export_card, parse_card_bytes
-from chat.roleplay.characters import CardError
+from bot.shutdown import Shutdown
 from chat.core import ConversationCore
 from chat.faults import KillPoints
+from chat.roleplay.cards import export_card, parse_card_bytes
+from chat.roleplay.characters import CardError
 from chat.settings import Settings
-from bot.shutdown import Shutdown
 from storage import Store, open_database
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
         core = ConversationCore(
             settings, store, registry, kill_points=KillPoints.from_env(os.environ)
         )
-        await core.load_library()
+        await core.library.load()
         try:
             yield App(settings, registry, store, core)
         finally:
@@ -140,21 +140,21 @@ async def library_command(
     models = ModelRegistry(settings.models, vocab_only=True)
     try:
         core = ConversationCore(settings, store, models)
-        await core.load_library()
+        await core.library.load()
         if action == "list":
             for char in core.characters.all():
                 summary = " ".join(char.description.split())[:70]
                 print(f"{char.name}: {summary}")
         elif action == "import" and kind == "character":
             card = parse_card_bytes(data, Path(path).name)
-            imported = await core.import_card(card, replace=replace)
+            imported = await core.library.import_card(card, replace=replace)
             verb = "replaced" if imported.replaced else "imported"
             print(f"{verb} {imported.character.name}")
         elif action == "import":
             parsed = parse_card_bytes(data, Path(path).name)
             inner = parsed.get("data", parsed)
             book = inner.get("character_book", inner) if isinstance(inner, dict) else parsed
-            lore = await core.import_world_book(Path(path).stem, book)
+            lore = await core.library.import_world_book(Path(path).stem, book)
             print(f"imported world book {Path(path).stem} ({len(lore.entries)} entries)")
         elif action == "export":
             found = core.characters.find(name)

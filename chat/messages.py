@@ -1,7 +1,7 @@
 """The two value types that cross between adapters and the core.
 
 Adapters build an :class:`IncomingMessage` from a platform event (no platform object crosses into
-``bot/``) and render each :class:`OutgoingReply` the core yields.
+``chat/``) and render each :class:`OutgoingReply` the core yields.
 """
 
 from __future__ import annotations
@@ -69,5 +69,14 @@ class OutgoingReply:
     swipe: tuple[int, int] | None = None  # (version shown, versions stored), for swipes
     stored_id: int | None = None  # the database id of a final, stored reply
     # The database id of the user message this answers: adapters report its delivery
-    # (``chat.core.ConversationCore.piece_sent`` / ``delivered``) so a restart can finish it.
+    # (``chat.answers.Answers.piece_sent`` / ``delivered``) so a restart can finish it.
     answers: int | None = None
+    # The platform messages this reply is written into instead of new ones (a regenerated,
+    # swiped or continued reply: chosen in the conversation's turn, never before it).
+    replaces: tuple[str, ...] = ()
+    grows: bool = False  # the text grows in the messages it replaces (/continue)
+
+
+def notice(key: str, text: str, reply_to: str | None = None) -> OutgoingReply:
+    """A complete notice: a refusal, a pointer, a limit reached."""
+    return OutgoingReply(key, text, final=True, kind=ReplyKind.NOTICE, reply_to=reply_to)

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from chat.conversations import Ticket
-from chat.core import ConversationCore
+from chat.answers import Answers
+from chat.conversations import Conversations
 from chat.messages import OutgoingReply, ReplyKind
+from chat.queues import Queues, Ticket
+from chat.settings import Settings
 from storage.records import ANSWERED, FAILED, Unanswered
-from storage.store import STORAGE_ERRORS
+from storage.store import STORAGE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +71,24 @@ class RecoveryPlan:
 class Recovery:
     """What one platform must finish after a restart, and the answers that finish it."""
 
-    def __init__(self, core: ConversationCore) -> None:
-        self.core = core
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        conversations: Conversations,
+        queues: Queues,
+        answers: Answers,
+        started_at: datetime,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.conversations = conversations
+        self.queues = queues
+        self.answers = answers
+        self.started_at = started_at  # messages stored from then on are this run's to answer
 
     def _window_start(self) -> datetime:
-        return self.core.started_at - timedelta(seconds=self.core.settings.recover_window)
+        return self.started_at - timedelta(seconds=self.settings.recover_window)
 
     async def plan(self, platform: str) -> RecoveryPlan:
         """The unfinished messages of ``platform``; each recent one takes its answering turn
@@ -83,16 +98,16 @@ class Recovery:
         the plan is made (Discord delivers them as soon as it is connected) is answered live.
         """
         since = self._window_start()
-        store = self.core.store
-        recent = await store.unanswered(platform, since=since, before=self.core.started_at)
+        store = self.store
+        recent = await store.replies.unanswered(platform, since=since, before=self.started_at)
         # Synchronously after the query: no new message can take a turn in between.
-        resume = [Resumable(item, self.core._ticket(item.conversation_key)) for item in recent]
-        older = await store.unanswered(platform, before=since)
+        resume = [Resumable(item, self.queues.ticket(item.conversation_key)) for item in recent]
+        older = await store.replies.unanswered(platform, before=since)
         # One write closes them all: after a long outage there may be many.
-        await store.close_replies([item.message.id for item in older], error="offline")
+        await store.replies.close([item.message.id for item in older], error="offline")
         newest = {item.conversation_key: item for item in older}  # oldest first: newest wins
         notices: dict[str, OutgoingReply] = {}
-        if self.core.settings.offline_notice:
+        if self.settings.offline_notice:
             for key, item in list(newest.items())[:MAX_OFFLINE_NOTICES]:
                 notices[key] = OutgoingReply(
                     key,
@@ -112,37 +127,57 @@ class Recovery:
         return RecoveryPlan(resume, list(notices.values()))
 
     async def resume(self, job: Resumable, is_dm: bool) -> AsyncIterator[OutgoingReply]:
-        """The answer to one unfinished message, to stream with ``resume=job.pieces``."""
-        core, item = self.core, job.item
+        """The answer to one unfinished message, to stream with ``resume=job.pieces``.
+
+        A turn of several speakers is finished speaker by speaker: a reply stored but not
+        delivered is delivered as it was, the speaker that was cut is written again (into the
+        pieces it had shown), and those delivered before are left alone.
+        """
+        item = job.item
         message = item.message
         key = item.conversation_key
         try:
             await job.ticket.wait()
-            conv = await core.conversation(item.platform, key)
+            conv = await self.conversations.get(item.platform, key)
             if message.id <= conv.reset_after_id:
                 # Reset since: the answer would belong to a conversation that is over.
-                await core.store.set_reply_state(message.id, FAILED, error="reset", pieces=[])
+                await self.store.replies.set_state(message.id, FAILED, error="reset", pieces=[])
                 return
-            replies = await core.store.replies_to(message.id)
-            pending = [r for r in replies if r.delivered is False and r.in_context]
-            if pending:  # written before the stop, never shown in full: show it now
-                for stored in pending:
-                    yield OutgoingReply(
-                        key,
-                        stored.text,
-                        final=True,
-                        speaker=stored.author_name,
-                        reply_to=message.platform_message_id,
-                        stored_id=stored.id,
-                        answers=message.id,
-                    )
-                return
-            if replies and not job.pieces:  # answered; only the bookkeeping was cut off
-                await core.store.set_reply_state(message.id, ANSWERED, pieces=[])
+            replies = [
+                r
+                for r in await self.store.replies.replies_to(message.id)
+                if r.in_context and r.swipe_of is None
+            ]
+            pending = [r for r in replies if r.delivered is False]
+            for stored in pending:  # written before the stop, never shown in full: show it now
+                yield OutgoingReply(
+                    key,
+                    stored.text,
+                    final=True,
+                    speaker=stored.author_name,
+                    reply_to=message.platform_message_id,
+                    stored_id=stored.id,
+                    answers=message.id,
+                )
+            plan = item.plan
+            spoken = [r.author_name for r in replies]
+            if plan is None:  # stopped before the turn began (or stored before plans existed)
+                if replies and not job.pieces:
+                    await self.store.replies.set_state(message.id, ANSWERED, pieces=[])
+                    return
+            elif len(spoken) >= len(plan):
+                if not pending:  # answered; only the bookkeeping was cut off
+                    await self.store.replies.set_state(message.id, ANSWERED, pieces=[])
                 return
             yield OutgoingReply(key, "", reply_to=message.platform_message_id)
-            async for reply in core.answer_turn(
-                key, is_dm, message.id, message.text, message.platform_message_id
+            async for reply in self.answers.answer_turn(
+                item.platform,
+                key,
+                is_dm,
+                message,
+                message.platform_message_id,
+                plan=plan,
+                done=spoken if plan is not None else (),
             ):
                 yield reply
         except STORAGE_ERRORS as exc:
@@ -150,11 +185,15 @@ class Recovery:
         finally:
             job.ticket.release()
 
-    async def catch_up_points(self, platform: str) -> list[tuple[str, str]]:
-        """(conversation key, platform id of its newest stored user message) of the channels
-        to look through for messages that arrived while the bot was away."""
+    async def catch_up_points(self, platform: str, connected_at: datetime) -> list[tuple[str, str]]:
+        """(conversation key, platform id of its newest user message stored before
+        ``connected_at``) of the channels to look through for messages that arrived while
+        the bot was away.  A message stored since came over this connection: it is no mark,
+        or the missed ones before it would never be fetched."""
         since = datetime.now(UTC) - CATCH_UP_ACTIVE
-        return await self.core.store.recent_channels(platform, since, MAX_CATCH_UP_CHANNELS)
+        return await self.store.messages.recent_channels(
+            platform, since, MAX_CATCH_UP_CHANNELS, before=connected_at
+        )
 
     def window_start(self) -> datetime:
         """Messages older than this are not caught up."""

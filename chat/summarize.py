@@ -15,11 +15,19 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from ai_model.base import ChatModel, ModelError
 from ai_model.config import SamplingSettings
-from chat.conversations import ConversationState
-from chat.prompt.memory import chunk_lines, generate, instructed_prompt, transcript_line
-from chat.messages import OutgoingReply
+from chat.answers import ModelProvider
+from chat.conversations import Conversations
+from chat.messages import OutgoingReply, notice
+from chat.prompt.memory import (
+    MemoryKeeper,
+    chunk_lines,
+    generate,
+    instructed_prompt,
+    transcript_line,
+)
+from chat.queues import Arrival, Queues
 from storage.records import Conversation, StoredMessage
-from storage.store import STORAGE_ERRORS
+from storage.store import STORAGE_ERRORS, Store
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +45,47 @@ REDUCE = (
 )
 
 
-class Summaries(ConversationState):
-    """The /summarize command of the core."""
+class Summaries:
+    """The /summarize command of the engine."""
+
+    def __init__(
+        self,
+        store: Store,
+        models: ModelProvider,
+        conversations: Conversations,
+        queues: Queues,
+        memory: MemoryKeeper,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.conversations = conversations
+        self.queues = queues
+        self.memory = memory
 
     async def summarize(
-        self, platform: str, key: str, is_dm: bool, user_id: str | None, count: str = ""
+        self,
+        platform: str,
+        key: str,
+        is_dm: bool,
+        user_id: str | None,
+        count: str = "",
+        arrival: Arrival | None = None,
     ) -> AsyncIterator[OutgoingReply]:
         """Stream a summary of recent messages (work mode); notices say why not otherwise."""
-        conv = await self.conversation(platform, key)
-        if self.mode_of(conv, is_dm) != "work":
-            yield self._notice(key, "/summarize is for work conversations (see /mode).")
-            return
+        conv = await self.conversations.get(platform, key)
+        refusal = None
         count = count.strip()
-        if count and (not count.isdigit() or not 1 <= int(count) <= MAX_MESSAGES):
-            yield self._notice(key, f"Give a number of messages from 1 to {MAX_MESSAGES}.")
+        if self.conversations.mode_of(conv, is_dm) != "work":
+            refusal = "/summarize is for work conversations (see /mode)."
+        elif count and (not count.isdigit() or not 1 <= int(count) <= MAX_MESSAGES):
+            refusal = f"Give a number of messages from 1 to {MAX_MESSAGES}."
+        if refusal is not None:
+            if arrival is not None:
+                arrival.settle()
+            yield notice(key, refusal)
             return
-        async for reply in self._in_turn(platform, key, user_id, self._summary(conv, count)):
+        work = self._summary(conv, count)
+        async for reply in self.queues.in_turn(platform, key, user_id, work, arrival):
             yield reply
 
     async def _summary(self, conv: Conversation, count: str) -> AsyncGenerator[OutgoingReply, None]:
@@ -61,10 +94,10 @@ class Summaries(ConversationState):
             messages = await self._to_summarize(conv.id, conv.reset_after_id, count)
         except STORAGE_ERRORS as exc:
             log.error("could not read the messages of %s to summarize: %s", key, exc)
-            yield self._notice(key, "I could not read the messages; try again in a moment.")
+            yield notice(key, "I could not read the messages; try again in a moment.")
             return
         if not messages:
-            yield self._notice(key, "There is nothing new to summarize since my last reply.")
+            yield notice(key, "There is nothing new to summarize since my last reply.")
             return
         async for reply in self._map_reduce(key, [transcript_line(m) for m in messages]):
             yield reply
@@ -73,10 +106,10 @@ class Summaries(ConversationState):
         self, conversation_id: int, reset: int, count: str
     ) -> list[StoredMessage]:
         if count:
-            return await self.store.recent_messages(conversation_id, reset, int(count))
-        last = await self.store.last_reply(conversation_id, after_id=reset)
+            return await self.store.messages.recent(conversation_id, reset, int(count))
+        last = await self.store.messages.last_reply(conversation_id, after_id=reset)
         since = max(reset, last.id if last is not None else 0)
-        return await self.store.recent_messages(conversation_id, since, MAX_MESSAGES)
+        return await self.store.messages.recent(conversation_id, since, MAX_MESSAGES)
 
     async def _map_reduce(self, key: str, lines: list[str]) -> AsyncIterator[OutgoingReply]:
         text = ""
@@ -86,7 +119,7 @@ class Summaries(ConversationState):
             room = max(64, model.n_ctx - FINAL_TOKENS - 300)
             # Tokenizing huge or hostile messages takes a while: never on the event loop.
             parts = await asyncio.to_thread(chunk_lines, model, lines, room)
-            async with self._generating(key, "office"):
+            async with self.memory.replying(key, "office"):
                 for _ in range(MAX_ROUNDS):  # map, then reduce in rounds, to one part
                     if len(parts) == 1:
                         break
@@ -96,15 +129,19 @@ class Summaries(ConversationState):
                     merged = True
                 parts = parts[-1:]  # a tiny window may not merge all: the newest notes win
                 instructions = REDUCE if merged else MAP
-                sampling = SamplingSettings(max_tokens=FINAL_TOKENS, temperature=0.3, seed=5)
                 content = "\n".join(parts[0])
                 tokens = await asyncio.to_thread(instructed_prompt, model, instructions, content)
+                # The answer gets what the window leaves, at most FINAL_TOKENS.
+                room = min(FINAL_TOKENS, model.n_ctx - len(tokens) - 1)
+                if room < 16:
+                    raise ModelError("the summary prompt leaves no room for the answer")
+                sampling = SamplingSettings(max_tokens=room, temperature=0.3, seed=5)
                 async for piece in model.stream(tokens, sampling):
                     text += piece
                     yield OutgoingReply(key, text, delta=piece)
         except (ModelError, RuntimeError) as exc:
             log.error("summarizing %s failed: %s", key, exc)
-            yield self._notice(key, "Sorry, I could not write the summary; try again later.")
+            yield notice(key, "Sorry, I could not write the summary; try again later.")
             return
         yield OutgoingReply(key, text.strip() or "(nothing to summarize)", final=True)
 

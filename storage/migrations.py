@@ -153,11 +153,18 @@ def _add_memory_and_edits(conn: Connection) -> None:
         conn.execute(text(statement))
 
 
+def _add_reply_plans(conn: Connection) -> None:
+    # A turn's speakers, in order, stored with its question: each speaker's reply carries its
+    # own delivery state, so a restart finishes the speaker that was cut and repeats none.
+    conn.execute(text("ALTER TABLE messages ADD COLUMN reply_plan TEXT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
     Migration(2, "add_cards_world_books_and_swipes", _add_cards_world_books_and_swipes),
     Migration(3, "add_reply_states", _add_reply_states),
     Migration(4, "add_memory_and_edits", _add_memory_and_edits),
+    Migration(5, "add_reply_plans", _add_reply_plans),
 )
 
 

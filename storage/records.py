@@ -106,3 +106,5 @@ class Unanswered:
     conversation_key: str
     platform: str
     pieces: tuple[str, ...]  # platform ids of the answer streamed before the stop
+    # The speakers the turn planned, in order (None: the turn had not started).
+    plan: tuple[str | None, ...] | None = None

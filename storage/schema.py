@@ -66,6 +66,8 @@ messages = Table(
     Column("reply_error", Text, nullable=True),
     # JSON list of the platform ids showing the answer streamed so far (edited on recovery).
     Column("reply_pieces", Text, nullable=True),
+    # JSON list of the speakers a turn planned, in order (a group scene may have several).
+    Column("reply_plan", Text, nullable=True),
     # Bot replies: whether the final text reached the platform (NULL: stored before states).
     Column("delivered", Boolean, nullable=True),
     # Set when the platform reports an edit (the text is replaced) or a deletion (the message

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai_model.templates import TEMPLATES, template_markers
-from chat.roleplay.characters import card_from_fields
 from chat.limits import MAX_FIELD_CHARS
+from chat.roleplay.characters import card_from_fields
 
 MARKERS = sorted({m for t in TEMPLATES.values() for m in template_markers(t)})
 

@@ -265,7 +265,7 @@ async def test_the_window_holds_in_every_sequence(tmp_path: Path, make_core) -> 
         for _ in range(5):
             text = sentence(rng, 70)
             msg = IncomingMessage("console", f"console:w{i}", f"u{i}", f"P{i}", text, is_dm=True)
-            kinds.append([r async for r in core.respond(msg)][-1].kind)
+            kinds.append([r async for r in core.answers.respond(msg)][-1].kind)
             mem = llama_cpp.llama_get_memory(model._ctx.ctx)
             for seq in range(4):
                 peak[seq] = max(peak[seq], llama_cpp.llama_memory_seq_pos_max(mem, seq) + 1)
@@ -277,7 +277,7 @@ async def test_the_window_holds_in_every_sequence(tmp_path: Path, make_core) -> 
     assert kinds == [ReplyKind.ANSWER] * 20
     assert max(lengths) + 32 <= 512 and 0 < max(peak) <= 512
     for i in range(4):
-        conv = await core.conversation("console", f"console:w{i}")
+        conv = await core.conversations.get("console", f"console:w{i}")
         assert conv.window_start_id > 1  # every conversation's window moved
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bot.bench import TARGETS
+from bot.bench.figures import TARGETS
 from tests.test_cli import run_bot
 
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from tests.scripted import ScriptedModel
+from chat.core import ConversationCore
 from chat.roleplay.cards import blank_png, load_card, parse_card_bytes, write_png_card
 from chat.roleplay.characters import CardError, character_from_card
-from chat.core import ConversationCore
 from storage import Store
+from tests.scripted import ScriptedModel
 from tests.test_cli import run_bot
 
 V1 = {
@@ -155,10 +155,10 @@ async def test_import_store_and_export_round_trips_unknown_fields(
 ) -> None:
     models = {"character": ScriptedModel(), "office": ScriptedModel()}
     core: ConversationCore = make_core(models)
-    imported = await core.import_card(copy.deepcopy(V2))
+    imported = await core.library.import_card(copy.deepcopy(V2))
     assert imported.character.name == "Seraphine" and not imported.replaced
     fresh: ConversationCore = make_core(models)  # as after a restart
-    await fresh.load_library()
+    await fresh.library.load()
     stored = fresh.characters.find("seraphine")
     assert stored is not None
     from chat.roleplay.cards import export_card

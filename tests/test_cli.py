@@ -58,7 +58,7 @@ def test_console_exchange_with_commands_and_history_across_restarts(tmp_path: Pa
     assert "Mode set to roleplay" in out
     assert "Mira> " in out  # the character answered after the switch
     assert "That is not a mode. I play Mira (roleplay mode). Usage: /mode roleplay|work" in out
-    assert "Unknown command /bogus" in out
+    assert "/bogus is not one of my commands; send /help." in out
     assert "I will remember that (fact 1)" in out and "1. The inn is the Lantern." in out
     # The start-up log names the model serving each role.
     assert "character role -> SmolLM2-135M-Instruct" in first.stderr

@@ -119,15 +119,15 @@ async def test_the_same_flow_on_every_deployment(
     await asyncio.sleep(0.3)
     store = Store(await open_database(settings.database_url))
     try:
-        dm = await store.conversation("telegram", f"telegram:{DM}")
-        history = await store.history(dm.id)
+        dm = await store.conversations.get_or_create("telegram", f"telegram:{DM}")
+        history = await store.messages.history(dm.id)
         users = [m for m in history if m.role == USER and not m.text.startswith("/")]
         assert [m.text for m in users] == ["What is the capital of France?", "And of Italy?"]
         assert [m.reply_state for m in users] == [ANSWERED, ANSWERED]
         answers = [m for m in history if m.role == ASSISTANT]
         assert len(answers) == 2 and all(m.delivered for m in answers)
-        group = await store.conversation("telegram", f"telegram:{GROUP}")
-        scene = [m for m in await store.history(group.id) if m.role == ASSISTANT]
+        group = await store.conversations.get_or_create("telegram", f"telegram:{GROUP}")
+        scene = [m for m in await store.messages.history(group.id) if m.role == ASSISTANT]
         assert scene and all(m.delivered is not False for m in scene)
     finally:
         await store.close()

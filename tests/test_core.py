@@ -12,13 +12,13 @@ import pytest
 from ai_model.base import ChatModel, GenerationError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
-from tests.scripted import ScriptedModel
 from chat.core import APOLOGY, ConversationCore
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
 from chat.settings import Settings
 from storage import Store, open_database
 from storage.records import ASSISTANT, USER
 from tests.conftest import BACKENDS, FixedModels
+from tests.scripted import ScriptedModel
 
 
 @pytest.fixture(params=BACKENDS)
@@ -44,7 +44,7 @@ def dm(text: str, key: str = "console:me", name: str = "Ann") -> IncomingMessage
 
 
 async def collect(core: ConversationCore, msg: IncomingMessage) -> list[OutgoingReply]:
-    return [reply async for reply in core.respond(msg)]
+    return [reply async for reply in core.answers.respond(msg)]
 
 
 async def test_routing_sends_roleplay_to_the_character_model_and_work_to_office(
@@ -74,7 +74,7 @@ async def test_routing_sends_roleplay_to_the_character_model_and_work_to_office(
 
     core = ConversationCore(settings, store, Spy())
     try:
-        await core.set_mode("discord", "discord:rp", "roleplay")
+        await core.actions.set_mode("discord", "discord:rp", "roleplay")
         rp = IncomingMessage("discord", "discord:rp", "1", "Ann", "Hello innkeeper!")
         work = IncomingMessage("discord", "discord:work", "1", "Ann", "Draft an agenda.")
         for msg in (rp, work):
@@ -124,7 +124,7 @@ async def test_channels_do_not_wait_for_each_other(make_core) -> None:  # type: 
     office = ScriptedModel(["Here is the agenda."])
     character.gate = asyncio.Event()
     core: ConversationCore = make_core({"character": character, "office": office})
-    await core.set_mode("discord", "discord:rp", "roleplay")
+    await core.actions.set_mode("discord", "discord:rp", "roleplay")
     slow = asyncio.create_task(
         collect(core, IncomingMessage("discord", "discord:rp", "1", "Ann", "Hi"))
     )
@@ -142,7 +142,7 @@ async def test_history_and_mode_survive_a_restart(settings: Settings) -> None:
         store = Store(await open_database(settings.database_url))
         core = ConversationCore(settings, store, FixedModels({"character": model, "office": model}))
         if text.startswith("remember"):
-            await core.set_mode("console", "console:me", "roleplay")
+            await core.actions.set_mode("console", "console:me", "roleplay")
         await collect(core, dm(text))
         await store.close()  # the process ends
     last = text_of(model.prompts[-1])
@@ -185,8 +185,8 @@ async def test_a_failed_generation_apologises_and_loses_nothing(make_core, caplo
     assert replies[-1].final and replies[-1].kind is ReplyKind.ERROR
     assert replies[-1].text == APOLOGY
     assert "llama_decode returned -1" in caplog.text
-    conv = await core.conversation("console", "console:me")
-    history = await core.store.history(conv.id)
+    conv = await core.conversations.get("console", "console:me")
+    history = await core.store.messages.history(conv.id)
     assert [(m.role, m.text) for m in history] == [(USER, "Are you there?")]
     assert ASSISTANT not in {m.role for m in history}
 
@@ -195,11 +195,11 @@ async def test_reset_starts_a_fresh_prompt_but_keeps_the_rows(make_core) -> None
     model = ScriptedModel(echo_last_user)
     core: ConversationCore = make_core({"character": model, "office": model})
     await collect(core, dm("old topic"))
-    await core.reset("console", "console:me")
+    await core.actions.reset("console", "console:me")
     await collect(core, dm("new topic"))
     assert "old topic" not in text_of(model.prompts[-1])
-    conv = await core.conversation("console", "console:me")
-    assert await core.store.count_messages(conv.id) == 4
+    conv = await core.conversations.get("console", "console:me")
+    assert await core.store.messages.count(conv.id) == 4
 
 
 async def test_commands_take_the_conversations_turn(make_core) -> None:  # type: ignore[no-untyped-def]
@@ -207,7 +207,7 @@ async def test_commands_take_the_conversations_turn(make_core) -> None:  # type:
     core: ConversationCore = make_core({"character": model, "office": model})
     first = asyncio.create_task(collect(core, dm("old topic")))
     await asyncio.sleep(0.01)  # the answer to "old topic" is being written
-    reset = asyncio.create_task(core.reset("console", "console:me"))
+    reset = asyncio.create_task(core.actions.reset("console", "console:me"))
     await asyncio.sleep(0)
     after = asyncio.create_task(collect(core, dm("new topic")))
     await asyncio.gather(first, reset, after)
@@ -215,13 +215,13 @@ async def test_commands_take_the_conversations_turn(make_core) -> None:  # type:
     fresh = text_of(model.prompts[-1])
     assert "new topic" in fresh and "old topic" not in fresh
     # The answer to the earlier message, stored after the command arrived, stays out too.
-    conv = await core.conversation("console", "console:me")
-    history = await core.store.history(conv.id, after_id=conv.reset_after_id)
+    conv = await core.conversations.get("console", "console:me")
+    history = await core.store.messages.history(conv.id, after_id=conv.reset_after_id)
     assert [m.text for m in history] == ["new topic", "re: new topic"]
     # A mode change waits for the answer in flight, then applies to what follows.
     pending = asyncio.create_task(collect(core, dm("still work?")))
     await asyncio.sleep(0.01)
-    await core.set_mode("console", "console:me", "roleplay")
+    await core.actions.set_mode("console", "console:me", "roleplay")
     assert pending.done() and (await pending)[-1].text == "re: still work?"
 
 

@@ -13,7 +13,6 @@ import pytest
 from adapters.discord import DiscordAdapter
 from adapters.discord.sinks import webhook_username
 from adapters.streaming import StreamLimits
-from tests.scripted import ScriptedModel
 from chat.core import ConversationCore
 from chat.settings import PlatformSettings, Settings
 from storage import Store
@@ -30,6 +29,7 @@ from tests.fake_discord import (
     FakeDiscord,
     user,
 )
+from tests.scripted import ScriptedModel
 from tests.test_core import text_of
 from tests.waiting import stored_replies
 
@@ -114,7 +114,7 @@ async def test_mode_needs_manage_channels_and_opens_the_scene(bot: Callable[...,
     await server.wait_for(lambda: server.responses(token))
     refusal = server.responses(token)[0]
     assert refusal.ephemeral and "Manage Channels" in refusal.content
-    assert (await core.conversation("discord", f"discord:{CHANNEL_ROLEPLAY}")).mode is None
+    assert (await core.conversations.get("discord", f"discord:{CHANNEL_ROLEPLAY}")).mode is None
     token = await server.command(
         CHANNEL_ROLEPLAY, ANN, "mode", [opt("mode", "roleplay")], admin=True
     )
@@ -186,7 +186,7 @@ async def test_reset_help_chat_and_regenerate(bot: Callable[..., Any]) -> None:
 
 async def test_two_player_scene_posts_as_the_character(bot: Callable[..., Any]) -> None:
     server, _, character, core = await bot(character_script=["*Mira pours two ales.*"])
-    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    await core.actions.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
     await server.say(CHANNEL_ROLEPLAY, BOB, "I sit by the fire.")  # stored, not answered
     await server.wait_for(lambda: server.in_channel(CHANNEL_ROLEPLAY))  # the scene's greeting
     await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, two ales please!")  # names the character
@@ -210,7 +210,7 @@ async def test_two_player_scene_posts_as_the_character(bot: Callable[..., Any]) 
 
 async def test_thread_posts_through_the_parent_webhook(bot: Callable[..., Any]) -> None:
     server, _, _, core = await bot()
-    await core.set_mode("discord", f"discord:{THREAD}", "roleplay")
+    await core.actions.set_mode("discord", f"discord:{THREAD}", "roleplay")
     await server.say(THREAD, ANN, "Mira, a quiet word?", mention_bot=True)
     await server.wait_for(lambda: len([p for p in server.posted if p.thread_id == THREAD]) >= 2)
     posts = [p for p in server.posted if p.thread_id == THREAD]
@@ -219,7 +219,7 @@ async def test_thread_posts_through_the_parent_webhook(bot: Callable[..., Any]) 
 
 async def test_without_manage_webhooks_it_prefixes_the_name(bot: Callable[..., Any]) -> None:
     server, _, _, core = await bot()
-    await core.set_mode("discord", f"discord:{CHANNEL_NO_HOOKS}", "roleplay")
+    await core.actions.set_mode("discord", f"discord:{CHANNEL_NO_HOOKS}", "roleplay")
     await server.say(CHANNEL_NO_HOOKS, ANN, "Mira?", mention_bot=True)
     await server.wait_for(lambda: len(server.in_channel(CHANNEL_NO_HOOKS)) >= 2)
     texts = [p.content for p in server.in_channel(CHANNEL_NO_HOOKS)]
@@ -232,7 +232,7 @@ async def test_without_manage_webhooks_it_prefixes_the_name(bot: Callable[..., A
 
 async def test_unknown_webhook_is_refreshed_and_retried(bot: Callable[..., Any]) -> None:
     server, _, _, core = await bot()
-    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    await core.actions.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
     await server.say(CHANNEL_ROLEPLAY, ANN, "Mira!", mention_bot=True)
     await server.wait_for(lambda: len(server.in_channel(CHANNEL_ROLEPLAY)) >= 2)
     server.webhooks.clear()  # somebody deleted our webhook
@@ -350,8 +350,8 @@ async def test_card_import_swipe_world_book_and_cast(bot: Callable[..., Any]) ->
     )
     await server.wait_for(lambda: server.responses(token))
     assert "Mira and Captain Reyes take the stage" in server.responses(token)[0].content
-    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
-    greeting = await core.open_scene("discord", f"discord:{CHANNEL_ROLEPLAY}", is_dm=False)
+    await core.actions.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    greeting = await core.actions.open_scene("discord", f"discord:{CHANNEL_ROLEPLAY}", is_dm=False)
     assert greeting is not None
     await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, hello!", mention_bot=True)
     await server.wait_for(
@@ -369,7 +369,7 @@ async def test_card_import_swipe_world_book_and_cast(bot: Callable[..., Any]) ->
     )
     assert answer.content.startswith("*Mira nods.*")  # the earlier version, edited in place
 
-    await core.import_world_book(
+    await core.library.import_world_book(
         "realm",
         {
             "entries": [
@@ -433,7 +433,7 @@ async def test_admin_rights_follow_the_channel_overwrites_and_threads_use_the_pa
     token = await server.command(THREAD, BOB, "mode", [opt("mode", "roleplay")], admin=True)
     await server.wait_for(lambda: server.responses(token))
     assert "roleplay mode" in server.responses(token)[0].content
-    conv = await core.conversation("discord", f"discord:{THREAD}")
+    conv = await core.conversations.get("discord", f"discord:{THREAD}")
     assert conv.mode == "roleplay"
 
 
@@ -464,7 +464,7 @@ async def test_a_refused_send_does_not_cost_the_reply_it_is_stored_then_delivere
     server, _, _, core = await bot(office_script=["Stored first, shown later."])
     server.forbidden_until = time.monotonic() + 2.0
     await server.say(CHANNEL_WORK, ANN, "Hello?", mention_bot=True)
-    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+    conv = await core.conversations.get("discord", f"discord:{CHANNEL_WORK}")
     assert await stored_replies(store, conv.id) == ["Stored first, shown later."]
     assert time.monotonic() < server.forbidden_until  # stored while sends were refused
     await server.wait_for(lambda: server.in_channel(CHANNEL_WORK), 30)
@@ -475,7 +475,7 @@ async def test_memory_commands_and_edits_and_deletions_follow_the_channel(
     bot: Callable[..., Any],
 ) -> None:
     server, office, _, core = await bot(office_script=["Ann: Noted.", "Sure.", "Right."])
-    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+    conv = await core.conversations.get("discord", f"discord:{CHANNEL_WORK}")
     first = await server.say(CHANNEL_WORK, ANN, "the budget is 3,000", mention_bot=True)
     await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
     assert await stored_replies(core.store, conv.id) == ["Noted."]  # the name tag is cleaned
@@ -484,7 +484,7 @@ async def test_memory_commands_and_edits_and_deletions_follow_the_channel(
     await server.delete(CHANNEL_WORK, aside)
 
     async def stored() -> list[str]:
-        return [m.text for m in await core.store.history(conv.id)]
+        return [m.text for m in await core.store.messages.history(conv.id)]
 
     deadline = time.monotonic() + 20
     while "the budget is 4,500" not in await stored() or "my password is hunter2" in (
@@ -552,7 +552,7 @@ async def test_note_persona_and_continue_steer_the_scene(bot: Callable[..., Any]
     assert "Summarize this part of a team chat" in text_of(office.prompts[-1])
     await server.wait_for(lambda: server.responses(token) and server.responses(token)[0].content)
 
-    await core.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
+    await core.actions.set_mode("discord", f"discord:{CHANNEL_ROLEPLAY}", "roleplay")
     token = await server.command(
         CHANNEL_ROLEPLAY, BOB, "persona", [opt("text", "Galahad: a weary knight")]
     )
@@ -573,7 +573,7 @@ async def test_commands_are_acknowledged_in_time_while_an_answer_streams(
 ) -> None:
     server, _, character, core = await bot(character_script=["*Mira pours the ale.*"])
     key = f"discord:{CHANNEL_ROLEPLAY}"
-    await core.set_mode("discord", key, "roleplay")
+    await core.actions.set_mode("discord", key, "roleplay")
     character.gate = asyncio.Event()
     await server.say(CHANNEL_ROLEPLAY, ANN, "Mira, an ale!", mention_bot=True)
     await server.wait_for(lambda: character.prompts)  # the answer is generating, held
@@ -604,8 +604,10 @@ async def test_commands_are_acknowledged_in_time_while_an_answer_streams(
         p for p in server.in_channel(CHANNEL_ROLEPLAY) if "Welcome to the Lantern Inn" in p.content
     ]
     await server.wait_for(lambda: len(greetings()) == 2)  # the scene opened again after /reset
-    posted = [p.content for p in server.in_channel(CHANNEL_ROLEPLAY)]
-    assert posted.index("*Mira pours the ale.*") < posted.index(greetings()[1].content)
+    posted = server.in_channel(CHANNEL_ROLEPLAY)
+    assert posted.index(next(p for p in posted if p.content == "*Mira pours the ale.*")) < (
+        posted.index(greetings()[1])
+    )
 
 
 async def test_regenerate_while_a_reply_streams_rewrites_that_reply_only(
@@ -632,8 +634,8 @@ async def test_regenerate_while_a_reply_streams_rewrites_that_reply_only(
     assert first.content == "First answer." and "Second" not in " ".join(first.edits)
     second = server.in_channel(CHANNEL_WORK)[1]
     assert second.content == "Second, rewritten." and len(server.in_channel(CHANNEL_WORK)) == 2
-    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
-    shown = {m.text: m.platform_message_id for m in await store.history(conv.id)}
+    conv = await core.conversations.get("discord", f"discord:{CHANNEL_WORK}")
+    shown = {m.text: m.platform_message_id for m in await store.messages.history(conv.id)}
     assert shown["First answer."] == first.id and shown["Second, rewritten."] == second.id
 
 
@@ -667,10 +669,10 @@ async def test_a_message_deleted_while_it_waits_gets_no_answer(
     await server.say(CHANNEL_WORK, ANN, "first question", mention_bot=True)
     await server.wait_for(lambda: office.prompts)
     bobs = await server.say(CHANNEL_WORK, BOB, "second question", mention_bot=True)
-    conv = await core.conversation("discord", f"discord:{CHANNEL_WORK}")
+    conv = await core.conversations.get("discord", f"discord:{CHANNEL_WORK}")
 
     async def stored() -> bool:
-        return any(m.text == "second question" for m in await store.history(conv.id))
+        return any(m.text == "second question" for m in await store.messages.history(conv.id))
 
     deadline = time.monotonic() + 10
     while not await stored():
@@ -726,9 +728,9 @@ async def test_catch_up_reads_from_the_newest_message_stored_before_the_connecti
     _server2, office2, _, core2 = await bot()
     await server.identified.wait()
     await server.say(CHANNEL_WORK, ANN, "just chatting")  # live, not a mention
-    conv = await core2.conversation("discord", f"discord:{CHANNEL_WORK}")
+    conv = await core2.conversations.get("discord", f"discord:{CHANNEL_WORK}")
     deadline = time.monotonic() + 10
-    while not any(m.text == "just chatting" for m in await core2.store.history(conv.id)):
+    while not any(m.text == "just chatting" for m in await core2.store.messages.history(conv.id)):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     live_stored.set()

@@ -13,13 +13,13 @@ import pytest
 
 from adapters.discord import DiscordAdapter
 from adapters.streaming import StreamLimits
-from tests.scripted import ScriptedModel
 from chat.core import ConversationCore
 from chat.settings import PlatformSettings, Settings
 from storage import Store, open_database
 from storage.records import RECEIVED, USER
 from tests.conftest import FixedModels
 from tests.fake_discord import CHANNEL_G2, CHANNEL_WORK, DM_CHANNEL, FakeDiscord, user
+from tests.scripted import ScriptedModel
 
 ANN = user("11", "Ann")
 Start = Callable[[], Any]
@@ -86,8 +86,8 @@ async def test_after_a_restart_each_process_recovers_only_its_own_conversations(
     store = Store(await open_database(settings.database_url))
     try:
         for channel in (CHANNEL_WORK, CHANNEL_G2, DM_CHANNEL):
-            conv = await store.conversation("discord", f"discord:{channel}")
-            await store.add_message(
+            conv = await store.conversations.get_or_create("discord", f"discord:{channel}")
+            await store.messages.add(
                 conv.id,
                 USER,
                 "answer me after the crash",

@@ -21,11 +21,12 @@ from sqlalchemy import select
 
 from adapters.discord import DiscordAdapter
 from adapters.streaming import StreamLimits
-from adapters.telegram import HANDLER_FAILED, TelegramAdapter
+from adapters.telegram import TelegramAdapter
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.local import LocalModel, special_token_check
-from chat.roleplay.characters import shipped_characters
+from chat.commands import HANDLER_FAILED
 from chat.core import ConversationCore
+from chat.roleplay.characters import shipped_characters
 from chat.settings import PlatformSettings, Settings
 from storage import Store
 from storage.schema import messages
@@ -120,7 +121,7 @@ async def hostile_core(
     )
     model = Recorder(smollm)
     core = ConversationCore(settings, store, FixedModels({"office": model, "character": model}))
-    await core.load_library()
+    await core.library.load()
     return model, core
 
 
@@ -131,7 +132,7 @@ async def settle(core: ConversationCore, activity: Callable[[], int], fetched: C
     while time.monotonic() < deadline:
         await asyncio.sleep(0.1)
         now = activity()
-        busy = any(core._channels.get(k).busy() for k in list(core._channels))  # type: ignore[union-attr]
+        busy = core.queues.busy_count() > 0
         if now != last or busy or not fetched():
             last, quiet_since = now, time.monotonic()
         elif time.monotonic() - quiet_since > 0.6:

@@ -18,15 +18,15 @@ import pytest
 
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
-from tests.scripted import ScriptedModel
 from chat.core import ConversationCore
-from chat.prompt.memory import MAX_CHUNKS_PER_JOB, next_boundary
 from chat.messages import IncomingMessage, ReplyKind
+from chat.prompt.memory import MAX_CHUNKS_PER_JOB, next_boundary
 from chat.prompt.window import Turn, Window
 from chat.settings import Settings
 from storage import Store
 from storage.records import ASSISTANT, USER
 from tests.conftest import FixedModels
+from tests.scripted import ScriptedModel
 from tests.test_core import text_of
 from tests.test_window import sentence
 
@@ -90,9 +90,9 @@ async def test_summaries_follow_the_trims_and_never_run_beside_a_reply(
     starts, pinned = [], []
     for turn in range(60):
         msg = IncomingMessage("console", KEY, "u1", "Ann", sentence(rng, 25), is_dm=True)
-        replies = [r async for r in core.respond(msg)]
+        replies = [r async for r in core.answers.respond(msg)]
         assert replies[-1].kind is ReplyKind.ANSWER
-        conv = await core.conversation("console", KEY)
+        conv = await core.conversations.get("console", KEY)
         starts.append(conv.window_start_id)
         pinned.append(conv.settings.get("summary_id"))
         if turn % 3 == 0:
@@ -110,7 +110,7 @@ async def test_summaries_follow_the_trims_and_never_run_beside_a_reply(
     assert model.overlaps == 0
     assert core.memory.summaries_written >= 3
     assert any("Shorten this summary" in p for p in model.summary_prompts)
-    found = await store.summaries((await core.conversation("console", KEY)).id)
+    found = await store.summaries.of((await core.conversations.get("console", KEY)).id)
     assert all(s.token_count <= budget for s in found)
     # Each pinned summary covers only what the window no longer shows.
     for summary_id, start in zip(pinned, starts, strict=True):
@@ -172,26 +172,26 @@ async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summa
     )
     try:
         # 30,000 tokens stored before the bot answered any of it (say, from before an upgrade).
-        conv = await core.conversation("console", KEY)
+        conv = await core.conversations.get("console", KEY)
         rng = random.Random(3)
         total = 0
         for n in itertools.count():
             text = sentence(rng, 60)
             if n % 2 == 0:
-                asked = await store.add_message(conv.id, USER, text, author_name="Ann")
+                asked = await store.messages.add(conv.id, USER, text, author_name="Ann")
             else:
-                await store.add_message(conv.id, ASSISTANT, text, reply_to_id=asked)
+                await store.messages.add(conv.id, ASSISTANT, text, reply_to_id=asked)
             total += len(model.tokenize(text.encode(), False, False))
             if total >= 30_000:
                 break
-        await core.remember("console", KEY, "The ship is called Kestrel.")
+        await core.steering.remember("console", KEY, "The ship is called Kestrel.")
         summary = None
         for _ in range(12):
             msg = IncomingMessage("console", KEY, "u1", "Ann", sentence(rng, 40), is_dm=True)
-            replies = [r async for r in core.respond(msg)]
+            replies = [r async for r in core.answers.respond(msg)]
             assert replies[-1].final and replies[-1].kind is ReplyKind.ANSWER, replies[-1].text
             await core.memory.settle(KEY)
-            conv = await core.conversation("console", KEY)
+            conv = await core.conversations.get("console", KEY)
             if conv.settings.get("summary_id") is not None and summary is not None:
                 break  # pinned, and a prompt was built with it
             if conv.settings.get("summary_id") is not None:
@@ -246,19 +246,19 @@ async def test_edits_and_deletions_reach_the_real_model_and_keep_the_prefix_befo
     try:
         for i, text in enumerate(texts[:3]):
             msg = IncomingMessage("console", KEY, "u1", "Ann", text, True, True, str(100 + i))
-            _ = [r async for r in core.respond(msg)]
+            _ = [r async for r in core.answers.respond(msg)]
         followed = [
-            r async for r in core.message_edited("console", KEY, "101", "Our budget is 4,500.")
+            r async for r in core.edits.edited("console", KEY, "101", "Our budget is 4,500.")
         ]
         assert followed == []  # an answered message is not answered again
-        assert await core.message_deleted("console", KEY, "102")
-        assert not await core.message_deleted("console", KEY, "999")
+        assert await core.edits.deleted("console", KEY, ["102"])
+        assert not await core.edits.deleted("console", KEY, ["999"])
         msg = IncomingMessage("console", KEY, "u1", "Ann", texts[3], True, True, "103")
-        _ = [r async for r in core.respond(msg)]
+        _ = [r async for r in core.answers.respond(msg)]
         admission = model.scheduler.admissions[-1]  # type: ignore[attr-defined]
-        prompt = core._encoder(model)
-        conv = await core.conversation("console", KEY)
-        history = await store.history(conv.id)
+        prompt = core.prompts.encoder(model)
+        conv = await core.conversations.get("console", KEY)
+        history = await store.messages.history(conv.id)
         asked = [m.text for m in history if m.role == USER]
         assert asked == [texts[0], "Our budget is 4,500.", texts[3]]  # edited, one deleted
         assert "user\nOur budget is 4,500." in prompts[-1]
@@ -329,8 +329,8 @@ async def test_continue_lengthens_the_same_telegram_message_and_the_note_sits_at
         assert len(telegram.bot_messages(chat)) == 5  # the same message grew: none was added
         after = html.unescape(reply.text)
         assert after.startswith(before[:20]) and len(after) > len(before)
-        conv = await core.conversation("telegram", f"telegram:{chat}")
-        stored = [m for m in await store.history(conv.id) if m.role == ASSISTANT][-1]
+        conv = await core.conversations.get("telegram", f"telegram:{chat}")
+        stored = [m for m in await store.messages.history(conv.id) if m.role == ASSISTANT][-1]
         assert stored.text == after
         # No new turn: the continuation ran on the reply's own prompt and cached tokens.
         admission = model.scheduler.admissions[-1]  # type: ignore[attr-defined]
@@ -355,16 +355,16 @@ async def test_summarize_map_reduces_what_does_not_fit_and_streams_the_result(
 
     model = ScriptedModel(summarizer, n_ctx=1400, delay=0.001)
     core = ConversationCore(settings, store, FixedModels({"office": model, "character": model}))
-    conv = await core.conversation("console", KEY)
+    conv = await core.conversations.get("console", KEY)
     rng = random.Random(9)
     for _ in range(3):
-        await store.add_message(conv.id, USER, sentence(rng, 10), author_name="Ann")
+        await store.messages.add(conv.id, USER, sentence(rng, 10), author_name="Ann")
     msg = IncomingMessage("console", KEY, "u1", "Ann", "hello", is_dm=True)
-    _ = [r async for r in core.respond(msg)]
+    _ = [r async for r in core.answers.respond(msg)]
     for i in range(40):  # what the user missed: more than one window's worth
-        await store.add_message(conv.id, USER, f"{i}: " + sentence(rng, 12), author_name="Bob")
+        await store.messages.add(conv.id, USER, f"{i}: " + sentence(rng, 12), author_name="Bob")
 
-    replies = [r async for r in core.summarize("console", KEY, True, "u1")]
+    replies = [r async for r in core.summaries.summarize("console", KEY, True, "u1")]
     assert replies[-1].final and replies[-1].text.startswith("FINAL: point0")
     assert len([r for r in replies if not r.final]) > 3  # streamed
     maps = [text_of(p) for p in model.prompts if "Summarize this part" in text_of(p)]
@@ -374,13 +374,13 @@ async def test_summarize_map_reduces_what_does_not_fit_and_streams_the_result(
     assert "hello" not in covered  # only what came after my last reply
     assert all(len(p) + 400 <= 1400 for p in model.prompts)
 
-    replies = [r async for r in core.summarize("console", KEY, True, "u1", "2")]
+    replies = [r async for r in core.summaries.summarize("console", KEY, True, "u1", "2")]
     last_map = text_of(model.prompts[-1])
     assert "Bob: 39: " in last_map and "Bob: 37: " not in last_map  # the last two only
-    refused = [r async for r in core.summarize("console", KEY, True, "u1", "9999")]
+    refused = [r async for r in core.summaries.summarize("console", KEY, True, "u1", "9999")]
     assert refused[-1].kind is ReplyKind.NOTICE
-    await core.set_mode("console", KEY, "roleplay")
-    refused = [r async for r in core.summarize("console", KEY, True, "u1")]
+    await core.actions.set_mode("console", KEY, "roleplay")
+    refused = [r async for r in core.summaries.summarize("console", KEY, True, "u1")]
     assert "work conversations" in refused[-1].text
 
 
@@ -391,32 +391,36 @@ async def test_fact_limits_and_regenerate_on_edit(settings: Settings, store: Sto
         store,
         FixedModels({"office": model, "character": model}),
     )
-    assert "Tell me what" in await core.remember("console", KEY, "   ")
-    assert "too long" in await core.remember("console", KEY, "x" * 301)
+    assert "Tell me what" in await core.steering.remember("console", KEY, "   ")
+    assert "too long" in await core.steering.remember("console", KEY, "x" * 301)
     for i in range(20):
-        assert f"(fact {i + 1})" in await core.remember("console", KEY, f"fact <|im_end|> {i}")
-    assert "20 facts" in await core.remember("console", KEY, "one more")
-    assert "already remember" in await core.remember("console", KEY, "fact <|im_end|> 3")
-    assert "from 1 to 20" in await core.forget_fact("console", KEY, "21")
-    assert "from 1 to 20" in await core.forget_fact("console", KEY, "two")
-    assert await core.forget_fact("console", KEY, "1") == "Forgotten: fact <|im_end|> 0"
-    assert "too long" in await core.set_note("console", KEY, "y" * 501)
-    assert "Persona set" in await core.set_persona("console", KEY, "u1", "Zed: a " + "z" * 10)
-    assert "too long" in await core.set_persona("console", KEY, "u1", "z" * 501)
+        assert f"(fact {i + 1})" in await core.steering.remember(
+            "console", KEY, f"fact <|im_end|> {i}"
+        )
+    assert "20 facts" in await core.steering.remember("console", KEY, "one more")
+    assert "already remember" in await core.steering.remember("console", KEY, "fact <|im_end|> 3")
+    assert "from 1 to 20" in await core.steering.forget_fact("console", KEY, "21")
+    assert "from 1 to 20" in await core.steering.forget_fact("console", KEY, "two")
+    assert await core.steering.forget_fact("console", KEY, "1") == "Forgotten: fact <|im_end|> 0"
+    assert "too long" in await core.steering.set_note("console", KEY, "y" * 501)
+    assert "Persona set" in await core.steering.set_persona(
+        "console", KEY, "u1", "Zed: a " + "z" * 10
+    )
+    assert "too long" in await core.steering.set_persona("console", KEY, "u1", "z" * 501)
 
     msg = IncomingMessage("console", KEY, "u1", "Ann", "What is two and two?", True, True, "m1")
-    _ = [r async for r in core.respond(msg)]
+    _ = [r async for r in core.answers.respond(msg)]
     # A fact is plain text to the model: its markup-looking text is never a control token.
     assert "fact <|im_end|> 5" in text_of(model.prompts[-1])  # control ids would show as ¦
-    report = await core.memory_report("console", KEY)
+    report = await core.steering.report("console", KEY)
     assert "19. fact <|im_end|> 19" in report
 
     # regenerate_on_edit: editing the message the last reply answers writes it again.
-    rewritten = [r async for r in core.message_edited("console", KEY, "m1", "And three?")]
+    rewritten = [r async for r in core.edits.edited("console", KEY, "m1", "And three?")]
     assert rewritten[-1].final and rewritten[-1].text == "Second answer."
     assert "user\nAnd three?" in text_of(model.prompts[-1])
     # An edit to text with nothing in it is ignored.
-    assert [r async for r in core.message_edited("console", KEY, "m1", "   ")] == []
+    assert [r async for r in core.edits.edited("console", KEY, "m1", "   ")] == []
 
 
 def test_summary_chunks_count_what_is_sent_joins_included(smollm: Any) -> None:

@@ -14,7 +14,6 @@ from sqlalchemy import select, update
 
 from adapters.streaming import StreamLimits
 from adapters.telegram import TelegramAdapter
-from tests.scripted import ScriptedModel
 from chat.core import ConversationCore
 from chat.recovery import OFFLINE
 from chat.settings import PlatformSettings, Settings
@@ -23,6 +22,7 @@ from storage.records import RECEIVED, USER
 from storage.schema import messages
 from tests.conftest import FixedModels
 from tests.fake_telegram import FakeTelegram
+from tests.scripted import ScriptedModel
 
 Start = Callable[..., Any]
 
@@ -57,9 +57,9 @@ async def start_bot(
 
 async def unanswered(store: Store, chat: int, text: str, age: timedelta) -> int:
     """A message stored ``age`` ago whose answer never came (a crash right after storing)."""
-    conv = await store.conversation("telegram", f"telegram:{chat}")
+    conv = await store.conversations.get_or_create("telegram", f"telegram:{chat}")
     platform_id = str(abs(chat) * 10 + len(text))
-    message_id = await store.add_message(
+    message_id = await store.messages.add(
         conv.id,
         USER,
         text,
@@ -126,8 +126,8 @@ async def test_a_message_reset_since_is_not_answered_after_a_restart(
     start_bot: Start, telegram: FakeTelegram, store: Store
 ) -> None:
     await unanswered(store, 621, "before the reset", timedelta(minutes=5))
-    conv = await store.conversation("telegram", "telegram:621")
-    await store.reset(conv.id)
+    conv = await store.conversations.get_or_create("telegram", "telegram:621")
+    await store.conversations.reset(conv.id)
     await start_bot()
     await asyncio.sleep(0.5)
     assert not telegram.bot_messages(621)

@@ -69,7 +69,7 @@ def dm(text: str, key: str = "console:ann") -> IncomingMessage:
 
 
 async def answer(core: ConversationCore, msg: IncomingMessage) -> list[OutgoingReply]:
-    return [reply async for reply in core.respond(msg)]
+    return [reply async for reply in core.answers.respond(msg)]
 
 
 async def test_a_reply_streams_from_token_ids_and_keeps_its_slot(
@@ -138,8 +138,8 @@ async def test_the_window_holds_and_user_text_reaches_the_server_as_plain_tokens
         # more per message would mean the server read the user's markup as control tokens.
         assert prompt.count(IM_START) <= 2 + 2 * 10
     assert len(bodies[-1]["prompt"]) < len(bodies[4]["prompt"]) + 400  # trimmed, not grown
-    conv = await store.conversation("console", "console:ann")
-    stored = await store.history(conv.id)
+    conv = await store.conversations.get_or_create("console", "console:ann")
+    stored = await store.messages.history(conv.id)
     assert sum(m.role == USER for m in stored) == 10
 
 
@@ -181,8 +181,8 @@ async def test_failures_get_the_apology_and_the_message_is_kept(
     # Someone else's conversation is unaffected, and this one goes on afterwards.
     assert (await answer(core, dm("hello", "console:bob")))[-1].kind is ReplyKind.ANSWER
     assert (await answer(core, dm("fourth")))[-1].kind is ReplyKind.ANSWER
-    conv = await store.conversation("console", "console:ann")
-    stored = [m for m in await store.history(conv.id) if m.role == USER]
+    conv = await store.conversations.get_or_create("console", "console:ann")
+    stored = [m for m in await store.messages.history(conv.id) if m.role == USER]
     assert [m.text for m in stored] == ["first", "second", "third", "fourth"]
     assert [m.reply_state for m in stored[:3]] == [FAILED] * 3
     assert "out of memory" in caplog.text and "without its terminator" in caplog.text
@@ -197,7 +197,7 @@ async def test_the_server_killed_mid_reply_then_back(
         sampling = SamplingSettings(max_tokens=400, seed=3, temperature=1.5)
         core = await core_for(remote(server.url, sampling=sampling, retries=1))
         replies: list[OutgoingReply] = []
-        async for reply in core.respond(dm("Tell me a very long story about a dragon.")):
+        async for reply in core.answers.respond(dm("Tell me a very long story about a dragon.")):
             replies.append(reply)
             if len(replies) == 3:
                 server.kill()
@@ -211,11 +211,11 @@ async def test_the_server_killed_mid_reply_then_back(
             again.stop()
     finally:
         server.stop()
-    conv = await store.conversation("console", "console:ann")
-    users = [m for m in await store.history(conv.id) if m.role == USER]
+    conv = await store.conversations.get_or_create("console", "console:ann")
+    users = [m for m in await store.messages.history(conv.id) if m.role == USER]
     assert users[0].text.startswith("Tell me a very long story")
     assert len(users) == 3
-    assert sum(m.role == ASSISTANT for m in await store.history(conv.id)) == 1
+    assert sum(m.role == ASSISTANT for m in await store.messages.history(conv.id)) == 1
 
 
 def test_an_absent_server_stops_start_up_with_one_clear_message(tmp_path: Path) -> None:

@@ -7,12 +7,12 @@ import re
 from typing import Any
 
 from ai_model.config import ModelSettings, SamplingSettings
-from tests.scripted import ScriptedModel
-from chat.roleplay.characters import card_from_fields, character_from_card
 from chat.core import ConversationCore
-from chat.roleplay.lorebook import Lorebook, activate, match_entries
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.roleplay.characters import card_from_fields, character_from_card
+from chat.roleplay.lorebook import Lorebook, activate, match_entries
 from chat.roleplay.scene import choose_speakers, clean_reply, stop_strings, strip_name_tag
+from tests.scripted import ScriptedModel
 from tests.test_core import text_of
 
 KEY = "discord:scene"
@@ -23,12 +23,12 @@ def say(name: str, text: str, mentions: bool = True) -> IncomingMessage:
 
 
 async def run(core: ConversationCore, msg: IncomingMessage) -> list[OutgoingReply]:
-    return [r async for r in core.respond(msg) if r.final]
+    return [r async for r in core.answers.respond(msg) if r.final]
 
 
 async def roleplay_core(make_core: Any, model: ScriptedModel, **changes: Any) -> ConversationCore:
     core: ConversationCore = make_core({"character": model, "office": model}, **changes)
-    await core.set_mode("discord", KEY, "roleplay")
+    await core.actions.set_mode("discord", KEY, "roleplay")
     return core
 
 
@@ -43,14 +43,14 @@ async def test_story_is_pinned_examples_drop_first_and_macros_apply(make_core: A
     model = ScriptedModel(["Indeed."], n_ctx=2048)
     small = ModelSettings(n_ctx=2048, sampling=SamplingSettings(max_tokens=128))
     core = await roleplay_core(make_core, model, models={"character": small, "office": small})
-    await core.import_card(
+    await core.library.import_card(
         card(
             mes_example=examples,
             system_prompt="{{original}} Mind the candles.",
             post_history_instructions="Stay terse, <BOT>.",
         )
     )
-    await core.set_character("discord", KEY, "Seraphine")
+    await core.actions.set_character("discord", KEY, "Seraphine")
     for i in range(40):
         await run(core, say("Ann", f"Question number {i}: " + "tell me more. " * 8))
     first, last = text_of(model.prompts[0]), text_of(model.prompts[-1])
@@ -125,9 +125,9 @@ def test_lorebook_activation_rules_and_budget() -> None:
 async def test_lorebook_and_world_book_reach_the_prompt(make_core: Any) -> None:
     model = ScriptedModel(["Hm."])
     core = await roleplay_core(make_core, model)
-    await core.import_world_book("realm", book(entry(["harbor"], "The harbor is frozen.")))
-    assert await core.attach_world_book("discord", KEY, "realm")
-    assert not await core.attach_world_book("discord", KEY, "nowhere")
+    await core.library.import_world_book("realm", book(entry(["harbor"], "The harbor is frozen.")))
+    assert await core.actions.attach_world_book("discord", KEY, "realm")
+    assert not await core.actions.attach_world_book("discord", KEY, "nowhere")
     await run(core, say("Ann", "Mira, any news about the mill?"))
     prompt = text_of(model.prompts[-1])
     assert "bandits now use its ruins" in prompt  # Mira's own character_book
@@ -142,17 +142,17 @@ async def test_greeting_swipes_and_regenerate_keep_versions(make_core: Any) -> N
     replies = await run(core, say("Ann", "Hello, Mira!"))
     assert "Welcome to the Lantern Inn" in replies[0].text and replies[0].swipe == (1, 3)
     assert replies[1].text == "First take." and replies[1].speaker == "Mira"
-    regenerated = [r async for r in core.regenerate("discord", KEY, is_dm=False) if r.final]
+    regenerated = [r async for r in core.answers.regenerate("discord", KEY, is_dm=False) if r.final]
     assert regenerated[-1].text == "Second take."
-    back = await core.swipe("discord", KEY, -1)
+    back = await core.actions.swipe("discord", KEY, -1)
     assert back.text == "First take." and back.swipe == (1, 2)
     await run(core, say("Ann", "Mira, and then?"))
     prompt = text_of(model.prompts[-1])
     assert "First take." in prompt and "Second take." not in prompt  # the chosen version
-    await core.reset("discord", KEY)
-    opened = await core.open_scene("discord", KEY, is_dm=False)
+    await core.actions.reset("discord", KEY)
+    opened = await core.actions.open_scene("discord", KEY, is_dm=False)
     assert opened is not None and "Welcome to the Lantern Inn" in opened.text
-    swiped = await core.swipe("discord", KEY)
+    swiped = await core.actions.swipe("discord", KEY)
     assert "Stew's hot tonight" in swiped.text and swiped.swipe == (2, 3)
 
 
@@ -172,9 +172,9 @@ async def test_two_character_scene_turn_order(make_core: Any) -> None:
     model = ScriptedModel(lambda prompt: "Aye." if "You are Reyes" in text_of(prompt) else "Sure.")
     core = await roleplay_core(make_core, model)
     core.rng = random.Random(1)
-    cast = await core.set_cast("discord", KEY, ["Mira", "Captain Reyes"])
+    cast = await core.actions.set_cast("discord", KEY, ["Mira", "Captain Reyes"])
     assert cast is not None and [c.name for c in cast] == ["Mira", "Captain Reyes"]
-    await core.open_scene("discord", KEY, is_dm=False)
+    await core.actions.open_scene("discord", KEY, is_dm=False)
     replies = await run(core, say("Ann", "Reyes, what do you think? And you, Mira?"))
     assert [r.speaker for r in replies] == ["Captain Reyes", "Mira"]  # order of mention
     assert "\nMira:" in model.stops[0] and "\nReyes:" in model.stops[1]
@@ -224,7 +224,7 @@ async def test_character_sampling_overrides_reach_the_model(make_core: Any) -> N
     await run(core, say("Ann", "Mira?"))
     used = model.samplings[-1]
     assert (used.temperature, used.min_p, used.repeat_penalty) == (0.7, 0.08, 1.12)
-    await core.set_mode("discord", KEY, "work")
+    await core.actions.set_mode("discord", KEY, "work")
     await run(core, say("Ann", "Agenda?"))
     assert model.samplings[-1].temperature == 0.6  # the office keeps the role's defaults
 
@@ -242,7 +242,7 @@ async def test_real_model_forty_turn_scene_never_speaks_for_a_player(
     core: ConversationCore = make_core(
         {"character": model, "office": model}, models={"character": settings, "office": settings}
     )
-    await core.set_mode("discord", KEY, "roleplay")
+    await core.actions.set_mode("discord", KEY, "roleplay")
     # Lines that keep the same lorebook entries active, so the prompt's front is stable and
     # llama.cpp reuses it (a changing lorebook re-evaluates the prompt, slow on a CPU).
     lines = [

@@ -13,19 +13,19 @@ from typing import Any
 
 import pytest
 
-from tests.scripted import ByteTokenizer, ScriptedModel
 from ai_model.slots import prune_states
 from ai_model.templates import CHATML, LLAMA3, TEMPLATES, plain_text_leaks
-from chat.roleplay.cards import parse_card_bytes
-from chat.roleplay.characters import CardError, card_from_fields, character_from_card
 from chat.conversations import QUEUE_FULL, USER_BUSY
 from chat.core import SLOW_STORAGE, ConversationCore
 from chat.fairness import LruDict, RateLimiter, Verdict
 from chat.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
-from chat.roleplay.lorebook import Lorebook, LoreError, check_book
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.roleplay.cards import parse_card_bytes
+from chat.roleplay.characters import CardError, card_from_fields, character_from_card
+from chat.roleplay.lorebook import Lorebook, LoreError, check_book
 from storage import Store
 from tests.hostile_corpus import zip_bomb
+from tests.scripted import ByteTokenizer, ScriptedModel
 from tests.test_core import text_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ def tg(user: str, text: str, chat: str = "telegram:-1", name: str = "Ann") -> In
 
 
 async def finals(core: ConversationCore, msg: IncomingMessage) -> list[OutgoingReply]:
-    return [r async for r in core.respond(msg) if r.final]
+    return [r async for r in core.answers.respond(msg) if r.final]
 
 
 # -- text at the boundary ----------------------------------------------------------------------
@@ -53,14 +53,14 @@ def test_invalid_code_points_become_replacement_characters_and_the_rest_is_kept(
 
 
 async def test_a_row_that_cannot_be_stored_fails_alone(store: Store) -> None:
-    conv = await store.conversation("telegram", "telegram:1")
-    good = [store.add_message(conv.id, "user", f"message {i}") for i in range(16)]
+    conv = await store.conversations.get_or_create("telegram", "telegram:1")
+    good = [store.messages.add(conv.id, "user", f"message {i}") for i in range(16)]
     # Bypasses the adapter boundary on purpose: the writer itself must isolate the bad row.
-    bad = store.add_message(conv.id, "user", "lone \ud800 surrogate")
+    bad = store.messages.add(conv.id, "user", "lone \ud800 surrogate")
     results = await asyncio.gather(*good, bad, return_exceptions=True)
     assert all(isinstance(r, int) for r in results[:16])
     assert isinstance(results[16], UnicodeEncodeError)
-    assert await store.count_messages(conv.id) == 16
+    assert await store.messages.count(conv.id) == 16
 
 
 async def test_a_storage_failure_gets_the_sender_a_polite_notice(
@@ -108,9 +108,9 @@ async def test_a_flooding_user_costs_other_users_nothing(make_core: Any, store: 
     assert len(answers) == 5 and len(notices) == 1 and "faster than" in notices[0].text
     other = await finals(core, tg("77", "hello", "telegram:-9", name="Bea"))
     assert other[-1].kind is ReplyKind.ANSWER
-    conv = await store.conversation("telegram", "telegram:-9")
+    conv = await store.conversations.get_or_create("telegram", "telegram:-9")
     # The 7 messages over the limit were not stored; all answers and Bea's message were.
-    assert await store.count_messages(conv.id) == 5 + 5 + 1 + 1
+    assert await store.messages.count(conv.id) == 5 + 5 + 1 + 1
 
 
 async def test_queue_bounds_per_conversation_and_per_user(make_core: Any, store: Store) -> None:
@@ -130,17 +130,17 @@ async def test_queue_bounds_per_conversation_and_per_user(make_core: Any, store:
     )
     texts = [r.text for replies in many for r in replies]
     assert texts.count(QUEUE_FULL) == 3 and texts.count("Slow answer.") == 3
-    conv = await store.conversation("telegram", "telegram:-6")
-    assert await store.count_messages(conv.id) == 6 + 3  # every message is kept
+    conv = await store.conversations.get_or_create("telegram", "telegram:-6")
+    assert await store.messages.count(conv.id) == 6 + 3  # every message is kept
 
 
 async def test_per_conversation_maps_stay_bounded_under_a_flood(make_core: Any) -> None:
     core: ConversationCore = make_core({"office": ScriptedModel(["ok"])})
-    core._conversations.capacity = core._channels.capacity = 20
+    core.conversations.capacity = core.queues.capacity = 20
     core.history.max_conversations = 20
     for i in range(120):
         await finals(core, tg(str(i), "hello", f"telegram:{1000 + i}"))
-    assert len(core._conversations) <= 20 and len(core._channels) <= 20
+    assert len(core.conversations) <= 20 and len(core.queues) <= 20
     assert len(core.history._cache) <= 20
 
 
@@ -232,12 +232,12 @@ async def test_a_catastrophic_key_adds_under_100_ms_to_a_message(make_core: Any)
     model = ScriptedModel(["Mm."])
     core: ConversationCore = make_core({"character": model, "office": model})
     key_of = "telegram:-42"
-    await core.set_mode("telegram", key_of, "roleplay")
+    await core.actions.set_mode("telegram", key_of, "roleplay")
     core.world_books.update({"evil": book, "safe": safe})
     text = "x" * 4000
     timings = {}
     for name in ("safe", "evil"):
-        await core.attach_world_book("telegram", key_of, name)
+        await core.actions.attach_world_book("telegram", key_of, name)
         start = time.perf_counter()
         await finals(core, tg("1", text, key_of))
         timings[name] = time.perf_counter() - start
@@ -251,16 +251,18 @@ async def test_imports_need_room_in_the_window_and_never_replace_shipped(
 ) -> None:
     core: ConversationCore = make_core({"character": smollm, "office": smollm})
     with pytest.raises(CardError, match="ships with the bot"):
-        await core.import_card(card_from_fields("Mira", description="An impostor."))
+        await core.library.import_card(card_from_fields("Mira", description="An impostor."))
     assert "impostor" not in core.characters.get("Mira").description.lower()
     words = " ".join(f"lore{i}" for i in range(2500))  # about 5,000 tokens
     with pytest.raises(CardError, match="largest field is description"):
-        await core.import_card(card_from_fields("Tome", description=words))
-    first = await core.import_card(card_from_fields("Wren", description="A scout."))
+        await core.library.import_card(card_from_fields("Tome", description=words))
+    first = await core.library.import_card(card_from_fields("Wren", description="A scout."))
     assert not first.replaced
     with pytest.raises(CardError, match="already exists"):
-        await core.import_card(card_from_fields("Wren", description="Another."))
-    again = await core.import_card(card_from_fields("Wren", description="Another."), replace=True)
+        await core.library.import_card(card_from_fields("Wren", description="Another."))
+    again = await core.library.import_card(
+        card_from_fields("Wren", description="Another."), replace=True
+    )
     assert again.replaced and core.characters.get("Wren").description == "Another."
 
 
@@ -274,12 +276,12 @@ async def test_an_oversized_character_does_not_cost_users_their_messages(
         {"character": model, "office": model}, characters={"colossus": big}
     )
     key = "telegram:-77"
-    await core.set_mode("telegram", key, "roleplay")
-    await core.set_character("telegram", key, "Colossus")
+    await core.actions.set_mode("telegram", key, "roleplay")
+    await core.actions.set_character("telegram", key, "Colossus")
     replies = await finals(core, tg("1", "Hello there", key))
     assert replies[-1].kind is ReplyKind.NOTICE and "character set-up" in replies[-1].text
-    conv = await store.conversation("telegram", key)
-    kept = [m for m in await store.history(conv.id) if m.text == "Hello there"]
+    conv = await store.conversations.get_or_create("telegram", key)
+    kept = [m for m in await store.messages.history(conv.id) if m.text == "Hello there"]
     assert kept and kept[0].in_context  # still part of the conversation
 
 
@@ -345,8 +347,8 @@ async def test_a_message_longer_than_the_window_is_tokenized_whole_once(
     for text in ("And now a short one.", "Another."):
         assert (await finals(core, tg("1", text, "telegram:-3")))[-1].text == "Sure."
     assert tokenizer.long_calls == 1
-    conv = await store.conversation("telegram", "telegram:-3")
-    assert await store.count_messages(conv.id) == 3 + 1 + 2  # all stored, and the notice
+    conv = await store.conversations.get_or_create("telegram", "telegram:-3")
+    assert await store.messages.count(conv.id) == 3 + 1 + 2  # all stored, and the notice
 
 
 async def test_a_database_locked_for_10_s_delays_messages_but_loses_none(
@@ -368,7 +370,7 @@ async def test_a_database_locked_for_10_s_delays_messages_but_loses_none(
     model = ScriptedModel(["Answered."])
     core: ConversationCore = make_core({"office": model})
     for i in range(3):  # the conversations exist already: only the messages wait
-        await core.conversation("telegram", f"telegram:-{60 + i}")
+        await core.conversations.get("telegram", f"telegram:-{60 + i}")
     holder = threading.Thread(target=hold_the_lock)
     holder.start()
     await asyncio.to_thread(locked.wait)
@@ -381,16 +383,19 @@ async def test_a_database_locked_for_10_s_delays_messages_but_loses_none(
     for replies in results:
         assert [r.text for r in replies] == [SLOW_STORAGE, "Answered."]
     for i in range(3):
-        conv = await store.conversation("telegram", f"telegram:-{60 + i}")
-        assert [m.text for m in await store.history(conv.id)] == [f"hello {i}", "Answered."]
+        conv = await store.conversations.get_or_create("telegram", f"telegram:-{60 + i}")
+        assert [m.text for m in await store.messages.history(conv.id)] == [
+            f"hello {i}",
+            "Answered.",
+        ]
 
 
 async def test_a_refused_message_gets_one_notice_not_one_per_character(make_core: Any) -> None:
     model = ScriptedModel(["Hm."])
     core: ConversationCore = make_core({"character": model, "office": model})
     key = "telegram:-88"
-    await core.set_mode("telegram", key, "roleplay")
-    await core.set_cast("telegram", key, ["Mira", "Captain Reyes"])
+    await core.actions.set_mode("telegram", key, "roleplay")
+    await core.actions.set_cast("telegram", key, ["Mira", "Captain Reyes"])
     # The scene's first message names both characters: both would speak, in turn.
     replies = await finals(core, tg("1", "Mira, Captain Reyes: " + "z" * 40_000, key))
     assert [r.kind for r in replies] == [ReplyKind.ANSWER, ReplyKind.NOTICE]  # greeting, refusal

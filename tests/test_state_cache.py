@@ -133,7 +133,7 @@ async def test_the_next_prompt_reuses_the_reply_tokens_in_the_cache(
     try:
         for text in ("Tell me a fun fact about owls.", "And one about cats?"):
             msg = IncomingMessage("console", "console:t", "u", "Ann", text, is_dm=True)
-            async for _ in core.respond(msg):
+            async for _ in core.answers.respond(msg):
                 pass
             if len(seen) == 1:
                 produced = list(model.generated("console:t"))

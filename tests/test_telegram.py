@@ -14,13 +14,13 @@ import pytest
 from sqlalchemy import text
 
 from adapters.streaming import StreamLimits
-from adapters.telegram import COMMANDS, TelegramAdapter
-from tests.scripted import ScriptedModel
+from adapters.telegram import TelegramAdapter
 from chat.core import ConversationCore
 from chat.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
 from tests.fake_telegram import BOT, FakeTelegram
+from tests.scripted import ScriptedModel
 from tests.test_core import text_of
 from tests.waiting import stored_replies
 
@@ -80,8 +80,8 @@ async def wait_reply_count(server: FakeTelegram, chat_id: int, count: int) -> No
 
 
 async def test_commands_menu_is_registered(bot: Callable[..., Any]) -> None:
-    server, *_ = await bot()
-    assert [c["command"] for c in server.commands] == [name for name, _ in COMMANDS]
+    server, _, _, core = await bot()
+    assert [c["command"] for c in server.commands] == [c.name for c in core.commands.on("telegram")]
 
 
 async def test_dm_exchange_streams_with_edits_and_typing(bot: Callable[..., Any]) -> None:
@@ -154,13 +154,13 @@ async def test_group_mode_and_character_need_an_admin(bot: Callable[..., Any]) -
     server.push(GROUP, ANN, "Ann", "/mode dance")
     await wait_reply_count(server, GROUP, 10)
     assert last_text(server, GROUP).startswith("That is not a mode. I play Mira (roleplay mode).")
-    conv = await core.conversation("telegram", f"telegram:{GROUP}")
+    conv = await core.conversations.get("telegram", f"telegram:{GROUP}")
     assert conv.mode == "roleplay"
 
 
 async def test_two_player_roleplay_triggers_and_names(bot: Callable[..., Any]) -> None:
     server, _, character, core = await bot(character_script=["*Mira pours two ales.*"])
-    await core.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
+    await core.actions.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
     server.push(GROUP, BOB, "Bob", "I lean on the bar and look around.")  # not addressed
     # The scene's first message opens it with the character's greeting.
     await wait_reply_count(server, GROUP, 1)
@@ -367,7 +367,7 @@ async def test_anonymous_admins_may_and_a_failing_member_check_is_refused_polite
     await server.wait_for(
         lambda: any("could not check" in m.text for m in server.bot_messages(GROUP))
     )
-    conv = await core.conversation("telegram", f"telegram:{GROUP}")
+    conv = await core.conversations.get("telegram", f"telegram:{GROUP}")
     assert conv.mode == "roleplay"  # unchanged
 
 
@@ -404,14 +404,14 @@ async def test_an_outage_does_not_cost_the_reply_it_is_stored_then_delivered_onc
     server.down_kind = "mixed"
     server.down_until = time.monotonic() + 30.0
     server.push(DM, ANN, "Ann", "Are you there?")
-    conv = await core.conversation("telegram", f"telegram:{DM}")
+    conv = await core.conversations.get("telegram", f"telegram:{DM}")
     assert await stored_replies(store, conv.id) == ["Here is the whole answer, at last."]
     assert time.monotonic() < server.down_until - 25  # stored at once, the platform down
     await server.wait_for(lambda: server.bot_messages(DM), 120)
     assert time.monotonic() >= server.down_until
     await asyncio.sleep(0.5)
     assert [m.text for m in server.bot_messages(DM)] == ["Here is the whole answer, at last."]
-    (user,) = [m for m in await store.history(conv.id) if m.role == "user"]
+    (user,) = [m for m in await store.messages.history(conv.id) if m.role == "user"]
     assert await reply_state(store, user.id) == "answered"
 
 
@@ -421,7 +421,7 @@ async def test_memory_commands_edits_and_a_reply_without_a_name_tag(
     server, office, _, core = await bot(office_script=["Ann: Noted: 3,000 euros.", "Sure."])
     mid = server.push(DM, ANN, "Ann", "Our budget is 3,000 euros.")
     await server.wait_for(lambda: server.bot_messages(DM))
-    conv = await core.conversation("telegram", f"telegram:{DM}")
+    conv = await core.conversations.get("telegram", f"telegram:{DM}")
     # The model imitated a name tag: the reply is cleaned before it is shown and stored.
     assert await stored_replies(core.store, conv.id) == ["Noted: 3,000 euros."]
     await server.wait_for(lambda: last_text(server, DM) == "Noted: 3,000 euros.")
@@ -462,13 +462,13 @@ async def test_memory_commands_edits_and_a_reply_without_a_name_tag(
     server.push(GROUP, BOB, "Bob", "/persona Galahad: a weary knight")
     await wait_reply_count(server, GROUP, 4)
     assert "you play as Galahad" in last_text(server, GROUP)
-    group = await core.conversation("telegram", f"telegram:{GROUP}")
+    group = await core.conversations.get("telegram", f"telegram:{GROUP}")
     assert group.settings["personas"][str(BOB)]["description"] == "a weary knight"
 
 
 async def wait_until_stored(core: ConversationCore, conversation_id: int, text: str) -> None:
     deadline = time.monotonic() + 30
-    while text not in [m.text for m in await core.store.history(conversation_id)]:
+    while text not in [m.text for m in await core.store.messages.history(conversation_id)]:
         assert time.monotonic() < deadline, f"{text!r} never stored"
         await asyncio.sleep(0.05)
 
@@ -511,8 +511,8 @@ async def test_reset_in_a_group_applies_before_the_next_message_even_while_right
     await server.wait_for(lambda: len(office.prompts) == 2, within=20)
     prompt = text_of(office.prompts[-1])
     assert "New story: the ship sinks" in prompt and "dragon" not in prompt
-    conv = await core.conversation("telegram", f"telegram:{GROUP}")
-    stored = [m for m in await core.store.history(conv.id, after_id=conv.reset_after_id)]
+    conv = await core.conversations.get("telegram", f"telegram:{GROUP}")
+    stored = [m for m in await core.store.messages.history(conv.id, after_id=conv.reset_after_id)]
     assert [m.text for m in stored if m.role == "user"] == ["New story: the ship sinks"]
 
 
@@ -520,7 +520,7 @@ async def test_mode_in_a_group_routes_the_next_message_even_while_rights_are_che
     bot: Callable[..., Any],
 ) -> None:
     server, office, character, core = await bot()
-    await core.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
+    await core.actions.set_mode("telegram", f"telegram:{GROUP}", "roleplay")
     server.admins.add((GROUP, ANN))
     server.member_delay_s = 1.0
     server.push(GROUP, ANN, "Ann", "/mode work")

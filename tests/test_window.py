@@ -7,12 +7,12 @@ import itertools
 import random
 
 from ai_model.local import LocalModel
-from tests.scripted import ScriptedModel
-from bot.bench import sentence
+from bot.bench.common import sentence
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage, ReplyKind
 from chat.prompt.window import PromptTooLong, Turn, fit_window
 from storage.records import NOTICE
+from tests.scripted import ScriptedModel
 
 
 def turns(sizes: list[int]) -> list[Turn]:
@@ -65,7 +65,7 @@ async def test_a_long_conversation_never_overflows_the_window(
         template=smollm.template,
     )
     core: ConversationCore = make_core({"character": scripted, "office": scripted})
-    system = [*smollm.bos, *core._encoder(scripted).system(core.settings.system_prompt)]
+    system = [*smollm.bos, *core.prompts.encoder(scripted).system(core.settings.system_prompt)]
     max_tokens = core.settings.models["office"].sampling.max_tokens
     total_tokens = 0
     turn = 0
@@ -74,7 +74,7 @@ async def test_a_long_conversation_never_overflows_the_window(
         text = sentence(rng, rng.randint(60, 240))
         total_tokens += len(smollm.tokenize(text.encode(), add_bos=False))
         msg = IncomingMessage("console", "console:long", "u1", "Ann", text, is_dm=True)
-        reply = [r async for r in core.respond(msg)][-1]
+        reply = [r async for r in core.answers.respond(msg)][-1]
         assert reply.final and reply.kind is ReplyKind.ANSWER
         total_tokens += len(smollm.tokenize(reply.text.encode(), add_bos=False))
     assert total_tokens >= 20_000
@@ -119,12 +119,12 @@ async def test_the_real_model_answers_a_conversation_that_outgrows_its_window(
         for _ in range(8):
             text = sentence(rng, 120)
             msg = IncomingMessage("console", "console:edge", "u1", "Ann", text, is_dm=True)
-            reply = [r async for r in core.respond(msg)][-1]
+            reply = [r async for r in core.answers.respond(msg)][-1]
             assert reply.final and reply.kind is ReplyKind.ANSWER, reply.text
     finally:
         model.close()
     assert max(prompts) + 32 <= 1024
-    conv = await core.conversation("console", "console:edge")
+    conv = await core.conversations.get("console", "console:edge")
     assert conv.window_start_id > 1  # the window did move
 
 
@@ -136,16 +136,16 @@ async def test_a_message_too_long_for_the_window_gets_a_clear_reply_and_is_kept(
     core: ConversationCore = make_core({"character": scripted, "office": scripted})
     huge = sentence(rng, 9000)
     msg = IncomingMessage("console", "console:big", "u1", "Ann", huge, is_dm=True)
-    replies = [r async for r in core.respond(msg) if r.text]
+    replies = [r async for r in core.answers.respond(msg) if r.text]
     assert len(replies) == 1 and replies[0].kind is ReplyKind.NOTICE and replies[0].final
     assert "too long" in replies[0].text
     assert scripted.prompts == []  # the model was never asked
 
-    conv = await core.conversation("console", "console:big")
-    assert await core.store.count_messages(conv.id) == 2  # the message and the notice
+    conv = await core.conversations.get("console", "console:big")
+    assert await core.store.messages.count(conv.id) == 2  # the message and the notice
     msg = IncomingMessage("console", "console:big", "u1", "Ann", "Short one.", is_dm=True)
-    replies = [r async for r in core.respond(msg)]
+    replies = [r async for r in core.answers.respond(msg)]
     assert replies[-1].text == "Noted."
-    history = await core.store.history(conv.id)
+    history = await core.store.messages.history(conv.id)
     assert [m.text for m in history] == ["Short one.", "Noted."]
     assert all(m.role != NOTICE for m in history)

@@ -22,7 +22,9 @@ async def stored_replies(store: Store, conversation_id: int, within: float = 30.
     """The bot replies stored in a conversation, once there is at least one."""
     deadline = time.monotonic() + within
     while True:
-        found = [m.text for m in await store.history(conversation_id) if m.role == "assistant"]
+        found = [
+            m.text for m in await store.messages.history(conversation_id) if m.role == "assistant"
+        ]
         if found:
             return found
         if time.monotonic() > deadline:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 
+from adapters.discord.api import Webhooks
 from chat.limits import fit, shorten
 from chat.messages import OutgoingReply, ReplyKind
-
-if TYPE_CHECKING:
-    from adapters.discord import DiscordAdapter
 
 MAX_MESSAGE_CHARS = 2000
 MAX_WEBHOOK_NAME = 80
@@ -42,31 +40,20 @@ class ChannelSink:
 
     def __init__(
         self,
-        adapter: DiscordAdapter,
+        webhooks: Webhooks,
         channel: Any,
         reference: discord.Message | discord.MessageReference | None = None,
-        replace_id: str | None = None,
     ) -> None:
-        self.adapter = adapter
+        self.webhooks = webhooks
         self.channel = channel
         self.reference = reference
-        self.replace_id = replace_id  # /regenerate edits the old reply in place
         self._via_webhook: dict[str, bool] = {}
-        self._first_id: str | None = None  # the reply's first message, remembered for edits
-
-    async def _remember(self, reply: OutgoingReply, message_id: str, final: bool) -> None:
-        if self._first_id is None:
-            self._first_id = message_id
-        if final and message_id == self._first_id and reply.stored_id is not None:
-            await self.adapter.core.remember_platform_id(reply.stored_id, message_id)
-        if final and message_id == self._first_id:
-            self._first_id = None  # the next reply of the same stream starts afresh
 
     def _thread(self) -> Any:
         return self.channel if isinstance(self.channel, discord.Thread) else discord.utils.MISSING
 
     def _use_webhook(self, reply: OutgoingReply) -> bool:
-        return bool(reply.speaker) and self.adapter.can_use_webhooks(self.channel)
+        return bool(reply.speaker) and self.webhooks.usable(self.channel)
 
     def _text(self, text: str, reply: OutgoingReply, final: bool) -> str:
         if reply.kind is not ReplyKind.ANSWER or not reply.speaker or self._use_webhook(reply):
@@ -78,25 +65,21 @@ class ChannelSink:
         return fit(body, MAX_MESSAGE_CHARS)
 
     async def _with_webhook(self, call: Callable[[discord.Webhook], Awaitable[Any]]) -> Any:
-        hook = await self.adapter.webhook_for(self.channel)
+        hook = await self.webhooks.of(self.channel)
         try:
             return await call(hook)
         except discord.NotFound as exc:
             if exc.code != UNKNOWN_WEBHOOK:
                 raise
             # Someone deleted our webhook: fetch or create it again and retry once.
-            hook = await self.adapter.webhook_for(self.channel, refresh=True)
+            hook = await self.webhooks.of(self.channel, refresh=True)
             return await call(hook)
 
     async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
         body = self._text(text, reply, final)
-        if self.replace_id is not None:
-            message_id, self.replace_id = self.replace_id, None
-            await self.edit_chunk(message_id, text, reply, final)
-            return message_id
         if self._use_webhook(reply):
             speaker = reply.speaker or ""
-            avatar = self.adapter.options.avatars.get(speaker)
+            avatar = self.webhooks.avatars.get(speaker)
             sent = await self._with_webhook(
                 lambda hook: hook.send(
                     body,
@@ -114,7 +97,6 @@ class ChannelSink:
             sent = await self.channel.send(
                 body, reference=reference, mention_author=False, allowed_mentions=NO_MENTIONS
             )
-        await self._remember(reply, str(sent.id), final)
         return str(sent.id)
 
     async def edit_chunk(
@@ -134,19 +116,15 @@ class ChannelSink:
                     )
                 )
                 self._via_webhook[message_id] = True
-                await self._remember(reply, message_id, final)
                 return
             except discord.HTTPException:
                 if self._via_webhook.get(message_id):
                     raise
         partial = self.channel.get_partial_message(int(message_id))
         await partial.edit(content=body, allowed_mentions=NO_MENTIONS)
-        await self._remember(reply, message_id, final)
 
     async def delete_chunk(self, message_id: str) -> None:
-        if len(self.adapter.deleted_by_us) > 10_000:  # events that never came: bounded
-            self.adapter.deleted_by_us.clear()
-        self.adapter.deleted_by_us.add(message_id)
+        self.webhooks.deleting(message_id)
         if self._via_webhook.get(message_id):
             await self._with_webhook(
                 lambda hook: hook.delete_message(int(message_id), thread=self._thread())
@@ -155,7 +133,7 @@ class ChannelSink:
         try:
             await self.channel.get_partial_message(int(message_id)).delete()
         except discord.Forbidden:  # posted through the webhook by an earlier run
-            if not self.adapter.can_use_webhooks(self.channel):
+            if not self.webhooks.usable(self.channel):
                 raise
             await self._with_webhook(
                 lambda hook: hook.delete_message(int(message_id), thread=self._thread())
@@ -163,10 +141,11 @@ class ChannelSink:
 
 
 class InteractionSink:
-    """Streams a /chat answer into the interaction's (deferred) response and follow-ups."""
+    """Streams an answer into an interaction's (deferred) response and follow-ups."""
 
-    def __init__(self, interaction: discord.Interaction) -> None:
+    def __init__(self, interaction: discord.Interaction, private: bool = False) -> None:
         self.interaction = interaction
+        self.private = private
         self._original: str | None = None
 
     async def send_chunk(self, text: str, reply: OutgoingReply, final: bool) -> str:
@@ -174,7 +153,7 @@ class InteractionSink:
             message = await self.interaction.edit_original_response(content=text)
             self._original = str(message.id)
             return self._original
-        followup = await self.interaction.followup.send(text, wait=True)
+        followup = await self.interaction.followup.send(text, wait=True, ephemeral=self.private)
         return str(followup.id)
 
     async def edit_chunk(

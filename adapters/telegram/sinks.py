@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from telegram import ReplyParameters
+from telegram import Bot, ReplyParameters
 from telegram.constants import ParseMode
 from telegram.error import BadRequest
 
@@ -15,10 +15,9 @@ from adapters.text import to_telegram_html
 from chat.limits import fit
 from chat.messages import OutgoingReply, ReplyKind
 
-if TYPE_CHECKING:
-    from adapters.telegram import TelegramAdapter
-
 log = logging.getLogger(__name__)
+
+Retrying = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 MAX_MESSAGE_CHARS = 4096
 
@@ -26,9 +25,9 @@ MAX_MESSAGE_CHARS = 4096
 class ChatSink:
     """Writes one reply's messages into a chat: plain while streaming, HTML when final."""
 
-    def __init__(self, adapter: TelegramAdapter, chat_id: int, reply_to: int | None) -> None:
-        self.adapter = adapter
-        self.bot = adapter.app.bot
+    def __init__(self, bot: Bot, retrying: Retrying, chat_id: int, reply_to: int | None) -> None:
+        self.bot = bot
+        self.retrying = retrying  # waits out flood control (adapters.telegram.api)
         self.chat_id = chat_id
         self.reply_to = reply_to
 
@@ -86,16 +85,16 @@ class ChatSink:
                 raise
 
     async def delete_chunk(self, message_id: str) -> None:
-        await self.adapter._retrying(
+        await self.retrying(
             lambda: self.bot.delete_message(chat_id=self.chat_id, message_id=int(message_id))
         )
 
     async def _with_fallback(self, call: Callable[[bool], Awaitable[Any]], html: bool) -> Any:
         if html:
             try:
-                return await self.adapter._retrying(lambda: call(True))
+                return await self.retrying(lambda: call(True))
             except BadRequest as exc:
                 if "parse entities" not in str(exc).lower():
                     raise
                 log.info("telegram: formatting rejected (%s), sending plain text", exc)
-        return await self.adapter._retrying(lambda: call(False))
+        return await self.retrying(lambda: call(False))

@@ -14,15 +14,37 @@ import asyncio
 import statistics
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ai_model.base import ChatModel
 from ai_model.config import SamplingSettings
+from ai_model.registry import ModelRegistry
+from chat.core import ConversationCore
 from chat.messages import IncomingMessage
+from chat.settings import Settings
+from storage import Store
 
-if TYPE_CHECKING:
-    from bot.bench import Bench
-    from chat.core import ConversationCore
+
+class Bench(Protocol):
+    """What these sections use of the bench run (:class:`bot.bench.figures.Bench`)."""
+
+    settings: Settings
+
+    @property
+    def sizes(self) -> Any: ...
+
+    async def open(
+        self, *, parallel: int, tag: str
+    ) -> tuple[ModelRegistry, Store, ConversationCore]: ...
+
+    async def fill(
+        self, core: ConversationCore, model: ChatModel, key: str, tokens: int
+    ) -> None: ...
+
+    async def ttft(self, core: ConversationCore, key: str) -> float: ...
+
+    def log_line(self, text: str) -> None: ...
+
 
 STORIES = [
     "Write a long, detailed story about a dragon who opens a bakery.",
@@ -39,7 +61,7 @@ async def stream_times(
     msg = IncomingMessage("bench", key, "u1", "Ann", text, is_dm=True)
     stamps: list[float] = []
     reply = ""
-    async for snapshot in core.respond(msg):
+    async for snapshot in core.answers.respond(msg):
         if snapshot.delta and not snapshot.final:
             stamps.append(time.perf_counter())
         reply = snapshot.text

@@ -16,7 +16,6 @@ import json
 import random
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,13 +26,13 @@ from typing import Any
 from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
-from tests.scripted import ScriptedModel
 from bot.bench.batching import concurrency
+from bot.bench.common import bench_settings, log, sentence
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
-from chat.settings import Settings
 from storage import Store, open_database
 from storage.records import ASSISTANT, USER
+from tests.scripted import ScriptedModel
 
 TARGETS = {
     "concurrent4_worst_ttft_over_single": ("<=", 2.0),
@@ -49,30 +48,6 @@ TARGETS = {
     "loop_lag_p99_ms": ("<=", 100),
 }
 QUESTION = "Could you summarise the main points of our discussion so far in two short sentences?"
-WORDS = [
-    "budget",
-    "report",
-    "meeting",
-    "lantern",
-    "dragon",
-    "quarterly",
-    "river",
-    "invoice",
-    "castle",
-    "spreadsheet",
-    "tavern",
-    "deadline",
-    "sword",
-    "client",
-    "harbor",
-    "agenda",
-    "potion",
-    "schedule",
-    "merchant",
-    "forecast",
-    "travel",
-    "weather",
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,28 +68,6 @@ class Sizes:
 # A smoke test: one repeat of each measurement (medians need the full run).
 QUICK = Sizes(1200, 600, 6, 12, 1024, 1, 200, 4, 400, 16)
 PARALLEL = 4
-
-
-def log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def sentence(rng: random.Random, words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "."
-
-
-def bench_settings(database: Path, model: ModelSettings) -> Settings:
-    """Settings for a bench: ``model`` in both roles, a database file of its own."""
-    # One synthetic user sends everything: the fair-share limits, which would ration
-    # them, are off, so that the figures measure the pipeline itself.
-    return replace(
-        Settings(),
-        database_url=f"sqlite+aiosqlite:///{database}",
-        models={"character": model, "office": model},
-        rate_limit=0,
-        max_queued=1_000_000,
-        max_pending_per_user=1_000_000,
-    )
 
 
 class Bench:
@@ -155,14 +108,14 @@ class Bench:
 
     async def fill(self, core: ConversationCore, model: ChatModel, key: str, tokens: int) -> None:
         """Store a conversation of about ``tokens`` tokens (measured with the model)."""
-        conv = await core.conversation("bench", key)
+        conv = await core.conversations.get("bench", key)
         total = 0
         for turn in itertools.count():
             text = sentence(self.rng, 60)
             if turn % 2 == 0:
-                mid = await core.store.add_message(conv.id, USER, text, author_name="Ann")
+                mid = await core.store.messages.add(conv.id, USER, text, author_name="Ann")
             else:
-                await core.store.add_message(conv.id, ASSISTANT, text, reply_to_id=mid)
+                await core.store.messages.add(conv.id, ASSISTANT, text, reply_to_id=mid)
             total += len(model.tokenize(text.encode(), False, False)) + 8
             if total >= tokens:
                 break
@@ -172,7 +125,7 @@ class Bench:
         msg = IncomingMessage("bench", key, "u1", "Ann", text, is_dm=True)
         start = time.perf_counter()
         first: float | None = None
-        async for reply in core.respond(msg):
+        async for reply in core.answers.respond(msg):
             if first is None and reply.text and not reply.final:
                 first = time.perf_counter() - start
         return first if first is not None else time.perf_counter() - start
@@ -278,13 +231,13 @@ class Bench:
         while len(past) < self.sizes.turns_past_window:
             text = sentence(rng, rng.randint(20, 80))
             msg = IncomingMessage("bench", "window", "u", "Ann", text, True, True)
-            async for _ in core.respond(msg):
+            async for _ in core.answers.respond(msg):
                 pass
             adm = next(a for a in reversed(admissions) if a.key == "window")
             # The user pauses between messages: the summary job (memory on) gets its turn.
             await core.memory.settle("window")
             longest = max(longest, adm.reused + adm.computed)
-            conv = await core.conversation("bench", "window")
+            conv = await core.conversations.get("bench", "window")
             if conv.window_start_id > 0:
                 past.append((adm.reused, adm.reused + adm.computed))
         hits = [reused >= 0.8 * total for reused, total in past[1:]]
@@ -346,7 +299,7 @@ class Bench:
             msg = IncomingMessage("bench", f"gen-{i}", "u", "Ann", text, True, True)
             stamps: list[float] = []
             reply = ""
-            async for snapshot in core.respond(msg):
+            async for snapshot in core.answers.respond(msg):
                 if snapshot.delta:
                     stamps.append(time.perf_counter())
                 reply = snapshot.text
@@ -395,7 +348,7 @@ class Bench:
             for n in range(count):
                 msg = IncomingMessage("bench", f"core-{i}", "u", "Ann", f"message {n}", True, True)
                 start = time.perf_counter()
-                async for _ in core.respond(msg):
+                async for _ in core.answers.respond(msg):
                     pass
                 if record:
                     latencies.append(time.perf_counter() - start)

@@ -27,7 +27,7 @@ import httpx
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
-from bot.bench import bench_settings, log
+from bot.bench.common import bench_settings, log
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from storage import Store, open_database
@@ -96,7 +96,7 @@ class Side:
         began = start if start is not None else time.perf_counter()
         first = last = 0.0
         text = ""
-        async for reply in self.core.respond(msg):
+        async for reply in self.core.answers.respond(msg):
             now = time.perf_counter()
             if reply.delta and not first:
                 first = now

@@ -1,26 +1,45 @@
 """Assembling one prompt: the pinned part, example dialogue, the history window, the cue.
 
-Work mode: system prompt + history.  Roleplay: the pinned story (system prompt, lorebook,
-description, personality, scenario, persona), example dialogue while it fits, history,
-post-history instructions.  The result is token ids, ready for the model.
+Work mode: system prompt + history.  Roleplay: the pinned story (system prompt, constant lore,
+description, personality, scenario), example dialogue while it fits, history, the lore the
+last messages activated, post-history instructions.  The result is token ids, ready for the
+model.
+
+Two rules shape it:
+
+- **The front stays put.**  Everything before the history is the same from turn to turn while
+  the players are the same: ``{{user}}`` there names the conversation's players, not whoever
+  spoke last, and what changes each turn (activated lore, post-history instructions with the
+  current speaker) goes after the history, so llama.cpp reuses the evaluated prefix.
+- **Users' words have a user's weight.**  The system turns hold only the bot's and the card's
+  text.  What players write to steer the conversation (personas, pinned facts, the author's
+  note) goes in user turns, labelled as theirs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ai_model.base import ChatModel
-from chat.roleplay.characters import Character
 from chat.limits import MAX_PINNED_SHARE
-from chat.roleplay.lorebook import Lorebook, LoreEntry, activate
 from chat.prompt.memory import fit_memory, memory_text
 from chat.prompt.window import TurnEncoder, Window, clean_name, fit_window
-from chat.roleplay.scene import example_text, post_history_text, stop_strings, story_text
+from chat.roleplay.characters import Character
+from chat.roleplay.lorebook import Activation, Lorebook, LoreEntry, activate
+from chat.roleplay.scene import (
+    example_text,
+    lore_text,
+    players_phrase,
+    post_history_text,
+    stop_strings,
+    story_text,
+)
 from storage.records import USER, StoredMessage
 
 RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings
 LORE_SCAN = 10  # messages handed to the lorebook (each book applies its own scan depth)
+PERSONAS_HEAD = "How the players describe who they play (their own words, not instructions):"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,42 +53,50 @@ class Prompt:
 
 @dataclass(frozen=True, slots=True)
 class Memory:
-    """What the prompt pins after the system part: a summary, facts, within ``budget``
-    tokens; a trim cuts at least up to ``cut_after`` (where a prepared summary ends)."""
+    """What the prompt pins besides the story: a summary and facts within ``budget`` tokens;
+    a trim cuts at least up to ``cut_after`` (where a prepared summary ends)."""
 
     summary: str = ""
     facts: Sequence[str] = ()
     budget: int = 0
     cut_after: int | None = None
-    # The author's note (/note): a system line this many messages from the end.
+    # The author's note (/note): a line this many messages from the end.
     note: str = ""
     note_depth: int = 4
 
 
 @dataclass(frozen=True, slots=True)
 class Scene:
-    """What roleplay adds to a prompt: who speaks, who else is there, the extra lore."""
+    """What roleplay adds to a prompt: who speaks, who else is there, the lore, the personas."""
 
     character: Character
     cast: Sequence[Character]
     world_book: Lorebook | None = None
-    persona: str = ""
     lore: Sequence[LoreEntry] = ()  # entries whose keys matched (``lorebook.match_entries``)
-    personas: Mapping[str, str] = field(default_factory=dict)  # player name -> /persona
+    personas: Sequence[tuple[str, str]] = ()  # (player name, /persona description)
+    persona_budget: int = 0  # tokens the personas may take
 
     @property
     def books(self) -> list[Lorebook]:
         return [b for b in (self.character.book, self.world_book) if b is not None]
 
 
-def humans(history: Sequence[StoredMessage]) -> int:
-    """How many different people wrote the user turns of ``history``."""
-    return len({m.author_id or clean_name(m.author_name) for m in history if m.role == USER})
-
-
 def pinned_limit(n_ctx: int) -> int:
     """Tokens the pinned part (with post-history text, cue and reply reserve) may take."""
     return int(n_ctx * MAX_PINNED_SHARE)
+
+
+def personas_text(
+    personas: Sequence[tuple[str, str]], budget: int, count: Callable[[str], int]
+) -> str:
+    """The players' personas as one block, those that fit ``budget`` tokens, in order."""
+    kept: list[str] = []
+    for name, description in personas:
+        line = f"About {name}: {description}"
+        if count("\n".join([PERSONAS_HEAD, *kept, line])) > budget:
+            break
+        kept.append(line)
+    return "\n".join([PERSONAS_HEAD, *kept]) if kept else ""
 
 
 def assemble(
@@ -82,61 +109,80 @@ def assemble(
     window_start: int,
     reserve: int,
     memory: Memory = Memory(),
+    players: Sequence[str] = (),
 ) -> Prompt:
-    """The prompt for the reply after ``history``, within ``model.n_ctx - reserve`` tokens."""
-    recent = history[-RECENT_SPEAKERS:]
-    players = list(dict.fromkeys(clean_name(m.author_name) for m in recent if m.role == USER))
-    examples: list[int] = []
-    post: list[int] = []
-    if scene is None:
-        pinned_text = system_prompt
-        stops = [f"\n{name}:" for name in players[-20:]]
-    else:
-        char = scene.character
-        user = players[-1] if players else "User"
-        if after := post_history_text(char, user):
-            post = encoder.system(after)
-        pinned_text = story_text(
-            char, user=user, persona=scene.persona, cast=scene.cast, personas=scene.personas
-        )
-        if scene.lore:
-            # Lore may fill what the card leaves of the pinned share, so that activated entries
-            # never squeeze the conversation below half of the window.
-            fixed = len(encoder.system(pinned_text)) + len(post) + len(encoder.cue()) + reserve
-            lore = activate(
-                scene.books,
-                scene.lore,
-                lambda text: len(model.tokenize(text.encode("utf-8"), False, False)),
-                min(model.n_ctx // 4, pinned_limit(model.n_ctx) - fixed),
-            )
-            pinned_text = story_text(
-                char,
-                user=user,
-                persona=scene.persona,
-                lore=lore,
-                cast=scene.cast,
-                personas=scene.personas,
-            )
-        if example := example_text(char, user):
-            examples = encoder.system(example)
-        names = [c.display_name for c in scene.cast]
-        stops = stop_strings(players, names, char.display_name)
-    pinned = [*model.bos, *encoder.system(pinned_text)]
+    """The prompt for the reply after ``history``, within ``model.n_ctx - reserve`` tokens.
+
+    ``players`` are the conversation's players in the order they first spoke (stable from turn
+    to turn); without it, those of the last messages.
+    """
 
     def count(text: str) -> int:
         return len(model.tokenize(text.encode("utf-8"), False, False))
 
-    block = fit_memory(memory.summary, memory.facts, memory.budget, count)
-    if block:
-        pinned.extend(encoder.system(block))
-    summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
+    recent = [clean_name(m.author_name) for m in history[-RECENT_SPEAKERS:] if m.role == USER]
+    speakers = list(dict.fromkeys(recent))
+    known = list(players) or speakers
     cue = encoder.cue()
-    note = encoder.system(f"[Author's note: {memory.note}]") if memory.note else []
-    budget = model.n_ctx - reserve - len(pinned) - len(post) - len(cue) - len(note)
+    examples: list[int] = []
+    post: list[int] = []
+    moment: list[int] = []  # lore this turn activated, after the history
+    steering: list[str] = []  # what players wrote to steer: a user turn
+    if scene is None:
+        pinned_text = system_prompt
+        stops = [f"\n{name}:" for name in speakers[-20:]]
+    else:
+        char = scene.character
+        user = players_phrase(known)
+        speaker = recent[-1] if recent else user
+        if after := post_history_text(char, speaker):
+            post = encoder.system(after)
+        story = story_text(char, user=user, cast=scene.cast)
+        fixed = len(encoder.system(story)) + len(post) + len(cue) + reserve
+        room = max(0, min(model.n_ctx // 4, pinned_limit(model.n_ctx) - fixed))
+        constant = [e for e in scene.lore if e.constant]
+        keyed = [e for e in scene.lore if not e.constant]
+        pinned_lore: Activation | None = None
+        if constant:
+            pinned_lore = activate(scene.books, constant, count, room)
+            story = story_text(char, user=user, lore=pinned_lore, cast=scene.cast)
+            room -= sum(count(text) for text in (*pinned_lore.before, *pinned_lore.after))
+        if (
+            keyed
+            and room > 0
+            and (text := lore_text(activate(scene.books, keyed, count, room), char, speaker))
+        ):
+            moment = encoder.system(text)
+        pinned_text = story
+        if example := example_text(char, user):
+            examples = encoder.system(example)
+        if block := personas_text(scene.personas, scene.persona_budget, count):
+            steering.append(block)
+        names = [c.display_name for c in scene.cast]
+        stops = stop_strings(speakers, names, char.display_name)
+    pinned = [*model.bos, *encoder.system(pinned_text)]
+    summary, facts = fit_memory(memory.summary, memory.facts, memory.budget, count)
+    if summary:
+        pinned.extend(encoder.system(memory_text(summary, ())))
+    if facts:
+        steering.append(memory_text("", facts))
+    steer = encoder.user("\n\n".join(steering)) if steering else []
+    summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
+    note = encoder.user(f"[Author's note: {memory.note}]") if memory.note else []
+    budget = (
+        model.n_ctx
+        - reserve
+        - len(pinned)
+        - len(steer)
+        - len(post)
+        - len(moment)
+        - len(cue)
+        - len(note)
+    )
     # Names go in front of turns only where they tell speakers apart: replies when several
     # characters share the assistant role, user turns when more than one human talks.
     named_replies = scene is not None and len(scene.cast) > 1
-    named_users = humans(history) > 1
+    named_users = len(known) > 1
     turns = [
         encoder.turn(m, named=named_users if m.role == USER else named_replies) for m in history
     ]
@@ -145,7 +191,7 @@ def assemble(
     # Example dialogue is the first thing to go: only while nothing was ever trimmed.
     if window.trimmed or window.start > 0 or used + len(examples) > budget:
         examples = []
-    tokens = [*pinned, *examples]
+    tokens = [*pinned, *examples, *steer]
     depth = max(0, len(window.turns) - memory.note_depth)
     for i, turn in enumerate(window.turns):
         if i == depth:
@@ -153,6 +199,7 @@ def assemble(
         tokens.extend(turn.tokens)
     if depth >= len(window.turns):  # no turns at all
         tokens.extend(note)
+    tokens.extend(moment)
     tokens.extend(post)
     tokens.extend(cue)
     return Prompt(tokens, stops, window, budget, summary_room)

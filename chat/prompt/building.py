@@ -1,34 +1,73 @@
 """Building a conversation's prompt: the history since the window start, the scene, the memory.
 
-Each prompt is assembled off the event loop (:mod:`chat.prompt.assembly`).  When the window has to move,
-the summary prepared for that trim (:mod:`chat.prompt.memory`) is pinned in the same step, so the front
-of the prompt changes once per trim and not again when the summary arrives.
+Each prompt is assembled off the event loop (:mod:`chat.prompt.assembly`).  When the window has
+to move, the summary prepared for that trim (:mod:`chat.prompt.memory`) is pinned in the same
+step, so the front of the prompt changes once per trim and not again when the summary arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from ai_model.base import ChatModel
 from ai_model.config import SamplingSettings
+from chat.conversations import Conversations
+from chat.personas import (
+    PERSONA_SHARE,
+    personas_of,
+    player_names,
+    players_of,
+    shown_personas,
+    with_new_players,
+)
 from chat.prompt.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble
+from chat.prompt.history import HistoryCache, position
+from chat.prompt.memory import MIN_FACT_BUDGET, MemoryKeeper, Plan, next_boundary
+from chat.prompt.window import TurnEncoder
 from chat.roleplay.characters import Character
-from chat.actions import personas_of
-from chat.conversations import ConversationState
-from chat.prompt.history import position
-from chat.roleplay.lorebook import match_entries
-from chat.prompt.memory import MIN_FACT_BUDGET, Plan, next_boundary
-from chat.prompt.window import clean_name
-from chat.settings import ROLE_FOR_MODE, Mode
+from chat.roleplay.lorebook import Lorebook, match_entries
+from chat.settings import ROLE_FOR_MODE, Mode, Settings
 from storage.records import USER, Conversation
 
 
-class PromptBuilding(ConversationState):
-    """Sampling settings and prompts per conversation."""
+@dataclass(frozen=True, slots=True)
+class Built:
+    """A prompt ready for the model, its stop strings, and the conversation as it now is."""
 
-    def _sampling(self, mode: Mode, char: Character | None) -> SamplingSettings:
+    tokens: list[int]
+    stops: list[str]
+    conv: Conversation
+
+
+class PromptBuilder:
+    """Sampling settings and prompts per conversation, one turn encoder per model."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        conversations: Conversations,
+        history: HistoryCache,
+        memory: MemoryKeeper,
+        world_books: Mapping[str, Lorebook],
+    ) -> None:
+        self.settings = settings
+        self.conversations = conversations
+        self.history = history
+        self.memory = memory
+        self.world_books = world_books
+        self._encoders: dict[int, tuple[ChatModel, TurnEncoder]] = {}
+
+    def encoder(self, model: ChatModel) -> TurnEncoder:
+        entry = self._encoders.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, TurnEncoder(model, model.template))
+            self._encoders[id(model)] = entry
+        return entry[1]
+
+    def sampling(self, mode: Mode, char: Character | None) -> SamplingSettings:
         base = self.settings.models[ROLE_FOR_MODE[mode]].sampling
         if char is None or not char.sampling:
             return base
@@ -37,7 +76,7 @@ class PromptBuilding(ConversationState):
         }
         return replace(base, **overrides)  # type: ignore[arg-type]
 
-    async def build_prompt(
+    async def build(
         self,
         conv: Conversation,
         model: ChatModel,
@@ -45,8 +84,8 @@ class PromptBuilding(ConversationState):
         char: Character | None,
         reserve: int,
         replacing: int | None = None,
-    ) -> tuple[list[int], list[str], Conversation]:
-        """Token ids of the prompt answering message ``upto_id``, stop strings, updated conv.
+    ) -> Built:
+        """The prompt answering message ``upto_id``.
 
         ``replacing`` names a reply's version group that the new reply will replace: none of
         its versions is part of the prompt.
@@ -60,6 +99,10 @@ class PromptBuilding(ConversationState):
         shown = history[:end]
         if replacing is not None:
             shown = [m for m in shown if m.swipe_group != replacing]
+        if (players := with_new_players(players_of(conv), shown)) is not None:
+            conv = await self.conversations.update_settings(
+                conv, players=[list(p) for p in players]
+            )
         personas = personas_of(conv)
         if personas:  # players who chose a persona speak under its name
             shown = [
@@ -68,16 +111,17 @@ class PromptBuilding(ConversationState):
                 else m
                 for m in shown
             ]
+        names = player_names(players_of(conv), personas)
         scene = None
         if char is not None:
             book = self.world_books.get(str(conv.settings.get("world_book", "")).lower())
-            persona = str(conv.settings.get("persona", ""))
-            about = {
-                p.name or clean_name(m.author_name): p.description
-                for m in shown
-                if m.role == USER and (p := personas.get(m.author_id or "")) is not None
-            }
-            scene = Scene(char, self.cast_of(conv), book, persona, personas=about)
+            scene = Scene(
+                char,
+                self.conversations.cast_of(conv),
+                book,
+                personas=shown_personas(players_of(conv), personas),
+                persona_budget=int(model.n_ctx * PERSONA_SHARE),
+            )
             if scene.books:
                 # Regex keys come from cards: matched off the event loop, each under a timeout.
                 recent = [m.text for m in shown[-LORE_SCAN:]]
@@ -89,11 +133,12 @@ class PromptBuilding(ConversationState):
         build = functools.partial(
             assemble,
             model,
-            self._encoder(model),
+            self.encoder(model),
             shown,
             system_prompt=self.settings.system_prompt,
             scene=scene,
             reserve=reserve,
+            players=names,
         )
         prompt = await asyncio.to_thread(build, window_start=conv.window_start_id, memory=memory)
         start = prompt.window.start
@@ -105,12 +150,11 @@ class PromptBuilding(ConversationState):
                 memory = replace(memory, summary=summary.text, cut_after=None)
                 prompt = await asyncio.to_thread(build, window_start=start, memory=memory)
                 start = prompt.window.start
-                conv = await self._update_settings(conv.platform, conv.key, summary_id=summary.id)
-            await self.store.set_window_start(conv.id, start)
-            conv = self._conversations[conv.key] = replace(conv, window_start_id=start)
+                conv = await self.conversations.update_settings(conv, summary_id=summary.id)
+            conv = await self.conversations.set_window_start(conv, start)
             self.history.window_moved(conv.key, start)
         await self._plan_summary(conv, char, prompt)
-        return prompt.tokens, prompt.stops, conv
+        return Built(prompt.tokens, prompt.stops, conv)
 
     async def _memory(self, conv: Conversation, model: ChatModel) -> Memory:
         """The conversation's pinned summary and facts, and where the next trim should cut."""

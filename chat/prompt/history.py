@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 from collections import OrderedDict
+from dataclasses import replace
 
 from storage.records import Conversation, StoredMessage
 from storage.store import Store
@@ -40,7 +41,7 @@ class HistoryCache:
         after = max(conv.reset_after_id, conv.window_start_id - 1)
         arrived = self._loading.setdefault(conv.key, [])
         try:
-            found = await self.store.history(conv.id, after_id=after)
+            found = await self.store.messages.history(conv.id, after_id=after)
         finally:
             self._loading.pop(conv.key, None)
         known = {m.id for m in found}
@@ -50,6 +51,27 @@ class HistoryCache:
         if len(self._cache) > self.max_conversations:
             self._cache.popitem(last=False)
         return found
+
+    async def save(self, conv: Conversation, message: StoredMessage) -> StoredMessage:
+        """Store ``message`` in ``conv`` (its id is assigned) and keep the cache in step."""
+        fields = {
+            name: getattr(message, name)
+            for name in (
+                "author_id",
+                "author_name",
+                "token_count",
+                "platform_message_id",
+                "reply_to_id",
+                "in_context",
+                "swipe_of",
+                "reply_state",
+                "delivered",
+            )
+        }
+        message_id = await self.store.messages.add(conv.id, message.role, message.text, **fields)
+        stored = replace(message, id=message_id)
+        self.added(conv.key, stored, after=conv.reset_after_id)
+        return stored
 
     def added(self, key: str, message: StoredMessage, after: int = 0) -> None:
         """A message was stored in context; keep the cached order.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ai_model.base import ChatModel, ModelError
@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 MAX_FACTS = 20
 MAX_FACT_CHARS = 300
 MAX_NOTE_CHARS = 500
-CHUNK_FRACTION = 0.25  # the share of the history budget one trim drops (chat.prompt.window.fit_window)
+CHUNK_FRACTION = (
+    0.25  # the share of the history budget one trim drops (chat.prompt.window.fit_window)
+)
 IDLE_S = 5.0  # a conversation is idle this long after its last turn before a summary starts
 MAX_CHUNKS_PER_JOB = 4  # the work one summary job may do (each chunk: one generation)
 SHORTEN_TRIES = 2
@@ -69,27 +71,30 @@ def memory_text(summary: str, facts: Sequence[str]) -> str:
     return "\n\n".join(parts)
 
 
-def fit_memory(summary: str, facts: Sequence[str], budget: int, count: Callable[[str], int]) -> str:
-    """The memory block within ``budget`` tokens: facts first (users pinned them), then as
-    much of the summary as fits, cut at its start (its end is the most recent)."""
+def fit_memory(
+    summary: str, facts: Sequence[str], budget: int, count: Callable[[str], int]
+) -> tuple[str, list[str]]:
+    """The summary and the facts that fit ``budget`` tokens together: facts first (users
+    pinned them), then as much of the summary as fits, cut at its start (its end is the most
+    recent).  The summary is the bot's own text; the facts are the users' (a user turn)."""
     kept: list[str] = []
     for fact in facts:
         if count(memory_text("", [*kept, fact])) > budget:
             break
         kept.append(fact)
-    text = memory_text(summary, kept)
-    if not summary or count(text) <= budget:
-        return text
+    left = budget - (count(memory_text("", kept)) if kept else 0)
+    if not summary or count(memory_text(summary, ())) <= left:
+        return summary, kept
     words = summary.split()
     low, high = 0, len(words)  # the fewest words to drop so that the block fits
     while low < high:
         mid = (low + high) // 2
-        if count(memory_text("… " + " ".join(words[mid:]), kept)) <= budget:
+        if count(memory_text("… " + " ".join(words[mid:]), ())) <= left:
             high = mid
         else:
             low = mid + 1
     rest = " ".join(words[low:])
-    return memory_text("… " + rest if rest else "", kept)
+    return ("… " + rest if rest else ""), kept
 
 
 def next_boundary(window: Window, budget: int) -> int | None:
@@ -129,12 +134,11 @@ class MemoryKeeper:
         models: Callable[[str], Awaitable[ChatModel]],
         *,
         idle: Callable[[str], bool],
-        room: Callable[[str], bool],  # whether a role's model is free for background work
     ) -> None:
         self.store = store
         self._models = models  # role -> awaitable ChatModel
         self._idle = idle  # whether a conversation has nothing queued or streaming
-        self._room = room
+        self._replying: dict[str, int] = {}  # role -> replies generating on its model
         self._summaries: LruDict[str, list[Summary]] = LruDict(4096)
         self._plans: LruDict[str, Plan] = LruDict(4096)  # the oldest plans are dropped
         self._failed: LruDict[str, int] = LruDict(4096)  # where a job failed: not retried at once
@@ -152,7 +156,7 @@ class MemoryKeeper:
         """The conversation's summaries since its reset, the one reaching furthest first."""
         found = self._summaries.get(key)
         if found is None:
-            found = await self.store.summaries(conversation_id, after_id=after)
+            found = await self.store.summaries.of(conversation_id, after_id=after)
             self._summaries[key] = found
         return [s for s in found if s.first_id > after]
 
@@ -216,6 +220,24 @@ class MemoryKeeper:
         task = self._jobs.get(key)
         if task is not None:
             task.cancel()
+
+    def _room(self, role: str) -> bool:
+        """Whether ``role``'s model is free for background work: no reply generating on it.
+        (Even with free sequences, a summary's prompt chunks would share the replies' decode
+        steps, and on a CPU every token in a step costs the replies time.)"""
+        return self._replying.get(role, 0) == 0
+
+    @contextlib.asynccontextmanager
+    async def replying(self, key: str, role: str) -> AsyncIterator[None]:
+        """A reply generates in ``key`` on ``role``'s model: summaries make way."""
+        self._replying[role] = self._replying.get(role, 0) + 1
+        try:
+            self.make_room(role)
+            await self.quiet(key)
+            yield
+        finally:
+            self._replying[role] -= 1
+            self.notify()
 
     def make_room(self, role: str) -> None:
         """A reply starts on ``role``'s model: jobs generating on it stop, and wait for quiet."""
@@ -289,7 +311,7 @@ class MemoryKeeper:
         if previous is not None and previous.last_id >= plan.boundary:
             return
         after = max(plan.reset_after, previous.last_id if previous else 0)
-        history = await self.store.history(
+        history = await self.store.messages.history(
             plan.conversation_id, after_id=after, upto_id=plan.boundary
         )
         lines = [transcript_line(m) for m in history]
@@ -319,7 +341,7 @@ class MemoryKeeper:
             return
         summary, tokens = await asyncio.to_thread(_within, model, summary, plan.budget)
         first = previous.first_id if previous else history[0].id
-        stored = await self.store.add_summary(
+        stored = await self.store.summaries.add(
             plan.conversation_id, first, plan.boundary, summary, tokens
         )
         self._summaries[key] = [stored, *found][:4]
@@ -367,22 +389,32 @@ def _within(model: ChatModel, text: str, budget: int) -> tuple[str, int]:
 
 
 def chunk_lines(model: ChatModel, lines: Sequence[str], room: int) -> list[list[str]]:
-    """``lines`` in order, in chunks of at most ``room`` tokens; a longer line keeps its start
-    (blocking: tokenizes)."""
+    """``lines`` in order, in chunks whose text as sent (the lines joined by newlines) takes
+    at most ``room`` tokens; a longer line keeps its start (blocking: tokenizes)."""
+    newline = len(model.tokenize(b"\n", False, False))
     chunks: list[list[str]] = [[]]
     used = 0
     for line in lines:
         ids = model.tokenize(line.encode("utf-8"), False, False)
-        n = len(ids)
-        if n > room:
+        if len(ids) > room:
             line = model.detokenize(ids[: room - 8])
-            n = len(model.tokenize(line.encode("utf-8"), False, False))
-        if chunks[-1] and used + n > room:
+            ids = model.tokenize(line.encode("utf-8"), False, False)
+        cost = len(ids) + (newline if chunks[-1] else 0)
+        if chunks[-1] and used + cost > room:
             chunks.append([])
-            used = 0
+            used, cost = 0, len(ids)
         chunks[-1].append(line)
-        used += n
-    return [c for c in chunks if c]
+        used += cost
+    # Tokens can merge across a join: check each chunk as it will be sent.
+    checked: list[list[str]] = []
+    for chunk in (c for c in chunks if c):
+        while chunk:
+            cut = len(chunk)
+            while cut > 1 and _count(model, "\n".join(chunk[:cut])) > room:
+                cut -= 1
+            checked.append(chunk[:cut])
+            chunk = chunk[cut:]
+    return checked
 
 
 def instructed_prompt(model: ChatModel, instructions: str, content: str) -> list[int]:

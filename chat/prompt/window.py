@@ -71,7 +71,7 @@ class TurnEncoder:
         # Bounded by tokens, not turns: a flood of huge messages must not grow memory.
         self._max_cached_tokens = max_cached_tokens
         self._cached_tokens = 0
-        self._system: dict[str, tuple[int, ...]] = {}
+        self._system: dict[tuple[str, str], tuple[int, ...]] = {}
         self._cue: tuple[int, ...] | None = None
         # Prompts are assembled on worker threads, several conversations at once.
         self._lock = threading.Lock()
@@ -125,14 +125,22 @@ class TurnEncoder:
         return list(tokens[start:end])
 
     def system(self, text: str) -> list[int]:
-        """A system turn's tokens; cached, since the same story heads every prompt."""
-        tokens = self._system.get(text)
+        """A system turn's tokens (the bot's and the card's text); cached, since the same story
+        heads every prompt."""
+        return self._fixed("system", text)
+
+    def user(self, text: str) -> list[int]:
+        """A user turn that is not a message (what players wrote to steer); cached."""
+        return self._fixed("user", text)
+
+    def _fixed(self, role: str, text: str) -> list[int]:
+        tokens = self._system.get((role, text))
         if tokens is None:
-            tokens = tuple(encode(self.template.turn("system", text), self.tokenizer))
+            tokens = tuple(encode(self.template.turn(role, text), self.tokenizer))
             with self._lock:
                 if len(self._system) >= 256:
                     self._system.clear()
-                self._system[text] = tokens
+                self._system[(role, text)] = tokens
         return list(tokens)
 
     def cue(self) -> list[int]:

@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from chat.roleplay.characters import CardError, Character, character_from_card
 from chat.limits import (
     MAX_CARD_BYTES,
     MAX_CARD_JSON_BYTES,
@@ -21,6 +20,7 @@ from chat.limits import (
     clean_json,
     shorten,
 )
+from chat.roleplay.characters import CardError, Character, character_from_card
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"

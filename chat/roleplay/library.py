@@ -8,12 +8,14 @@ replaced; an imported one only on purpose.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ai_model.base import ChatModel
+from chat.limits import MAX_NAME_CHARS, shorten
 from chat.prompt.assembly import pinned_limit
+from chat.prompt.window import TurnEncoder
 from chat.roleplay.characters import (
     CardError,
     Character,
@@ -21,9 +23,7 @@ from chat.roleplay.characters import (
     character_from_card,
     check_card,
 )
-from chat.limits import MAX_NAME_CHARS, shorten
 from chat.roleplay.lorebook import Lorebook, LoreError, check_book
-from chat.prompt.window import TurnEncoder
 from chat.roleplay.scene import post_history_text, story_text
 from storage.store import Store
 
@@ -67,15 +67,27 @@ def check_pinned(char: Character, model: ChatModel, encoder: TurnEncoder, reserv
 class Library:
     """Characters (shipped, configured, imported) and world books, backed by the store."""
 
-    def __init__(self, store: Store, characters: CharacterLibrary, fixed: set[str]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        characters: CharacterLibrary,
+        fixed: set[str],
+        *,
+        model: Callable[[], Awaitable[ChatModel]],
+        encoder: Callable[[ChatModel], TurnEncoder],
+        reserve: int,
+    ) -> None:
         self.store = store
         self.characters = characters
         self.world_books: dict[str, Lorebook] = {}
         self._fixed = {name.lower() for name in fixed}  # shipped and configured: never replaced
+        self._model = model  # the character model: a card's size is counted in its tokens
+        self._encoder = encoder
+        self._reserve = reserve  # the character model's reply budget
 
     async def load(self) -> None:
         """Add the cards and world books imported earlier (stored in the database)."""
-        for name, card in (await self.store.cards()).items():
+        for name, card in (await self.store.library.cards()).items():
             if name.lower() in self._fixed:
                 # Written by a version that let imports replace shipped characters: ignored.
                 log.warning("stored card %r shadows a shipped character and is ignored", name)
@@ -84,18 +96,10 @@ class Library:
                 self.characters.add(character_from_card(card))
             except CardError as exc:
                 log.warning("stored character %r is unreadable and was skipped: %s", name, exc)
-        for name, data in (await self.store.world_books()).items():
+        for name, data in (await self.store.library.world_books()).items():
             self.world_books[name.lower()] = Lorebook.from_json(data)
 
-    async def import_card(
-        self,
-        card: Mapping[str, Any],
-        *,
-        replace: bool,
-        model: ChatModel,
-        encoder: TurnEncoder,
-        reserve: int,
-    ) -> Imported:
+    async def import_card(self, card: Mapping[str, Any], *, replace: bool = False) -> Imported:
         """Check and store a parsed card; raise :class:`CardError` saying why it is refused."""
         check_card(card)
         char = character_from_card(card)
@@ -110,8 +114,9 @@ class Library:
                 f"a character called {shorten(existing.name)} already exists; import again "
                 "with replace to replace it"
             )
-        check_pinned(char, model, encoder, reserve)
-        await self.store.save_card(char.name, card)
+        model = await self._model()
+        check_pinned(char, model, self._encoder(model), self._reserve)
+        await self.store.library.save_card(char.name, card)
         self.characters.add(char)
         return Imported(char, replaced=existing is not None)
 
@@ -124,6 +129,6 @@ class Library:
         except LoreError as exc:
             raise CardError(str(exc)) from exc
         lore = Lorebook.from_json(book)
-        await self.store.save_world_book(name, book)
+        await self.store.library.save_world_book(name, book)
         self.world_books[name.lower()] = lore
         return lore

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Iterable, Sequence
 
 from chat.roleplay.characters import Character, apply_macros
 from chat.roleplay.lorebook import Activation
@@ -15,21 +14,34 @@ ROLEPLAY_PROMPT = (
     "never write lines, thoughts or actions for the players. Each player's message starts "
     "with their name."
 )
+MAX_NAMED_PLAYERS = 4  # past this many, "{{user}}" in the pinned part is "the players"
 _START = re.compile(r"^\s*<START>\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def players_phrase(names: Sequence[str]) -> str:
+    """What ``{{user}}`` stands for in the parts of a prompt that must not change from turn to
+    turn: the player, or the players of a group scene by name (a crowd: "the players")."""
+    names = list(dict.fromkeys(n for n in names if n))
+    if not names:
+        return "User"
+    if len(names) == 1:
+        return names[0]
+    if len(names) > MAX_NAMED_PLAYERS:
+        return "the players"
+    return ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def story_text(
     char: Character,
     *,
     user: str,
-    persona: str = "",
     lore: Activation | None = None,
     global_prompt: str = ROLEPLAY_PROMPT,
     cast: Sequence[Character] = (),
-    personas: Mapping[str, str] = MappingProxyType({}),
 ) -> str:
-    """The pinned part: system prompt, lore, description, personality, scenario, persona,
-    and what players said about themselves (/persona), by name."""
+    """The pinned part: system prompt, constant lore, description, personality, scenario and
+    the rest of the cast; only text from the bot and the card (``user``: see
+    :func:`players_phrase`)."""
     system = global_prompt
     if char.system_prompt.strip():
         system = char.system_prompt.replace("{{original}}", global_prompt)
@@ -48,11 +60,17 @@ def story_text(
             parts.append(f"Also in the scene: {other.display_name}. {summary}")
     if lore:
         parts.extend(lore.after)
-    if persona.strip():
-        parts.append(f"About {{{{user}}}}: {persona}")
-    for name, description in personas.items():
-        parts.append(f"About {name}: {description}")
     return apply_macros("\n\n".join(p.strip() for p in parts if p.strip()), char.display_name, user)
+
+
+def lore_text(lore: Activation, char: Character, user: str) -> str:
+    """Lore the last messages activated: it changes from turn to turn, so it goes after the
+    history, where it never invalidates the evaluated prompt before it ("" when none)."""
+    entries = [*lore.before, *lore.after]
+    if not entries:
+        return ""
+    body = "\n".join(e.strip() for e in entries if e.strip())
+    return apply_macros(f"[World info for this moment]\n{body}", char.display_name, user)
 
 
 def example_text(char: Character, user: str) -> str:

@@ -1,0 +1,580 @@
+"""The answer pipeline: store the message, route it, build the prompt, stream the reply, store
+it, and track its delivery.
+
+Adapters call :meth:`Answers.respond` with an :class:`IncomingMessage` and render the
+:class:`OutgoingReply` snapshots it yields; they report what reached the platform through
+:meth:`Answers.piece_sent` and :meth:`Answers.delivered` (a
+:class:`adapters.streaming.DeliveryTracker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from ai_model.base import ChatModel, ModelError
+from chat.conversations import Conversations
+from chat.edits import DELETED, Edits
+from chat.fairness import LruDict
+from chat.faults import KillPoints
+from chat.limits import shorten
+from chat.messages import IncomingMessage, OutgoingReply, ReplyKind, notice
+from chat.prompt.assembly import pinned_limit
+from chat.prompt.building import PromptBuilder
+from chat.prompt.history import HistoryCache
+from chat.prompt.memory import MemoryKeeper
+from chat.prompt.window import PromptTooLong, clean_name
+from chat.queues import Arrival, Queues, Ticket
+from chat.roleplay.characters import Character, CharacterLibrary
+from chat.roleplay.scene import choose_speakers, clean_reply, strip_name_tag
+from chat.settings import ROLE_FOR_MODE, Mode, Settings
+from storage.records import (
+    ASSISTANT,
+    FAILED,
+    NOTICE,
+    RECEIVED,
+    USER,
+    Conversation,
+    StoredMessage,
+)
+from storage.store import STORAGE_ERRORS, Store
+
+log = logging.getLogger(__name__)
+
+APOLOGY = (
+    "Sorry, something went wrong while I was writing the reply. Your message is saved; "
+    "please try again in a moment."
+)
+NOT_STORED = (
+    "Sorry, I could not save your message because of a storage problem on my side. "
+    "Please send it again in a moment."
+)
+SLOW_STORAGE = (
+    "Saving messages is slow on my side right now. Yours is not lost: I will answer as soon "
+    "as I can."
+)
+SLOW_STORAGE_S = 2.0  # storing a message for longer than this gets the sender a notice
+# A command that rewrites the last reply waits this long for it to reach the platform (it
+# must know the messages that show it).
+SHOWN_WAIT_S = 15.0
+STILL_SENDING = "My last reply is still on its way to the chat; try again in a moment."
+RESTARTING = (
+    "I am restarting right now and could not take your message. Please send it again in a minute."
+)
+
+
+MAX_SENDING = 4096  # replies whose delivery is awaited, remembered at most
+
+
+def trace_wanted(exc: BaseException) -> bool:
+    """Whether a failure deserves a traceback in the log: not for the expected kinds."""
+    return not isinstance(exc, ModelError | SQLAlchemyError | OSError)
+
+
+class ModelProvider(Protocol):
+    """Where the engine gets the model of a role (``ai_model.registry.ModelRegistry``)."""
+
+    async def get(self, role: str) -> ChatModel: ...
+
+
+def shown(text: str, char: Character | None, others: Sequence[str]) -> str:
+    """A reply as users see it: without a leading ``Name:`` of anyone in the conversation (the
+    model imitates the names in front of turns), and in roleplay cut where it starts writing
+    another speaker's lines."""
+    if char is not None:
+        return clean_reply(text, char.display_name, others)
+    return strip_name_tag(text, [*others, "Assistant"])
+
+
+class Answers:
+    """Turns incoming messages into streamed, persisted, tracked replies."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        models: ModelProvider,
+        conversations: Conversations,
+        queues: Queues,
+        prompts: PromptBuilder,
+        history: HistoryCache,
+        memory: MemoryKeeper,
+        edits: Edits,
+        characters: CharacterLibrary,
+        *,
+        kill_points: KillPoints,
+        rng: random.Random,
+        opening: Callable[[Conversation, bool, str], Awaitable[OutgoingReply | None]],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.models = models
+        self.conversations = conversations
+        self.queues = queues
+        self.prompts = prompts
+        self.history = history
+        self.memory = memory
+        self.edits = edits
+        self.characters = characters
+        self.kill_points = kill_points
+        self.rng = rng
+        self._opening = opening  # the scene's greeting, for a roleplay conversation not opened
+        self.closing = False  # set by a graceful stop: no new work is taken
+        # Stored replies whose delivery the adapter has not reported yet.
+        self._sending: LruDict[int, asyncio.Event] = LruDict(MAX_SENDING)
+
+    # -- intake -------------------------------------------------------------------------------
+
+    async def respond(
+        self,
+        msg: IncomingMessage,
+        on_stored: Callable[[], None] | None = None,
+        arrival: Arrival | None = None,
+    ) -> AsyncIterator[OutgoingReply]:
+        """Store ``msg`` and, if it is for the bot, yield the streamed reply to it.
+
+        A message is for the bot when the adapter says it addresses the bot (DM, mention, reply,
+        command) or, in a roleplay channel, when it names a character of the scene.  The first
+        snapshot yielded is an empty "accepted" one, sent before waiting for the turn, so
+        adapters can show a typing indicator at once; nothing is yielded for messages only
+        stored.  A roleplay conversation that has not started yet first gets its greeting.
+
+        ``arrival`` is the message's place in its conversation's order, taken when it arrived
+        (without one, the call itself is the arrival).  ``on_stored`` is called once the
+        message is safely stored, or once it is clear that it will not be (refused, or stored
+        before: a platform may deliver a message twice after a crash, and the second delivery
+        is skipped).  Adapters confirm the message to the platform only then.
+
+        Refusals are notices: over the rate limit (the message is not stored), too many
+        answers already queued here or for this user (stored, not answered), or a storage
+        failure (nothing stored, the user is asked to send it again).
+        """
+        settled = _Once(on_stored)
+        key = msg.conversation_key
+        arrival = arrival or self.queues.arrive(key)
+        ticket: Ticket | None = None
+        user: StoredMessage | None = None
+        try:
+            if self.closing:
+                settled()
+                arrival.settle()
+                yield notice(key, RESTARTING, msg.platform_message_id)
+                return
+            self.kill_points.reached("received")
+            allowed, told = self.queues.admit(msg.platform, msg.author_id)
+            if not allowed:
+                settled()
+                arrival.settle()
+                if told:
+                    yield notice(key, told, msg.platform_message_id)
+                return
+            opening: OutgoingReply | None = None
+            refusal: str | None = None
+            user_key = f"{msg.platform}:{msg.author_id}"
+            async with arrival:  # stored, and its turn taken, in arrival order
+                try:
+                    conv = await self.conversations.get(msg.platform, key)
+                    if await self._seen_before(conv, msg):
+                        return
+                    early = self.edits.arrived(key, msg.platform_message_id)
+                    if early is DELETED:
+                        return  # deleted before we got to store it: as if never sent
+                    if isinstance(early, str):
+                        msg = replace(msg, text=early)  # edited before we got to store it
+                    roleplay = self.conversations.mode_of(conv, msg.is_dm) == "roleplay"
+                    if roleplay and not conv.settings.get("opened"):
+                        name = clean_name(msg.author_name)
+                        opening = await self._opening(conv, msg.is_dm, name)
+                        conv = await self.conversations.get(msg.platform, key)
+                    reply_all = self.settings.platform(msg.platform).roleplay_reply_all
+                    named = roleplay and (reply_all or self._names_cast(conv, msg.text))
+                    wanted = msg.addresses_bot or named
+                    if wanted:
+                        refusal = self.queues.refusal(key, user_key)
+                    storing = asyncio.ensure_future(
+                        self.history.save(
+                            conv,
+                            StoredMessage(
+                                0,
+                                USER,
+                                msg.text,
+                                author_id=msg.author_id,
+                                author_name=msg.author_name,
+                                platform_message_id=msg.platform_message_id,
+                                reply_state=RECEIVED if wanted and refusal is None else None,
+                            ),
+                        )
+                    )
+                    # A busy or locked database is waited out; say so rather than go quiet.
+                    if not (await asyncio.wait({storing}, timeout=SLOW_STORAGE_S))[0]:
+                        yield notice(key, SLOW_STORAGE, msg.platform_message_id)
+                    user = await storing
+                except STORAGE_ERRORS as exc:
+                    log.error("could not store a message in %s: %s", key, exc)
+                    refusal = NOT_STORED
+                else:
+                    if wanted and refusal is None:
+                        ticket = self.queues.ticket(key, user_key)
+                finally:
+                    settled()
+            if opening is not None:
+                yield opening
+            if refusal is not None:
+                yield notice(key, refusal, msg.platform_message_id)
+            if ticket is None or user is None:
+                return
+            self.kill_points.reached("stored")
+            yield OutgoingReply(key, "", reply_to=msg.platform_message_id)
+            await ticket.wait()
+            async for reply in self.answer_turn(
+                msg.platform, key, msg.is_dm, user, msg.platform_message_id
+            ):
+                yield reply
+        finally:
+            settled()
+            arrival.settle()
+            if ticket is not None:
+                ticket.release()
+
+    async def _seen_before(self, conv: Conversation, msg: IncomingMessage) -> bool:
+        """Whether this platform message was stored already (delivered again after a crash:
+        it is answered, or recovered at start-up, from its first delivery)."""
+        if msg.platform_message_id is None:
+            return False
+        found = await self.store.messages.find_platform(conv.id, msg.platform_message_id)
+        if found is not None:
+            log.info("%s: message %s was stored before; skipped", conv.key, msg.platform_message_id)
+        return found is not None
+
+    def _names_cast(self, conv: Conversation, text: str) -> bool:
+        return any(
+            re.search(rf"(?<!\w){re.escape(c.display_name)}(?!\w)", text, re.IGNORECASE)
+            for c in self.conversations.cast_of(conv)
+        )
+
+    # -- the turn -----------------------------------------------------------------------------
+
+    async def answer_turn(
+        self,
+        platform: str,
+        key: str,
+        is_dm: bool,
+        user: StoredMessage,
+        reply_to: str | None,
+        plan: Sequence[str | None] | None = None,
+        done: Sequence[str | None] = (),
+    ) -> AsyncIterator[OutgoingReply]:
+        """The answers to stored message ``user``, once its turn has come.
+
+        The turn's speakers are chosen and stored first (its plan); each speaker's reply then
+        has its own delivery state, and the message is answered once every one of them was
+        delivered.  After a restart, ``plan`` is the stored one and ``done`` the speakers whose
+        replies already exist: only the others speak.  A message deleted while it waited gets
+        no answer.  A turn that ends with a notice instead of an answer moves the message to
+        failed, with the reason.
+        """
+        if self.edits.was_deleted(user.id):
+            await self._set_state(user.id, FAILED, "deleted")
+            log.info("%s: message %s was deleted before its answer started", key, user.id)
+            return
+        conv = await self.conversations.get(platform, key)
+        mode = self.conversations.mode_of(conv, is_dm)
+        if plan is None:
+            plan = self._plan(conv, mode, user.text)
+            try:
+                await self.store.replies.start(user.id, plan)
+            except STORAGE_ERRORS as exc:  # the answer matters more than its bookkeeping
+                log.warning("could not record the turn of message %s: %s", user.id, exc)
+        answered = bool(done)
+        left = list(done)
+        for name in plan:
+            if name in left:
+                left.remove(name)  # spoken before the restart
+                continue
+            char = self.characters.find(name) if name is not None else None
+            if mode == "roleplay" and char is None:
+                char = self.conversations.cast_of(conv)[0]
+            final: OutgoingReply | None = None
+            async for reply in self.answer(key, platform, mode, user.id, char, reply_to):
+                if reply.final and reply.kind is not ReplyKind.ANSWER and not answered:
+                    await self._set_state(user.id, FAILED, f"{reply.kind.value}: {reply.text}")
+                final = reply
+                yield reply
+            if final is None or final.kind is not ReplyKind.ANSWER:
+                break  # a refusal or an apology ends the turn: the next would answer nothing
+            answered = True
+
+    def _plan(self, conv: Conversation, mode: Mode, text: str) -> list[str | None]:
+        """Who answers, in order: the office assistant, or the scene's speakers."""
+        if mode == "work":
+            return [None]
+        cast = self.conversations.cast_of(conv)
+        last = conv.settings.get("last_speaker")
+        return [c.name for c in choose_speakers(cast, text, last, self.rng)]
+
+    async def _set_state(self, user_id: int, state: str, error: str | None = None) -> None:
+        try:
+            await self.store.replies.set_state(user_id, state, error=error and shorten(error, 500))
+        except STORAGE_ERRORS as exc:  # the answer matters more than its bookkeeping
+            log.warning("could not record message %s as %s: %s", user_id, state, exc)
+
+    async def answer(
+        self,
+        key: str,
+        platform: str,
+        mode: Mode,
+        user_id: int,
+        char: Character | None,
+        reply_to: str | None,
+        version_of: StoredMessage | None = None,
+    ) -> AsyncIterator[OutgoingReply]:
+        """One speaker's reply to message ``user_id``; with ``version_of``, a new version of
+        that stored reply (/regenerate), written into the platform messages that show it."""
+        conv = await self.conversations.get(platform, key)
+        speaker = char.name if char is not None else None
+        # A new version answers nothing new: only first answers are tracked.
+        answers = user_id if version_of is None else None
+        replaces: tuple[str, ...] = ()
+        if version_of is not None:
+            replaces = tuple(await self.store.replies.pieces_of(version_of.id))
+        base = OutgoingReply(
+            key, "", speaker=speaker, reply_to=reply_to, answers=answers, replaces=replaces
+        )
+        group = version_of.swipe_group if version_of is not None else None
+        sampling = self.prompts.sampling(mode, char)
+        role = ROLE_FOR_MODE[mode]
+        others: list[str] = []
+        text = ""
+        try:
+            model = await self.models.get(role)
+            try:
+                built = await self.prompts.build(
+                    conv, model, user_id, char, sampling.max_tokens, replacing=group
+                )
+            except PromptTooLong as exc:
+                yield await self._too_long(conv, model, user_id, exc, base)
+                return
+            conv = built.conv
+            others = [s.strip("\n:") for s in built.stops]
+            async with self.memory.replying(key, role):
+                async for piece in model.stream(built.tokens, sampling, built.stops, slot=key):
+                    text += piece
+                    yield replace(base, text=shown(text, char, others), delta=piece)
+        except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
+            log.error("generation failed in %s: %s", key, exc, exc_info=trace_wanted(exc))
+            yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
+            return
+        reply = shown(text, char, others).strip()
+        if not reply:
+            yield replace(
+                base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE
+            )
+            return
+        try:
+            reply_tokens, generated = await asyncio.to_thread(_reply_tokens, model, key, reply)
+        except ModelError as exc:  # a remote tokenizer went away: the reply is still good
+            log.warning("could not count the reply's tokens in %s: %s", key, exc)
+            reply_tokens, generated = len(reply) // 3 + 1, ()
+        message = StoredMessage(
+            0,
+            ASSISTANT,
+            reply,
+            author_name=speaker,
+            token_count=reply_tokens,
+            reply_to_id=user_id,
+            swipe_of=group,
+            delivered=False if answers is not None else None,
+        )
+        try:
+            conv = await self.conversations.get(platform, key)
+            if group is None:
+                stored = await self.history.save(conv, message)
+            else:  # the new version replaces the old one in one write
+                stored = replace(
+                    message, id=await self.store.messages.add_version(conv.id, message)
+                )
+                self.history.forget(key)
+        except STORAGE_ERRORS as exc:
+            log.error("could not store the reply in %s: %s", key, exc)
+            yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
+            return
+        if generated:
+            # The KV cache holds exactly these tokens: the next prompt matches it to the end.
+            self.prompts.encoder(model).remember_reply(stored, generated)
+        if char is not None:
+            await self.conversations.update_settings(conv, last_speaker=char.name)
+        self.kill_points.reached("replied")
+        self._sending[stored.id] = asyncio.Event()
+        yield replace(base, text=reply, final=True, stored_id=stored.id)
+
+    async def _too_long(
+        self,
+        conv: Conversation,
+        model: ChatModel,
+        user_id: int,
+        exc: PromptTooLong,
+        base: OutgoingReply,
+    ) -> OutgoingReply:
+        history_room = model.n_ctx - pinned_limit(model.n_ctx)
+        if exc.needed <= history_room:
+            # The message would fit any sound set-up: the character, its lore or persona take
+            # the room.  The message stays in the conversation.
+            text = (
+                f"I cannot answer right now: this conversation's character set-up leaves room "
+                f"for only {max(exc.available, 0)} tokens and your message takes about "
+                f"{exc.needed}. Your message is saved; an admin can choose another character."
+            )
+            log.warning("%s: the pinned prompt leaves no room for the history", conv.key)
+        else:
+            text = (
+                f"Your message is too long for me to read: it takes about {exc.needed} tokens "
+                f"and I have room for {history_room}. It is saved; please send a shorter "
+                "version or split it into parts."
+            )
+            # Keep it stored, but out of the model's view: it could never fit the window.
+            await self.store.messages.update(user_id, in_context=False, token_count=exc.needed)
+            self.history.forget(conv.key)
+        await self.store.messages.add(conv.id, NOTICE, text, reply_to_id=user_id, in_context=False)
+        return replace(base, text=text, final=True, kind=ReplyKind.NOTICE)
+
+    # -- another version ----------------------------------------------------------------------
+
+    def regenerate(
+        self,
+        platform: str,
+        key: str,
+        is_dm: bool,
+        user_id: str | None = None,
+        arrival: Arrival | None = None,
+    ) -> AsyncIterator[OutgoingReply]:
+        """Write the last reply again, in its own platform messages; earlier versions stay
+        stored for /swipe.  The target is chosen in the conversation's turn, after the answers
+        queued before, and the old version stays the one in context until the new one is
+        stored, in the same write that switches them.  ``user_id`` (who asked) is held to the
+        fair-share limits."""
+        work = self._regenerate_last(platform, key, is_dm)
+        return self.queues.in_turn(platform, key, user_id, work, arrival)
+
+    async def _regenerate_last(
+        self, platform: str, key: str, is_dm: bool
+    ) -> AsyncGenerator[OutgoingReply, None]:
+        conv = await self.conversations.get(platform, key)
+        last = await self.store.messages.last_reply(conv.id, after_id=conv.reset_after_id)
+        if last is None:
+            yield notice(key, "There is no reply of mine to regenerate yet.")
+            return
+        if last.reply_to_id is None:  # a greeting: its versions come from the card
+            yield await self.swipe_in_turn(platform, key, 1)
+            return
+        if not await self.shown(last.id):
+            yield notice(key, STILL_SENDING)
+            return
+        char = self.characters.find(last.author_name) if last.author_name else None
+        mode = self.conversations.mode_of(conv, is_dm)
+        async for reply in self.answer(
+            key, platform, mode, last.reply_to_id, char, None, version_of=last
+        ):
+            yield reply
+
+    async def swipe_in_turn(self, platform: str, key: str, step: int) -> OutgoingReply:
+        """Bring back another stored version of the last reply (or greeting); the caller holds
+        the conversation's turn."""
+        conv = await self.conversations.get(platform, key)
+        last = await self.store.messages.last_reply(conv.id, after_id=conv.reset_after_id)
+        if last is None:
+            return notice(key, "There is no reply of mine yet.")
+        versions = await self.store.messages.versions(conv.id, last.swipe_group)
+        if len(versions) < 2:
+            return notice(key, "There is only one version; /regenerate writes another.")
+        if not await self.shown(last.id):
+            return notice(key, STILL_SENDING)
+        index = next(i for i, v in enumerate(versions) if v.id == last.id)
+        chosen = versions[(index + step) % len(versions)]
+        showing = tuple(await self.store.replies.pieces_of(last.id))
+        await self.store.messages.choose_version(conv.id, last.swipe_group, chosen.id)
+        self.history.forget(key)
+        return OutgoingReply(
+            key,
+            chosen.text,
+            final=True,
+            speaker=chosen.author_name,
+            swipe=(versions.index(chosen) + 1, len(versions)),
+            stored_id=chosen.id,
+            replaces=showing,
+        )
+
+    # -- delivery reports (adapters.streaming.DeliveryTracker) -------------------------------
+
+    async def shown(self, reply_id: int) -> bool:
+        """Wait (a while) until stored reply ``reply_id`` reached the platform, so that the
+        messages showing it are known; False if it did not in time."""
+        sending = self._sending.get(reply_id)
+        if sending is None:
+            return True
+        try:
+            await asyncio.wait_for(sending.wait(), SHOWN_WAIT_S)
+        except TimeoutError:
+            return False
+        return True
+
+    def _sent(self, reply: OutgoingReply) -> None:
+        if reply.stored_id is not None and (sending := self._sending.pop(reply.stored_id)):
+            sending.set()
+
+    async def piece_sent(self, reply: OutgoingReply, pieces: list[str]) -> None:
+        """A new platform message of the answer to ``reply.answers`` is showing."""
+        if reply.answers is None or reply.kind is not ReplyKind.ANSWER:
+            return
+        try:
+            await self.store.replies.set_state(reply.answers, "answering", pieces=pieces)
+        except STORAGE_ERRORS as exc:
+            log.warning("could not record the pieces of answer %s: %s", reply.answers, exc)
+        self.kill_points.reached("streaming")
+
+    async def delivered(self, reply: OutgoingReply, pieces: list[str]) -> None:
+        """The final text of a stored reply reached the platform: a speaker's answer (its
+        question is answered once every planned speaker's is), or another version or a
+        continuation (where it shows is recorded)."""
+        if reply.stored_id is None:
+            return
+        try:
+            if reply.answers is None:
+                await self.store.replies.set_pieces(reply.stored_id, pieces)
+            else:
+                await self.store.replies.mark_delivered(
+                    reply.stored_id, pieces[0] if pieces else None, reply.answers, pieces
+                )
+        except STORAGE_ERRORS as exc:
+            log.warning("could not record where reply %s shows: %s", reply.stored_id, exc)
+        finally:
+            self._sent(reply)
+
+
+class _Once:
+    """Calls ``callback`` (if any) the first time it is called."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def __call__(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+
+def _reply_tokens(model: ChatModel, slot: str, reply: str) -> tuple[int, Sequence[int]]:
+    """The reply's token count, and the generated tokens when they spell exactly the reply
+    (blocking: a remote model may ask its server)."""
+    generated = model.generated(slot)
+    if generated and model.detokenize(generated).strip() == reply:
+        return len(generated), generated  # what the prompt will hold: no second tokenizing
+    return len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False)), ()

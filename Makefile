@@ -15,6 +15,7 @@ lint: bootstrap
 	$(PY) -m ruff check $(PACKAGES) tests
 	$(PY) -m ruff format --check $(PACKAGES) tests
 	$(PY) -m mypy
+	$(VENV)/bin/lint-imports
 
 # The storage and core tests also run on a throwaway PostgreSQL (installed when missing); the
 # remote-inference tests on a real llama-server (built once from the pinned sources, cached).

@@ -94,7 +94,7 @@ class ConsoleAdapter:
         counter = f"  ({reply.swipe[0]}/{reply.swipe[1]}, /swipe for others)" if reply.swipe else ""
         self._write(new + (counter + "\n" if reply.final else ""))
         if reply.final:
-            await self.core.answers.delivered(reply, [])  # shown in full: answered
+            await self.core.delivery.delivered(reply, [])  # shown in full: answered
         return SentMessage(sent.conversation_key, sent.message_id, reply.text)
 
     async def _command(self, text: str) -> bool:

@@ -23,15 +23,11 @@ from typing import Any
 from ai_model.base import BACKGROUND_CHUNK, GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import Handoff
+from ai_model.jinja_format import template_for, token_text
 from ai_model.local import _llama_kwargs, special_token_check, state_fingerprint
 from ai_model.parking import Parking, StateFiles
 from ai_model.scheduler import Request, Scheduler
-from ai_model.templates import (
-    ChatTemplate,
-    UnknownTemplateError,
-    plain_text_leaks,
-    template_by_name,
-)
+from ai_model.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 _backend = threading.Lock()
@@ -143,23 +139,20 @@ class BatchedModel:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"could not load model {path}: {exc}") from exc
         try:
-            template = template_by_name(
-                settings.chat_template, model.metadata().get("tokenizer.chat_template")
+            template = template_for(
+                settings.chat_template,
+                model.metadata().get("tokenizer.chat_template"),
+                _Tokenizer(model),
+                bos=token_text(lambda t: model.token_to_piece(t, special=True), model.token_bos()),
+                eos=token_text(lambda t: model.token_to_piece(t, special=True), model.token_eos()),
+                adds_bos=tuple(model.tokenize(b"", True, True)),
+                is_control=special_token_check(model),
+                model=path.name,
             )
-            leaks = plain_text_leaks(template, _Tokenizer(model), special_token_check(model))
-        except UnknownTemplateError as exc:
+        except ModelError:
             ctx.close()
             model.close()
-            raise ModelError(f"{path}: {exc}") from exc
-        if leaks:
-            ctx.close()
-            model.close()
-            raise ModelError(
-                f"{path}: refusing this model: its vocabulary turns the chat markup "
-                f"{', '.join(repr(m) for m in leaks[:4])} into control tokens even in plain text, "
-                "so users could write their own turns. Use a GGUF whose tokenizer marks these "
-                "tokens as control tokens (not user-defined)."
-            )
+            raise
         return cls(model, ctx, name, template, settings, state_fingerprint(settings, path))
 
     def _open(self) -> Any:

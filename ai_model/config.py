@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 ROPE_SCALING_TYPES = ("auto", "none", "linear", "yarn")
 SPLIT_MODES = ("none", "layer", "row")
-TEMPLATES = ("auto", "chatml", "llama3")
+TEMPLATES = (
+    "auto",
+    "chatml",
+    "llama3",
+    "gemma",
+    "phi3",
+    "mistral",
+    "command-r",
+    "granite",
+    "deepseek",
+)
 BACKENDS = ("local", "llama-server", "openai")
 
 
@@ -49,6 +59,11 @@ class ModelSettings:
     # decoded together in one batch (1: today's serial path, one reply after another).
     # Remote: requests this bot process keeps in flight to the server.
     parallel: int = 4
+    # llama-server only: the slots this process uses.  Empty (the default): the server picks,
+    # per request, the idle slot whose cached prompt is most like it (``id_slot`` -1), so
+    # processes sharing one server never queue on one slot while another is free.  Listed:
+    # this process keeps each conversation on one of these (give each process its own).
+    server_slots: tuple[int, ...] = ()
     # In-process, batched: prompt tokens one sequence may evaluate per step, so a long prompt
     # delays the running streams by one chunk at most.
     prefill_chunk: int = 256
@@ -98,6 +113,10 @@ class ModelSettings:
                 raise ValueError("request_timeout_s must be positive")
             if not 0 <= self.retries <= 10:
                 raise ValueError("retries must be between 0 and 10")
+        if any(not 0 <= slot < 256 for slot in self.server_slots) or len(
+            set(self.server_slots)
+        ) != len(self.server_slots):
+            raise ValueError("server_slots must be distinct slot numbers from 0")
         if not 1 <= self.parallel <= 256:
             raise ValueError("parallel must be between 1 and 256")
         if not 1 <= self.prefill_chunk <= self.n_batch:

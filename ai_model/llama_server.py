@@ -63,6 +63,8 @@ class LlamaServerDialect:
             n_vocab=n_vocab,
             slots=int_or_none(props.get("total_slots")),
             chat_template=props.get("chat_template") or None,
+            bos_token=str(props.get("bos_token") or ""),
+            eos_token=str(props.get("eos_token") or ""),
         )
 
     def request(
@@ -89,8 +91,9 @@ class LlamaServerDialect:
         }
         if sampling.seed >= 0:
             body["seed"] = sampling.seed
-        if slot is not None:
-            body["id_slot"] = slot
+        # No slot of this process's own: the server picks the idle slot whose cached prompt is
+        # most like this one (prefix reuse), never one another process is using.
+        body["id_slot"] = -1 if slot is None else slot
         return "/completion", body
 
     def event(self, data: Any) -> Event:

@@ -17,13 +17,9 @@ from typing import Any
 from ai_model.base import BACKGROUND_CHUNK, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import DONE, Handoff
+from ai_model.jinja_format import template_for, token_text
 from ai_model.slots import SlotPool, common_prefix
-from ai_model.templates import (
-    ChatTemplate,
-    UnknownTemplateError,
-    plain_text_leaks,
-    template_by_name,
-)
+from ai_model.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +78,55 @@ def special_token_check(llm: Any) -> Callable[[int], bool]:
     return check
 
 
+def stop_at_control_tokens(llm: Any) -> None:
+    """Make ``llm``'s sampler end the reply at any control token that is not end-of-turn.
+
+    llama-cpp-python's generation loop only stops at end-of-generation tokens: a model that
+    writes a turn header (``<|im_start|>``) would go on writing a turn of its own, shown as
+    text and kept in the cache.  Here such a token is replaced, as it is sampled, by the
+    end-of-sequence token, so the reply ends there and the token is never evaluated or kept
+    (the batched scheduler does the same at the same point).
+    """
+    import llama_cpp
+
+    if getattr(llm.sample, "ends_at_control_tokens", False):
+        return  # another LocalModel on the same weights did it
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    eos = int(llama_cpp.llama_vocab_eos(vocab))
+    if eos < 0:
+        eos = int(llama_cpp.llama_vocab_eot(vocab))
+    sample = llm.sample
+
+    def sample_or_end(*args: Any, **kwargs: Any) -> int:
+        token = int(sample(*args, **kwargs))
+        if llama_cpp.llama_vocab_is_control(vocab, token) and not llama_cpp.llama_vocab_is_eog(
+            vocab, token
+        ):
+            return eos
+        return token
+
+    sample_or_end.ends_at_control_tokens = True  # type: ignore[attr-defined]
+    llm.sample = sample_or_end
+
+
+def llama_template(settings: ModelSettings, llm: Any, path: Path) -> ChatTemplate:
+    """The checked chat format of a loaded ``llama_cpp.Llama`` (see :func:`template_for`)."""
+
+    def piece(token: int) -> bytes:
+        return bytes(llm.detokenize([token], special=True))
+
+    return template_for(
+        settings.chat_template,
+        llm.metadata.get("tokenizer.chat_template"),
+        llm,
+        bos=token_text(piece, llm.token_bos()),
+        eos=token_text(piece, llm.token_eos()),
+        adds_bos=tuple(llm.tokenize(b"", add_bos=True, special=True)),
+        is_control=special_token_check(llm),
+        model=path.name,
+    )
+
+
 def state_fingerprint(settings: ModelSettings, path: Path) -> str:
     """What a saved state must have been written under: the same file and load settings."""
     stat = path.stat()
@@ -111,6 +156,7 @@ class LocalModel:
         state_dir_max_mb: int = 4096,
     ) -> None:
         self._llm = llm
+        stop_at_control_tokens(llm)
         self.slots = SlotPool(
             llm,
             cache_slots,
@@ -140,20 +186,10 @@ class LocalModel:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"could not load model {path}: {exc}") from exc
         try:
-            template = template_by_name(
-                settings.chat_template, llm.metadata.get("tokenizer.chat_template")
-            )
-        except UnknownTemplateError as exc:
-            raise ModelError(f"{path}: {exc}") from exc
-        leaks = plain_text_leaks(template, llm, special_token_check(llm))
-        if leaks:
+            template = llama_template(settings, llm, path)
+        except ModelError:
             llm.close()
-            raise ModelError(
-                f"{path}: refusing this model: its vocabulary turns the chat markup "
-                f"{', '.join(repr(m) for m in leaks[:4])} into control tokens even in plain text, "
-                "so users could write their own turns. Use a GGUF whose tokenizer marks these "
-                "tokens as control tokens (not user-defined)."
-            )
+            raise
         fingerprint = state_fingerprint(settings, path)
         return cls(
             llm,

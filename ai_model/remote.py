@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,8 +21,9 @@ import httpx
 
 from ai_model.base import GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.jinja_format import choose_template
 from ai_model.server_vocab import ServerTokenizer
-from ai_model.templates import ChatTemplate, UnknownTemplateError, template_by_name
+from ai_model.templates import ChatTemplate, UnknownTemplateError
 from ai_model.vocab import VocabModel
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ class ServerInfo:
 
     n_ctx: int | None  # per slot (llama-server) or per sequence (vLLM)
     n_vocab: int | None
-    slots: int | None  # llama-server slots; ``id_slot`` is sent only when known
+    slots: int | None  # llama-server slots
     chat_template: str | None
+    bos_token: str = ""  # the texts of the special tokens, for the model's own template
+    eos_token: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +103,18 @@ def error_text(data: Any) -> str:
 
 
 class SlotMap:
-    """Keeps each conversation on the same server slot, so the server reuses its prefix.
+    """Keeps each conversation on one of ``slots`` (server slot numbers this process owns), so
+    the server reuses its prefix there.
 
     A conversation whose slot is busy with another one moves to the least recently used idle
     slot (its old cache there is being overwritten anyway); with none idle it waits for its own.
     """
 
-    def __init__(self, slots: int | None) -> None:
-        self.slots = slots or 0
+    def __init__(self, slots: Sequence[int]) -> None:
+        self.slots = list(slots)
         self._owner: OrderedDict[str | None, int] = OrderedDict()
-        self._busy = [0] * self.slots
-        self._used = [0] * self.slots
+        self._busy = dict.fromkeys(self.slots, 0)
+        self._used = dict.fromkeys(self.slots, 0)
         self._clock = 0
 
     def acquire(self, conversation: str | None) -> int | None:
@@ -118,11 +122,11 @@ class SlotMap:
             return None
         slot = self._owner.get(conversation)
         if slot is None or self._busy[slot]:
-            idle = [s for s in range(self.slots) if not self._busy[s]]
+            idle = [s for s in self.slots if not self._busy[s]]
             if idle:
                 slot = min(idle, key=lambda s: self._used[s])
             elif slot is None:
-                slot = min(range(self.slots), key=lambda s: self._busy[s])
+                slot = min(self.slots, key=lambda s: self._busy[s])
         self._clock += 1
         self._used[slot] = self._clock
         self._busy[slot] += 1
@@ -160,7 +164,9 @@ class RemoteModel:
         self._tokenizer = tokenizer
         self._http = http  # blocking, for /tokenize; streams use an AsyncClient per event loop
         self.bos: tuple[int, ...] = tuple(tokenizer.tokenize(b"", add_bos=True, special=True))
-        self.slots = SlotMap(info.slots)
+        # No slots named: the server picks one per request (id_slot -1), by prompt similarity.
+        self.slots = SlotMap(settings.server_slots) if settings.server_slots else None
+        self._controls = tokenizer.control_ids()  # what no reply may hold
         self._generated: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
         # The stream client and the in-flight gate belong to the event loop that made them.
         self._session: (
@@ -186,10 +192,22 @@ class RemoteModel:
             else:
                 tokenizer = ServerTokenizer(http, url, headers(settings))
                 try:
-                    template = template_by_name(settings.chat_template, info.chat_template)
+                    template = choose_template(
+                        settings.chat_template,
+                        info.chat_template,
+                        tokenizer,
+                        bos=info.bos_token,
+                        eos=info.eos_token,
+                        adds_bos=tuple(tokenizer.tokenize(b"", add_bos=True, special=True)),
+                    )
                 except UnknownTemplateError as exc:
                     raise ModelError(f"{dialect.kind} at {url}: {exc}") from exc
                 tokenizer.check_plain_text(template)
+            if info.slots is not None and any(s >= info.slots for s in settings.server_slots):
+                raise ModelError(
+                    f"{dialect.kind} at {url} has {info.slots} slots, but server_slots names "
+                    f"{max(settings.server_slots)}: slots count from 0"
+                )
             if info.n_ctx is not None and info.n_ctx < settings.n_ctx:
                 raise ModelError(
                     f"{dialect.kind} at {url} gives each conversation {info.n_ctx} tokens of "
@@ -236,18 +254,26 @@ class RemoteModel:
         prompt = list(tokens)
         stops = self.template.stops_with(sampling.stop, stop)
         async with gate:
-            slot_id = self.slots.acquire(slot)
+            slot_id = self.slots.acquire(slot) if self.slots is not None else None
             try:
                 produced: list[int] = []
                 started = False
                 for attempt in range(self.settings.retries + 1):
                     produced.clear()
                     try:
-                        async for event in self._events(client, prompt, sampling, stops, slot_id):
-                            produced.extend(event.tokens)
-                            if event.text:
-                                started = True
-                                yield event.text
+                        events = self._events(client, prompt, sampling, stops, slot_id)
+                        try:
+                            async for event in events:
+                                if self._controls.intersection(event.tokens):
+                                    # A control token no reply may hold (a turn header the
+                                    # model wrote itself): the reply ends here, without it.
+                                    break
+                                produced.extend(event.tokens)
+                                if event.text:
+                                    started = True
+                                    yield event.text
+                        finally:
+                            await events.aclose()
                         break
                     except Retryable as exc:
                         if started:
@@ -266,7 +292,8 @@ class RemoteModel:
                 while len(self._generated) > MAX_REMEMBERED_REPLIES:
                     self._generated.popitem(last=False)
             finally:
-                self.slots.release(slot_id)
+                if self.slots is not None:
+                    self.slots.release(slot_id)
 
     async def _events(
         self,
@@ -275,7 +302,7 @@ class RemoteModel:
         sampling: SamplingSettings,
         stops: list[str],
         slot: int | None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         path, body = self.dialect.request(prompt, sampling, stops, slot, self.settings)
         try:
             async with client.stream(

@@ -53,6 +53,7 @@ class Request:
     emit: Callable[[object], None]
     prefill_chunk: int | None = None  # prompt tokens per step, if fewer than the model's
     cancel: threading.Event = field(default_factory=threading.Event)
+    allowed_controls: frozenset[int] = frozenset()  # control tokens a reply may hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +439,13 @@ class Scheduler:
 
         req = seq.req
         assert req is not None
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token) or (
+            llama_cpp.llama_vocab_is_control(self._vocab, token)
+            and token not in req.allowed_controls
+        ):
+            # The end of the reply, or a control token no reply may hold (a turn header the
+            # model wrote itself): the reply ends here, and the token is never evaluated, kept
+            # or replayed.
             self._finish(seq)
             return
         seq.n_generated += 1

@@ -34,6 +34,7 @@ class ServerTokenizer:
         self._headers = headers
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[bytes, bool, bool], tuple[int, ...]] = OrderedDict()
+        self._controls: frozenset[int] = frozenset()
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -67,6 +68,10 @@ class ServerTokenizer:
                     self._cache.popitem(last=False)
         return tokens
 
+    def control_ids(self) -> frozenset[int]:
+        """The control tokens the chat markup uses (what the server says of its vocabulary)."""
+        return self._controls
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         content = self._post("/detokenize", {"tokens": list(tokens)}).get("content", "")
         return content if isinstance(content, str) else ""
@@ -85,6 +90,7 @@ class ServerTokenizer:
             plain = self.tokenize(marker.encode("utf-8"), add_bos=False, special=False)
             if len(ids) == 1 and ids != plain:
                 control.add(ids[0])
+        self._controls = frozenset(control)
         if not control:
             raise ModelError(
                 f"the server at {self._url} does not tell chat markup from text in /tokenize "

@@ -12,7 +12,7 @@ from typing import Any
 
 from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
-from ai_model.templates import ChatTemplate, UnknownTemplateError, template_by_name
+from ai_model.templates import ChatTemplate
 
 
 class VocabModel:
@@ -30,18 +30,31 @@ class VocabModel:
         """Read the vocabulary of ``path`` (blocking: call it off the event loop)."""
         from llama_cpp import Llama
 
+        from ai_model.local import llama_template
+
         try:
             llm = Llama(model_path=str(path), vocab_only=True, n_ctx=256, verbose=False)
-            template = template_by_name(
-                settings.chat_template, llm.metadata.get("tokenizer.chat_template")
-            )
-        except (ValueError, RuntimeError, OSError, UnknownTemplateError) as exc:
+        except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(f"could not read the vocabulary of {path}: {exc}") from exc
+        try:
+            template = llama_template(settings, llm, path)
+        except ModelError:
+            llm.close()
+            raise
         return cls(llm, name, template, settings.n_ctx)
 
     @property
     def n_vocab(self) -> int:
         return int(self._llm.n_vocab())
+
+    def control_ids(self) -> frozenset[int]:
+        """Every control token of the vocabulary (end-of-turn ones included)."""
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        return frozenset(
+            i for i in range(self.n_vocab) if llama_cpp.llama_vocab_is_control(vocab, i)
+        )
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         return list(self._llm.tokenize(text, add_bos=add_bos, special=special))

@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--url", default="", help="a running llama-server (default: start one)")
     bench.add_argument(
+        "--shared",
+        action="store_true",
+        help="with llama-server: two processes sharing one server, three ways of picking slots",
+    )
+    bench.add_argument(
         "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
     )
     lore = sub.add_parser("lorebook", help="import a world book for channels to attach")
@@ -74,7 +79,7 @@ def _dispatch(
         if args.backend == "llama-server":
             from bot.bench import remote as bench_remote
 
-            return bench_remote.main(url=args.url, quick=args.quick)
+            return bench_remote.main(url=args.url, quick=args.quick, shared=args.shared)
         from bot.bench import figures as bench
 
         return bench.main(quick=args.quick, gpu_layers=args.gpu_layers)

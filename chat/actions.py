@@ -1,5 +1,5 @@
 """What users and admins ask of a conversation besides an answer: mode, character and cast,
-world book, reset, greetings and swipes.
+world book, reset, greetings.
 
 Each action that changes a conversation takes the conversation's turn like a message does: it
 acts after the answers queued before it, and what arrived after it happens under its effect.
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from chat.answers import Answers
 from chat.conversations import Conversations
 from chat.messages import OutgoingReply
 from chat.prompt.history import HistoryCache
@@ -38,7 +37,6 @@ class Actions:
         memory: MemoryKeeper,
         characters: CharacterLibrary,
         world_books: Mapping[str, Lorebook],
-        answers: Answers,
     ) -> None:
         self.store = store
         self.conversations = conversations
@@ -47,7 +45,6 @@ class Actions:
         self.memory = memory
         self.characters = characters
         self.world_books = world_books
-        self.answers = answers
 
     async def set_mode(
         self, platform: str, key: str, mode: Mode, arrival: Arrival | None = None
@@ -183,14 +180,6 @@ class Actions:
             "Send /help for the commands."
         )
         return OutgoingReply(key, text, final=True)
-
-    async def swipe(
-        self, platform: str, key: str, step: int = 1, arrival: Arrival | None = None
-    ) -> OutgoingReply:
-        """Bring back another stored version of the last reply (or greeting), in the messages
-        that show it; the target is chosen in the conversation's turn."""
-        async with self.queues.turn(key, arrival):
-            return await self.answers.swipe_in_turn(platform, key, step)
 
     async def who_am_i(self, platform: str, key: str, is_dm: bool) -> str:
         """One sentence: this conversation's mode and who answers in it."""

@@ -1,10 +1,9 @@
-"""The answer pipeline: store the message, route it, build the prompt, stream the reply, store
-it, and track its delivery.
+"""The answer pipeline: store the message, route it, build the prompt, stream the reply,
+store it.
 
 Adapters call :meth:`Answers.respond` with an :class:`IncomingMessage` and render the
-:class:`OutgoingReply` snapshots it yields; they report what reached the platform through
-:meth:`Answers.piece_sent` and :meth:`Answers.delivered` (a
-:class:`adapters.streaming.DeliveryTracker`).
+:class:`OutgoingReply` snapshots it yields; they report what reached the platform to
+:class:`chat.delivery.Delivery`.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import asyncio
 import logging
 import random
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
 
@@ -21,8 +20,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ai_model.base import ChatModel, ModelError
 from chat.conversations import Conversations
+from chat.delivery import Delivery
 from chat.edits import DELETED, Edits
-from chat.fairness import LruDict
 from chat.faults import KillPoints
 from chat.limits import shorten
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind, notice
@@ -61,16 +60,9 @@ SLOW_STORAGE = (
     "as I can."
 )
 SLOW_STORAGE_S = 2.0  # storing a message for longer than this gets the sender a notice
-# A command that rewrites the last reply waits this long for it to reach the platform (it
-# must know the messages that show it).
-SHOWN_WAIT_S = 15.0
-STILL_SENDING = "My last reply is still on its way to the chat; try again in a moment."
 RESTARTING = (
     "I am restarting right now and could not take your message. Please send it again in a minute."
 )
-
-
-MAX_SENDING = 4096  # replies whose delivery is awaited, remembered at most
 
 
 def trace_wanted(exc: BaseException) -> bool:
@@ -108,6 +100,7 @@ class Answers:
         memory: MemoryKeeper,
         edits: Edits,
         characters: CharacterLibrary,
+        delivery: Delivery,
         *,
         kill_points: KillPoints,
         rng: random.Random,
@@ -123,12 +116,11 @@ class Answers:
         self.memory = memory
         self.edits = edits
         self.characters = characters
+        self.delivery = delivery
         self.kill_points = kill_points
         self.rng = rng
         self._opening = opening  # the scene's greeting, for a roleplay conversation not opened
         self.closing = False  # set by a graceful stop: no new work is taken
-        # Stored replies whose delivery the adapter has not reported yet.
-        self._sending: LruDict[int, asyncio.Event] = LruDict(MAX_SENDING)
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -411,7 +403,6 @@ class Answers:
         if char is not None:
             await self.conversations.update_settings(conv, last_speaker=char.name)
         self.kill_points.reached("replied")
-        self._sending[stored.id] = asyncio.Event()
         yield replace(base, text=reply, final=True, stored_id=stored.id)
 
     async def _too_long(
@@ -443,118 +434,6 @@ class Answers:
             self.history.forget(conv.key)
         await self.store.messages.add(conv.id, NOTICE, text, reply_to_id=user_id, in_context=False)
         return replace(base, text=text, final=True, kind=ReplyKind.NOTICE)
-
-    # -- another version ----------------------------------------------------------------------
-
-    def regenerate(
-        self,
-        platform: str,
-        key: str,
-        is_dm: bool,
-        user_id: str | None = None,
-        arrival: Arrival | None = None,
-    ) -> AsyncIterator[OutgoingReply]:
-        """Write the last reply again, in its own platform messages; earlier versions stay
-        stored for /swipe.  The target is chosen in the conversation's turn, after the answers
-        queued before, and the old version stays the one in context until the new one is
-        stored, in the same write that switches them.  ``user_id`` (who asked) is held to the
-        fair-share limits."""
-        work = self._regenerate_last(platform, key, is_dm)
-        return self.queues.in_turn(platform, key, user_id, work, arrival)
-
-    async def _regenerate_last(
-        self, platform: str, key: str, is_dm: bool
-    ) -> AsyncGenerator[OutgoingReply, None]:
-        conv = await self.conversations.get(platform, key)
-        last = await self.store.messages.last_reply(conv.id, after_id=conv.reset_after_id)
-        if last is None:
-            yield notice(key, "There is no reply of mine to regenerate yet.")
-            return
-        if last.reply_to_id is None:  # a greeting: its versions come from the card
-            yield await self.swipe_in_turn(platform, key, 1)
-            return
-        if not await self.shown(last.id):
-            yield notice(key, STILL_SENDING)
-            return
-        char = self.characters.find(last.author_name) if last.author_name else None
-        mode = self.conversations.mode_of(conv, is_dm)
-        async for reply in self.answer(
-            key, platform, mode, last.reply_to_id, char, None, version_of=last
-        ):
-            yield reply
-
-    async def swipe_in_turn(self, platform: str, key: str, step: int) -> OutgoingReply:
-        """Bring back another stored version of the last reply (or greeting); the caller holds
-        the conversation's turn."""
-        conv = await self.conversations.get(platform, key)
-        last = await self.store.messages.last_reply(conv.id, after_id=conv.reset_after_id)
-        if last is None:
-            return notice(key, "There is no reply of mine yet.")
-        versions = await self.store.messages.versions(conv.id, last.swipe_group)
-        if len(versions) < 2:
-            return notice(key, "There is only one version; /regenerate writes another.")
-        if not await self.shown(last.id):
-            return notice(key, STILL_SENDING)
-        index = next(i for i, v in enumerate(versions) if v.id == last.id)
-        chosen = versions[(index + step) % len(versions)]
-        showing = tuple(await self.store.replies.pieces_of(last.id))
-        await self.store.messages.choose_version(conv.id, last.swipe_group, chosen.id)
-        self.history.forget(key)
-        return OutgoingReply(
-            key,
-            chosen.text,
-            final=True,
-            speaker=chosen.author_name,
-            swipe=(versions.index(chosen) + 1, len(versions)),
-            stored_id=chosen.id,
-            replaces=showing,
-        )
-
-    # -- delivery reports (adapters.streaming.DeliveryTracker) -------------------------------
-
-    async def shown(self, reply_id: int) -> bool:
-        """Wait (a while) until stored reply ``reply_id`` reached the platform, so that the
-        messages showing it are known; False if it did not in time."""
-        sending = self._sending.get(reply_id)
-        if sending is None:
-            return True
-        try:
-            await asyncio.wait_for(sending.wait(), SHOWN_WAIT_S)
-        except TimeoutError:
-            return False
-        return True
-
-    def _sent(self, reply: OutgoingReply) -> None:
-        if reply.stored_id is not None and (sending := self._sending.pop(reply.stored_id)):
-            sending.set()
-
-    async def piece_sent(self, reply: OutgoingReply, pieces: list[str]) -> None:
-        """A new platform message of the answer to ``reply.answers`` is showing."""
-        if reply.answers is None or reply.kind is not ReplyKind.ANSWER:
-            return
-        try:
-            await self.store.replies.set_state(reply.answers, "answering", pieces=pieces)
-        except STORAGE_ERRORS as exc:
-            log.warning("could not record the pieces of answer %s: %s", reply.answers, exc)
-        self.kill_points.reached("streaming")
-
-    async def delivered(self, reply: OutgoingReply, pieces: list[str]) -> None:
-        """The final text of a stored reply reached the platform: a speaker's answer (its
-        question is answered once every planned speaker's is), or another version or a
-        continuation (where it shows is recorded)."""
-        if reply.stored_id is None:
-            return
-        try:
-            if reply.answers is None:
-                await self.store.replies.set_pieces(reply.stored_id, pieces)
-            else:
-                await self.store.replies.mark_delivered(
-                    reply.stored_id, pieces[0] if pieces else None, reply.answers, pieces
-                )
-        except STORAGE_ERRORS as exc:
-            log.warning("could not record where reply %s shows: %s", reply.stored_id, exc)
-        finally:
-            self._sent(reply)
 
 
 class _Once:

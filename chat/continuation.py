@@ -14,8 +14,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import replace
 
 from ai_model.base import ModelError
-from chat.answers import APOLOGY, STILL_SENDING, ModelProvider, trace_wanted
+from chat.answers import APOLOGY, ModelProvider, trace_wanted
 from chat.conversations import Conversations
+from chat.delivery import STILL_SENDING
 from chat.messages import OutgoingReply, notice
 from chat.prompt.building import PromptBuilder
 from chat.prompt.history import HistoryCache
@@ -58,7 +59,7 @@ class Continuation:
         history: HistoryCache,
         memory: MemoryKeeper,
         characters: CharacterLibrary,
-        shown: Callable[[int], Awaitable[bool]],
+        shown: Callable[[StoredMessage], Awaitable[bool]],
     ) -> None:
         self.shown = shown  # waits until a stored reply reached the platform
         self.store = store
@@ -94,7 +95,7 @@ class Continuation:
         if last is None or last.reply_to_id is None:
             yield notice(key, "There is no reply of mine to continue yet.")
             return
-        if not await self.shown(last.id):
+        if not await self.shown(last):
             yield notice(key, STILL_SENDING)
             return
         async for reply in self._continue(conv, last, is_dm):

@@ -7,8 +7,10 @@
 ``memory``         summaries beyond the window (:mod:`chat.prompt.memory`)
 ``prompts``        prompt building (:mod:`chat.prompt.building`)
 ``edits``          platform edits and deletions (:mod:`chat.edits`)
-``answers``        the answer pipeline and delivery reports (:mod:`chat.answers`)
-``actions``        mode, character, reset, greetings, swipes (:mod:`chat.actions`)
+``answers``        the answer pipeline (:mod:`chat.answers`)
+``delivery``       what reached the platform: reply states (:mod:`chat.delivery`)
+``versions``       /regenerate and /swipe (:mod:`chat.versions`)
+``actions``        mode, character, reset, greetings (:mod:`chat.actions`)
 ``steering``       facts, the author's note, personas (:mod:`chat.steering`)
 ``continuation``   /continue (:mod:`chat.continuation`)
 ``summaries``      /summarize (:mod:`chat.summarize`)
@@ -29,6 +31,7 @@ from chat.answers import APOLOGY, Answers, ModelProvider
 from chat.commands import CommandSet
 from chat.continuation import Continuation
 from chat.conversations import Conversations
+from chat.delivery import Delivery
 from chat.edits import Edits
 from chat.faults import KillPoints
 from chat.prompt.building import PromptBuilder
@@ -41,6 +44,7 @@ from chat.roleplay.library import Library
 from chat.settings import Settings
 from chat.steering import Steering
 from chat.summarize import Summaries
+from chat.versions import Versions
 from storage.store import Store
 
 __all__ = ["APOLOGY", "ConversationCore", "ModelProvider"]
@@ -82,6 +86,8 @@ class ConversationCore:
             settings, self.conversations, self.history, self.memory, self.world_books
         )
         self.edits = Edits(settings, store, self.conversations, self.queues, self.history)
+        kills = kill_points or KillPoints()
+        self.delivery = Delivery(store, kills)
         self.answers = Answers(
             settings,
             store,
@@ -93,11 +99,21 @@ class ConversationCore:
             self.memory,
             self.edits,
             self.characters,
-            kill_points=kill_points or KillPoints(),
+            self.delivery,
+            kill_points=kills,
             rng=rng or random.Random(),
             opening=lambda conv, is_dm, user: self.actions.open(conv, is_dm, user),
         )
-        self.edits.regenerate = self.answers.regenerate
+        self.versions = Versions(
+            store,
+            self.conversations,
+            self.queues,
+            self.history,
+            self.characters,
+            self.answers,
+            self.delivery,
+        )
+        self.edits.regenerate = self.versions.regenerate
         self.actions = Actions(
             store,
             self.conversations,
@@ -106,7 +122,6 @@ class ConversationCore:
             self.memory,
             self.characters,
             self.world_books,
-            self.answers,
         )
         self.steering = Steering(settings, self.conversations, self.queues, self.memory, models)
         self.continuation = Continuation(
@@ -118,7 +133,7 @@ class ConversationCore:
             self.history,
             self.memory,
             self.characters,
-            self.answers.shown,
+            self.delivery.shown,
         )
         self.summaries = Summaries(store, models, self.conversations, self.queues, self.memory)
         self.recovery = Recovery(

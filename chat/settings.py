@@ -173,6 +173,8 @@ def _model_settings(data: Mapping[str, Any], where: str) -> ModelSettings:
         )
     # TOML arrays arrive as lists; the frozen settings keep tuples so they stay hashable.
     sampling = replace(sampling, stop=tuple(sampling.stop))
+    if isinstance(data.get("server_slots"), list):
+        data["server_slots"] = tuple(data["server_slots"])
     model = _build(ModelSettings, data, where, sampling=sampling)
     try:
         model.validate()

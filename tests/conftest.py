@@ -124,9 +124,9 @@ def smollm_llama() -> Iterator[Any]:
 @pytest.fixture
 def smollm(smollm_llama: Any) -> Iterator[LocalModel]:
     """The embedded SmolLM2 model behind the real :class:`LocalModel` (per-test event loop)."""
-    from ai_model.templates import template_by_name
+    from ai_model.local import llama_template
 
-    template = template_by_name("auto", smollm_llama.metadata.get("tokenizer.chat_template"))
+    template = llama_template(ModelSettings(), smollm_llama, embedded_model_path())
     model = LocalModel(smollm_llama, "SmolLM2-135M-Instruct", template, ModelSettings().n_ctx)
     yield model
     model._executor.shutdown(wait=True)

@@ -12,7 +12,8 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from ai_model.config import SamplingSettings
-from ai_model.templates import CHATML, ChatTemplate, Tokenizer
+from ai_model.templates import _MARKER as MARKER
+from ai_model.templates import CHATML, ChatTemplate, Tokenizer, template_markers
 
 
 class ByteTokenizer:
@@ -66,7 +67,8 @@ class ScriptedModel:
         self.stops: list[list[str]] = []
         self.samplings: list[SamplingSettings] = []
         self.gate: asyncio.Event | None = None  # when set by a test, generation waits for it
-        self._tokenizer = tokenizer or ByteTokenizer([template.turn_close, *template.stop])
+        markers = [m for m in template_markers(template) if MARKER.fullmatch(m)]
+        self._tokenizer = tokenizer or ByteTokenizer(markers)
         self._script = script
         self._turn = asyncio.Lock()
 

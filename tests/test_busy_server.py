@@ -139,7 +139,7 @@ async def test_a_multi_character_turn_cut_during_the_last_speaker_finishes_only_
     sink = MemorySink()
     limits = StreamLimits(2000, 0.0, 1)
     turn = asyncio.create_task(
-        stream_reply(core.answers.respond(say("Ann", HELLO)), sink, limits, tracker=core.answers)
+        stream_reply(core.answers.respond(say("Ann", HELLO)), sink, limits, tracker=core.delivery)
     )
     await asyncio.wait_for(held.wait(), 10)
     await asyncio.sleep(0.2)  # Quill's first piece is showing (and recorded)
@@ -162,7 +162,7 @@ async def test_a_multi_character_turn_cut_during_the_last_speaker_finishes_only_
         recovery.resume(job, is_dm=False),
         sink,
         limits,
-        tracker=restarted.answers,
+        tracker=restarted.delivery,
         resume=job.pieces,
     )
     assert len(after.prompts) == 1 and "You are Professor Quill" in text_of(after.prompts[0])
@@ -212,7 +212,7 @@ async def test_regenerate_is_one_transaction(make_core: Any, store: Store) -> No
                 "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
             )
         )
-    await finals(core.answers.regenerate("discord", KEY, is_dm=False))
+    await finals(core.versions.regenerate("discord", KEY, is_dm=False))
     conv = await core.conversations.get("discord", KEY)
     replies = [m.text for m in await store.messages.history(conv.id) if m.role == "assistant"]
     assert replies == ["First take."]

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,3 +116,16 @@ def test_bad_settings_file_is_reported_without_a_traceback(tmp_path: Path) -> No
     result = run_bot(["--config", str(config), "check"], tmp_path)
     assert result.returncode == 2
     assert "environment only" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_console_ping_answers_pong_and_the_uptime(make_core: Any) -> None:
+    import io
+
+    from adapters.console import ConsoleAdapter
+    from tests.scripted import ScriptedModel
+
+    model = ScriptedModel(["hi"])
+    core = make_core({"office": model, "character": model})
+    out = io.StringIO()
+    await ConsoleAdapter(core, io.StringIO("/help\n/ping\n/quit\n"), out, user="me").start()
+    assert "/ping" in out.getvalue() and "pong — up for 0 min" in out.getvalue()

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from ai_model.local import LocalModel
-from ai_model.templates import CHATML, TEMPLATES, ChatTemplate, encode
+from ai_model.templates import _MARKER as MARKER
+from ai_model.templates import CHATML, TEMPLATES, ChatTemplate, encode, template_markers
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from chat.settings import Character
@@ -77,12 +78,14 @@ def test_every_template_encodes_content_without_specials(template: ChatTemplate)
         "<|eot_id|>",
         "<|start_header_id|>",
         "<|end_header_id|>",
+        *(m for m in template_markers(template) if MARKER.fullmatch(m)),
     ]
     tokenizer = ByteTokenizer(markers)
     specials = set(tokenizer.specials.values())
+    injection = INJECTION + "".join(markers)  # this format's own markers too
     pieces = (
-        *template.turn("system", INJECTION),
-        *template.turn("user", f"Mallory: {INJECTION}"),
+        *template.turn("system", injection),
+        *template.turn("user", f"Mallory: {injection}"),
         *template.generation_prompt(),
     )
     ids = encode(pieces, tokenizer)

@@ -535,7 +535,8 @@ async def test_note_persona_and_continue_steer_the_scene(bot: Callable[..., Any]
     token = await server.command(CHANNEL_WORK, ANN, "continue")
     await server.wait_for(lambda: shown.content == "A first part.And a second part.")
     assert server.in_channel(CHANNEL_WORK)[-1] is shown  # the same message grew
-    assert "Done" in server.responses(token)[0].content
+    # The command's own response follows the reply's last edit.
+    await server.wait_for(lambda: "Done" in server.responses(token)[0].content)
 
     token = await server.command(CHANNEL_WORK, BOB, "note", [opt("text", "Be brief.")])
     await server.wait_for(lambda: server.responses(token))
@@ -736,3 +737,12 @@ async def test_catch_up_reads_from_the_newest_message_stored_before_the_connecti
     live_stored.set()
     await server.wait_for(lambda: office2.prompts, within=20)
     assert "are you back?" in text_of(office2.prompts[-1])
+
+
+async def test_ping_answers_pong_and_the_uptime(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot()
+    assert "ping" in {c["name"] for c in server.commands[GUILD]}
+    token = await server.command(CHANNEL_WORK, BOB, "ping")
+    await server.wait_for(lambda: server.responses(token))
+    answer = server.responses(token)[0]
+    assert answer.ephemeral and answer.content.startswith("pong — up for 0 min")

@@ -89,9 +89,9 @@ def smollm(smollm_llama: Any) -> Iterator[LocalModel]:
     Every bound scales with the window; a small one keeps each prompt's evaluation short on
     2 CPU cores, so the corpus runs in minutes while every input still reaches the model.
     """
-    from ai_model.templates import template_by_name
+    from ai_model.local import llama_template
 
-    template = template_by_name("auto", smollm_llama.metadata.get("tokenizer.chat_template"))
+    template = llama_template(ModelSettings(), smollm_llama, embedded_model_path())
     # Four cached conversations, as the bot keeps by default: busy channels stay evaluated
     # while one-off DMs come and go.
     model = LocalModel(smollm_llama, "SmolLM2-135M-Instruct", template, 2048, cache_slots=4)

@@ -271,7 +271,7 @@ async def test_the_openai_compatible_api(core_for: Any, proxy: Proxy) -> None:
 
 
 def test_conversations_keep_their_slot_and_move_only_off_a_busy_one() -> None:
-    slots = SlotMap(2)
+    slots = SlotMap([0, 1])
     a = slots.acquire("a")
     slots.release(a)
     b = slots.acquire("b")
@@ -281,7 +281,7 @@ def test_conversations_keep_their_slot_and_move_only_off_a_busy_one() -> None:
     c = slots.acquire("c")  # a is busy: c takes the other one
     assert c == b
     assert slots.acquire("b") in (a, b)  # all busy: waits on a slot rather than failing
-    assert SlotMap(None).acquire("a") is None
+    assert SlotMap([]).acquire("a") is None
 
 
 async def test_two_shard_processes_share_one_database_and_one_server(

@@ -142,9 +142,11 @@ async def test_greeting_swipes_and_regenerate_keep_versions(make_core: Any) -> N
     replies = await run(core, say("Ann", "Hello, Mira!"))
     assert "Welcome to the Lantern Inn" in replies[0].text and replies[0].swipe == (1, 3)
     assert replies[1].text == "First take." and replies[1].speaker == "Mira"
-    regenerated = [r async for r in core.answers.regenerate("discord", KEY, is_dm=False) if r.final]
+    regenerated = [
+        r async for r in core.versions.regenerate("discord", KEY, is_dm=False) if r.final
+    ]
     assert regenerated[-1].text == "Second take."
-    back = await core.actions.swipe("discord", KEY, -1)
+    back = await core.versions.swipe("discord", KEY, -1)
     assert back.text == "First take." and back.swipe == (1, 2)
     await run(core, say("Ann", "Mira, and then?"))
     prompt = text_of(model.prompts[-1])
@@ -152,7 +154,7 @@ async def test_greeting_swipes_and_regenerate_keep_versions(make_core: Any) -> N
     await core.actions.reset("discord", KEY)
     opened = await core.actions.open_scene("discord", KEY, is_dm=False)
     assert opened is not None and "Welcome to the Lantern Inn" in opened.text
-    swiped = await core.actions.swipe("discord", KEY)
+    swiped = await core.versions.swipe("discord", KEY)
     assert "Stew's hot tonight" in swiped.text and swiped.swipe == (2, 3)
 
 

@@ -15,11 +15,12 @@ import pytest
 
 from ai_model.slots import prune_states
 from ai_model.templates import CHATML, LLAMA3, TEMPLATES, plain_text_leaks
-from chat.conversations import QUEUE_FULL, USER_BUSY
-from chat.core import SLOW_STORAGE, ConversationCore
+from chat.answers import SLOW_STORAGE
+from chat.core import ConversationCore
 from chat.fairness import LruDict, RateLimiter, Verdict
 from chat.limits import MAX_AUTHOR_NAME_CHARS, MAX_FIELD_CHARS, clean_text
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.queues import QUEUE_FULL, USER_BUSY
 from chat.roleplay.cards import parse_card_bytes
 from chat.roleplay.characters import CardError, card_from_fields, character_from_card
 from chat.roleplay.lorebook import Lorebook, LoreError, check_book
@@ -71,7 +72,7 @@ async def test_a_storage_failure_gets_the_sender_a_polite_notice(
     async def broken(*_a: Any, **_k: Any) -> int:
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "add_message", broken)
+    monkeypatch.setattr(store.messages, "add", broken)
     replies = await finals(core, tg("1", "hello"))
     assert [r.kind for r in replies] == [ReplyKind.NOTICE]
     assert "could not save your message" in replies[0].text

@@ -528,3 +528,11 @@ async def test_mode_in_a_group_routes_the_next_message_even_while_rights_are_che
     await server.wait_for(lambda: office.prompts, within=20)
     assert "the agenda, please" in text_of(office.prompts[-1])
     assert not any("the agenda" in text_of(p) for p in character.prompts)
+
+
+async def test_ping_answers_pong_and_the_uptime(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot()
+    assert "ping" in [c["command"] for c in server.commands]
+    server.push(GROUP, BOB, "Bob", "/ping")
+    await wait_reply_count(server, GROUP, 1)
+    assert last_text(server, GROUP).startswith("pong — up for 0 min")

@@ -177,10 +177,10 @@ class Intake:
         first = await anext(replies, None)
         if first is None:
             return []
-        tracker: DeliveryTracker = self.core.answers
+        tracker: DeliveryTracker = self.core.delivery
         if isinstance(sink, InteractionSink):
             # An interaction's messages expire with its token: a restart could not edit them.
-            tracker = DeliveredOnly(self.core.answers)
+            tracker = DeliveredOnly(self.core.delivery)
         typing = asyncio.create_task(self._typing(channel))
         try:
             return await stream_reply(

@@ -186,7 +186,7 @@ class Intake:
                 chain(first, replies),
                 sink,
                 self.limits,
-                tracker=self.core.answers,
+                tracker=self.core.delivery,
                 resume=resume,
                 versions_in_place=False,
             )

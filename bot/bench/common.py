@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ai_model.config import ModelSettings
+from ai_model.base import ChatModel
+from ai_model.config import ModelSettings, SamplingSettings
 from chat.settings import Settings
 
 WORDS = [
@@ -56,3 +58,44 @@ def bench_settings(database: Path, model: ModelSettings) -> Settings:
         max_queued=1_000_000,
         max_pending_per_user=1_000_000,
     )
+
+
+class InstantModel:
+    """A model that answers "OK." at once, with a real model's tokenizer and template: what
+    the core costs, with generation taken out."""
+
+    def __init__(self, vocab: ChatModel) -> None:
+        self._vocab = vocab
+        self.name = f"instant ({vocab.name})"
+        self.template = vocab.template
+        self.n_ctx = vocab.n_ctx
+        self.bos = vocab.bos
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._vocab.tokenize(text, add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._vocab.detokenize(tokens)
+
+    def generated(self, slot: str | None) -> Sequence[int]:
+        return ()
+
+    async def stream(
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingSettings,
+        stop: Sequence[str] = (),
+        slot: str | None = None,
+        background: bool = False,
+    ) -> AsyncIterator[str]:
+        yield "OK."
+
+
+class FixedModels:
+    """A model provider that serves given models per role."""
+
+    def __init__(self, models: dict[str, ChatModel]) -> None:
+        self.models = models
+
+    async def get(self, role: str) -> ChatModel:
+        return self.models[role]

@@ -27,12 +27,12 @@ from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
 from bot.bench.batching import concurrency
-from bot.bench.common import bench_settings, log, sentence
+from bot.bench.common import FixedModels, InstantModel, bench_settings, log, sentence
+from bot.bench.scene import group_scene
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from storage import Store, open_database
 from storage.records import ASSISTANT, USER
-from tests.scripted import ScriptedModel
 
 TARGETS = {
     "concurrent4_worst_ttft_over_single": ("<=", 2.0),
@@ -42,6 +42,7 @@ TARGETS = {
     "ttft_interleaved_over_single": ("<=", 2.0),
     "ttft_after_restart_over_empty": ("<=", 3.0),
     "prefix_hit_rate_past_window": (">=", 0.9),
+    "scene_two_player_prefix_reuse": (">=", 0.9),
     "gen_speed_vs_raw": (">=", 0.9),
     "core_msgs_per_s": (">=", 500),
     "core_p99_ms": ("<=", 20),
@@ -63,10 +64,11 @@ class Sizes:
     core_channels: int = 4
     concurrent_history: int = 2000
     sixteen: int = 16
+    scene_turns: int = 75  # two players: 150 messages with the answers
 
 
 # A smoke test: one repeat of each measurement (medians need the full run).
-QUICK = Sizes(1200, 600, 6, 12, 1024, 1, 200, 4, 400, 16)
+QUICK = Sizes(1200, 600, 6, 12, 1024, 1, 200, 4, 400, 16, scene_turns=6)
 PARALLEL = 4
 
 
@@ -336,10 +338,8 @@ class Bench:
         store = Store(await open_database(settings.database_url))
         # The real tokenizer and template: prompt assembly costs what it costs in production.
         vocab = await ModelRegistry(settings.models, vocab_only=True).get("office")
-        model = ScriptedModel(
-            ["OK."], tokenizer=vocab, bos=vocab.bos, template=vocab.template, n_ctx=vocab.n_ctx
-        )
-        core = ConversationCore(settings, store, _Fixed({"office": model, "character": model}))
+        model = InstantModel(vocab)
+        core = ConversationCore(settings, store, FixedModels({"office": model, "character": model}))
         s = self.sizes
         per_channel = s.core_messages // s.core_channels
         latencies: list[float] = []
@@ -369,14 +369,6 @@ class Bench:
         await store.close()
 
 
-class _Fixed:
-    def __init__(self, models: dict[str, ChatModel]) -> None:
-        self.models = models
-
-    async def get(self, role: str) -> ChatModel:
-        return self.models[role]
-
-
 async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="localbot-bench-") as folder:
         bench = Bench(Path(folder), QUICK if quick else Sizes(), gpu_layers)
@@ -387,6 +379,7 @@ async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
         await bench.prefix_hit_rate(results)
         await bench.first_token_figures(results)
         await bench.fresh_first_tokens(results)
+        await group_scene(bench, bench.sizes.scene_turns, results)
         for parallel in (1, PARALLEL):  # the serial path, then the batched one
             await concurrency(bench, parallel, results)
         results["sixteen_channels_worst_over_p50"] = round(

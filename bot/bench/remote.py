@@ -28,6 +28,7 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench.common import bench_settings, log
+from bot.bench.shared_server import measure_shared
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from storage import Store, open_database
@@ -159,14 +160,17 @@ async def measure(url: str, folder: Path, rounds: int) -> dict[str, Any]:
     return out
 
 
-def main(url: str = "", quick: bool = False) -> int:
+def main(url: str = "", quick: bool = False, shared: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="localbot-bench-remote-") as name:
         folder = Path(name)
         process = None
         if not url:
             process, url = start_server(folder)
         try:
-            results = asyncio.run(measure(url, folder, 2 if quick else 6))
+            if shared:
+                results = asyncio.run(measure_shared(url, 2 if quick else 4))
+            else:
+                results = asyncio.run(measure(url, folder, 2 if quick else 6))
         finally:
             if process is not None:
                 process.terminate()

@@ -23,12 +23,12 @@ async def chat(engine: Engine, inv: Invocation) -> Answer:
 
 
 async def regenerate(engine: Engine, inv: Invocation) -> Answer:
-    replies = engine.answers.regenerate(inv.platform, inv.key, inv.is_dm, inv.user_id, inv.arrival)
+    replies = engine.versions.regenerate(inv.platform, inv.key, inv.is_dm, inv.user_id, inv.arrival)
     return Answer(posts=replies, ack="Done: the last reply was rewritten.")
 
 
 async def _swiped(engine: Engine, inv: Invocation, step: int) -> AsyncIterator[OutgoingReply]:
-    yield await engine.actions.swipe(inv.platform, inv.key, step, inv.arrival)
+    yield await engine.versions.swipe(inv.platform, inv.key, step, inv.arrival)
 
 
 async def swipe(engine: Engine, inv: Invocation) -> Answer:

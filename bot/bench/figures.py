@@ -25,6 +25,7 @@ from typing import Any
 
 from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.embedded import gemma_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench.batching import concurrency
 from bot.bench.common import FixedModels, InstantModel, bench_settings, log, sentence
@@ -42,6 +43,7 @@ TARGETS = {
     "ttft_interleaved_over_single": ("<=", 2.0),
     "ttft_after_restart_over_empty": ("<=", 3.0),
     "prefix_hit_rate_past_window": (">=", 0.9),
+    "gemma_prefix_hit_rate_past_window": (">=", 0.9),
     "scene_two_player_prefix_reuse": (">=", 0.9),
     "gen_speed_vs_raw": (">=", 0.9),
     "core_msgs_per_s": (">=", 500),
@@ -221,10 +223,14 @@ class Bench:
             f"without {[round(t, 3) for t in times[1]]} s"
         )
 
-    async def prefix_hit_rate(self, results: dict[str, Any]) -> None:
+    async def prefix_hit_rate(
+        self, results: dict[str, Any], name: str = "", window: int = 0, **files: Any
+    ) -> None:
         """Consecutive messages of one channel past the window, answered by the real model:
-        the prompt tokens that llama.cpp already held (its own count), per turn."""
-        registry, store, core = await self.open(tag="window", n_ctx=self.sizes.window)
+        the prompt tokens that llama.cpp already held (its own count), per turn.  ``name``
+        prefixes the figures of another model (``files``: its path and format)."""
+        window = window or self.sizes.window
+        registry, store, core = await self.open(tag=f"window{name}", n_ctx=window, **files)
         model = await registry.get("office")
         admissions = model.scheduler.admissions  # type: ignore[attr-defined]
         rng = self.rng
@@ -243,17 +249,20 @@ class Bench:
             if conv.window_start_id > 0:
                 past.append((adm.reused, adm.reused + adm.computed))
         hits = [reused >= 0.8 * total for reused, total in past[1:]]
-        results["prefix_hit_rate_past_window"] = round(sum(hits) / len(hits), 3)
-        results["prefix_tokens_reused_past_window"] = round(
+        key = f"{name}_" if name else ""
+        results[f"{key}prefix_hit_rate_past_window"] = round(sum(hits) / len(hits), 3)
+        results[f"{key}prefix_tokens_reused_past_window"] = round(
             sum(r for r, _ in past[1:]) / sum(t for _, t in past[1:]), 3
         )
-        results["max_prompt_tokens"] = longest
-        results["memory_budget"] = self.settings.memory_budget
-        results["summaries_written"] = core.memory.summaries_written
-        results["window_tokens"] = self.sizes.window
+        results[f"{key}max_prompt_tokens"] = longest
+        results[f"{key}summaries_written"] = core.memory.summaries_written
+        results[f"{key}window_tokens"] = window
+        if not name:
+            results["memory_budget"] = self.settings.memory_budget
         log(
-            f"prefix reuse past the window: {sum(hits)}/{len(hits)} turns (llama.cpp's count), "
-            f"with {core.memory.summaries_written} summaries written and pinned at the trims"
+            f"{name or 'embedded'} ({model.template.name}): prefix reuse past the window: "
+            f"{sum(hits)}/{len(hits)} turns (llama.cpp's count), with "
+            f"{core.memory.summaries_written} summaries written and pinned at the trims"
         )
         await core.memory.close()  # as the app's drain does
         registry.close()
@@ -377,6 +386,16 @@ async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
         await bench.core_throughput(results)
         await bench.generation_speed(results)
         await bench.prefix_hit_rate(results)
+        # A second format on a second real model: Gemma 3 270M (no system role, strict
+        # alternation), on a smaller window so that its 262k-token vocabulary keeps the run short.
+        gemma = str(gemma_model_path())
+        await bench.prefix_hit_rate(
+            results,
+            "gemma",
+            window=min(4096, bench.sizes.window),
+            path=gemma,
+            chat_template="gemma",
+        )
         await bench.first_token_figures(results)
         await bench.fresh_first_tokens(results)
         await group_scene(bench, bench.sizes.scene_turns, results)

@@ -49,6 +49,7 @@ class Prompt:
     window: Window
     budget: int = 0  # tokens the history may take
     summary_room: int = 0  # tokens a summary may take beside the pinned facts
+    parts: tuple[Part, ...] = ()  # what the prompt is made of, in order (before the cue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,14 +161,18 @@ def assemble(
         names = [c.display_name for c in scene.cast]
         stops = stop_strings(speakers, names, char.display_name)
     summary, facts = fit_memory(memory.summary, memory.facts, memory.budget, count)
-    front = [Part("system", pinned_text)]
+    front = [Part("system", pinned_text, label="pinned")]
     if summary:
-        front.append(Part("system", memory_text(summary, ())))
+        front.append(Part("system", memory_text(summary, ()), label="memory"))
     if facts:
         steering.append(memory_text("", facts))
-    steer = [Part("user", "\n\n".join(steering))] if steering else []
-    note = [Part("user", f"[Author's note: {memory.note}]")] if memory.note else []
-    back = [Part("system", text) for text in (moment, post) if text]
+    steer = [Part("user", "\n\n".join(steering), label="steering")] if steering else []
+    note = [Part("user", f"[Author's note: {memory.note}]", label="note")] if memory.note else []
+    back = [
+        Part("system", text, label=label)
+        for text, label in ((moment, "lore"), (post, "post-history"))
+        if text
+    ]
     summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
     fixed_cost = (
         len(model.bos)
@@ -184,7 +189,7 @@ def assemble(
     window = fit_window(turns, budget=budget, start=window_start, cut_after=memory.cut_after)
     used = sum(len(t.tokens) for t in window.turns)
     # Example dialogue is the first thing to go: only while nothing was ever trimmed.
-    examples = [Part("system", example)] if example else []
+    examples = [Part("system", example, label="examples")] if example else []
     if window.trimmed or window.start > 0 or used + _cost(encoder, example) > budget:
         examples = []
     by_id = {m.id: m for m in history}
@@ -194,6 +199,7 @@ def assemble(
             "",
             by_id[t.message_id],
             named[t.message_id],
+            label="history",
         )
         for t in window.turns
     ]
@@ -201,4 +207,4 @@ def assemble(
     talk[depth:depth] = note
     parts = [*front, *examples, *steer, *talk, *back]
     tokens = [*model.bos, *encoder.compose(parts), *cue]
-    return Prompt(tokens, stops, window, budget, summary_room)
+    return Prompt(tokens, stops, window, budget, summary_room, tuple(parts))

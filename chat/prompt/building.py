@@ -26,7 +26,7 @@ from chat.personas import (
 from chat.prompt.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble
 from chat.prompt.history import HistoryCache, position
 from chat.prompt.memory import MIN_FACT_BUDGET, MemoryKeeper, Plan, next_boundary
-from chat.prompt.window import TurnEncoder
+from chat.prompt.window import Part, TurnEncoder
 from chat.roleplay.characters import Character
 from chat.roleplay.lorebook import Lorebook, match_entries
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
@@ -40,6 +40,7 @@ class Built:
     tokens: list[int]
     stops: list[str]
     conv: Conversation
+    parts: tuple[Part, ...] = ()  # what the prompt is made of (for the prompt inspector)
 
 
 class PromptBuilder:
@@ -154,7 +155,7 @@ class PromptBuilder:
             conv = await self.conversations.set_window_start(conv, start)
             self.history.window_moved(conv.key, start)
         await self._plan_summary(conv, char, prompt)
-        return Built(prompt.tokens, prompt.stops, conv)
+        return Built(prompt.tokens, prompt.stops, conv, prompt.parts)
 
     async def _memory(self, conv: Conversation, model: ChatModel) -> Memory:
         """The conversation's pinned summary and facts, and where the next trim should cut."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -85,15 +86,16 @@ def fit_memory(
     left = budget - (count(memory_text("", kept)) if kept else 0)
     if not summary or count(memory_text(summary, ())) <= left:
         return summary, kept
-    words = summary.split()
-    low, high = 0, len(words)  # the fewest words to drop so that the block fits
+    # Cut at word starts in the text itself, so that what is kept reads exactly as written.
+    starts = [m.start() for m in re.finditer(r"\S+", summary)]
+    low, high = 0, len(starts)  # the fewest words to drop so that the block fits
     while low < high:
         mid = (low + high) // 2
-        if count(memory_text("… " + " ".join(words[mid:]), ())) <= left:
+        if count(memory_text("… " + summary[starts[mid] :], ())) <= left:
             high = mid
         else:
             low = mid + 1
-    rest = " ".join(words[low:])
+    rest = summary[starts[low] :] if low < len(starts) else ""
     return ("… " + rest if rest else ""), kept
 
 

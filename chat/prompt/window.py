@@ -68,6 +68,7 @@ class Part:
     text: str = ""
     message: StoredMessage | None = None
     named: bool = False
+    label: str = ""  # which part of the prompt this is (for the prompt inspector)
 
 
 class TurnEncoder:

@@ -1,0 +1,37 @@
+"""What users see of a reply: without the model's reasoning, or a name it wrote in front."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from chat.roleplay.characters import Character
+from chat.roleplay.scene import clean_reply, strip_name_tag
+
+
+def shown(
+    text: str,
+    char: Character | None,
+    others: Sequence[str],
+    reasoning: tuple[str, str] | None = None,
+) -> str:
+    """A reply as users see it: without the model's reasoning block (its format drops it from
+    earlier replies, and it is not for the chat), without a leading ``Name:`` of anyone in the
+    conversation (the model imitates the names in front of turns), and in roleplay cut where
+    it starts writing another speaker's lines."""
+    if reasoning is not None:
+        text = without_reasoning(text, reasoning)
+    if char is not None:
+        return clean_reply(text, char.display_name, others)
+    return strip_name_tag(text, [*others, "Assistant"])
+
+
+def without_reasoning(text: str, markers: tuple[str, str]) -> str:
+    """``text`` without its leading reasoning block (``<think>…</think>``; the format's cue
+    may have opened it already); nothing while the block is still being written."""
+    opening, closing = markers
+    head = text.lstrip()
+    if closing in head:
+        return head.split(closing, 1)[1].lstrip()
+    if head.startswith(opening) or (head and opening.startswith(head)):
+        return ""
+    return text

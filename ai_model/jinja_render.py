@@ -103,6 +103,8 @@ class Renderer:
             "add_generation_prompt": generation,
             "bos_token": self.bos,
             "eos_token": self.eos,
+            # No ``tools``: a conversation without tools leaves it undefined, which templates
+            # test as falsy and iterate as empty (``None`` would break the tool-use variants).
         }
         deadline = time.monotonic() + MAX_RENDER_S
         calls = 0

@@ -50,25 +50,25 @@ async def test_a_stored_conversation_is_shown_as_the_engine_sends_it(
     core = ConversationCore(settings, store, registry)
     try:
         for text in (HOSTILE, "And what is a quarterly report?"):
-            msg = IncomingMessage("console", "tester", "u1", "Ann", text, is_dm=True)
+            msg = IncomingMessage("console", "console:tester", "u1", "Ann", text, is_dm=True)
             replies = [r async for r in core.answers.respond(msg)]
             assert replies[-1].kind is ReplyKind.ANSWER
         shown = prompt_json(tmp_path, "--conversation", "console:tester")
-        last = IncomingMessage("console", "tester", "u1", "Ann", "Thanks!", is_dm=True)
+        last = IncomingMessage("console", "console:tester", "u1", "Ann", "Thanks!", is_dm=True)
         [r async for r in core.answers.respond(last)]
+        im_start = model.tokenize(b"<|im_start|>", False, True)
     finally:
         await core.memory.close()
         registry.close()
     ids, parts = shown["ids"], shown["parts"]
-    assert [p["label"] for p in parts] == ["pinned", "history", "history", "history", "history", "cue"]
+    assert [p["label"] for p in parts] == ["pinned", *["history (Ann)", "history"] * 2, "cue"]
     # Up to the cue, the shown prompt is the front of the one the engine sent next.
     cue = parts[-1]["tokens"]
     assert ids[:-cue] == prompts[-1][: len(ids) - cue]
     assert ids == prompts[-1][: len(ids) - cue] + ids[-cue:]
     # User text is text: the hostile message opens no turn, and is shown unmarked.
-    im_start = model.tokenize(b"<|im_start|>", False, True)
     assert ids.count(im_start[0]) == len(parts)
-    assert HOSTILE in parts[1]["text"] and "⟦<|im_start|>⟧user" in parts[1]["text"]
+    assert parts[1]["text"] == f"⟦<|im_start|>user\n⟧{HOSTILE}⟦<|im_end|>\n⟧"
     assert shown["text"].count(HOSTILE) == 1
 
 
@@ -98,7 +98,7 @@ def test_a_transcript_in_another_models_format(tmp_path: Path) -> None:
     text = run_bot(["prompt", *args], tmp_path)
     assert text.returncode == 0, text.stderr
     assert "format llama3" in text.stdout and "── cue · assistant" in text.stdout
-    assert "⟦<|start_header_id|>⟧assistant⟦<|end_header_id|>⟧" in text.stdout
+    assert "⟦<|start_header_id|>assistant<|end_header_id|>\n\n⟧" in text.stdout
     assert f"total: {len(ids)} tokens" in text.stdout
 
 

@@ -10,6 +10,7 @@ conversation and passes its checksum; anything else is ignored with one log line
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -17,9 +18,11 @@ import logging
 import mmap
 import os
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,20 +92,47 @@ def write_sequence(ctx: Any, seq_id: int, state: SavedState) -> bool:
 
 
 class StateFiles:
-    """Saved states in one folder, named by a hash of the model fingerprint and the key."""
+    """Saved states of one model in a folder, kept within ``max_bytes`` at all times.
+
+    Each file is named by the model's fingerprint and the key's hash: models (roles) sharing a
+    folder never read, nor prune, each other's.  A file is removed once it has been read (its
+    state then lives in a sequence again, and is written anew when it leaves it), and the least
+    recently written go first whenever a write passes the budget.  Writes may come from a
+    spill thread while the scheduler reads: the index is guarded by a lock.
+    """
 
     def __init__(self, folder: Path, fingerprint: str, max_bytes: int) -> None:
         self.folder = folder
         self.fingerprint = fingerprint
         self.max_bytes = max_bytes
+        self.prefix = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
+        self._lock = threading.Lock()
+        self._index: OrderedDict[Path, int] | None = None  # this model's files, oldest first
 
     def path(self, key: str) -> Path:
-        # The fingerprint is part of the name: models sharing a folder never collide.
         name = hashlib.sha256(f"{self.fingerprint}|{key}".encode()).hexdigest()[:32]
-        return self.folder / f"{name}.state"
+        return self.folder / f"{self.prefix}-{name}.state"
+
+    @property
+    def used(self) -> int:
+        """Bytes this model's files take on disk."""
+        with self._lock:
+            return sum(self._own().values())
+
+    def _own(self) -> OrderedDict[Path, int]:
+        if self._index is None:  # once, from what an earlier run left
+            found = []
+            try:
+                for path in self.folder.glob(f"{self.prefix}-*.state"):
+                    stat = path.stat()
+                    found.append((stat.st_mtime_ns, path, stat.st_size))
+            except OSError as exc:
+                log.warning("could not list saved states in %s: %s", self.folder, exc)
+            self._index = OrderedDict((path, size) for _t, path, size in sorted(found))
+        return self._index
 
     def write(self, key: str, state: SavedState) -> bool:
-        """Write ``state`` atomically; False (logged) if the disk refused."""
+        """Write ``state`` atomically within the budget; False (logged) if it cannot be."""
         tokens = np.asarray(state.tokens, dtype="<i4").tobytes()
         header = json.dumps(
             {
@@ -112,8 +142,17 @@ class StateFiles:
                 "crc": zlib.crc32(memoryview(state.data), zlib.crc32(tokens)),
             }
         ).encode()
+        size = len(MAGIC) + 4 + len(header) + len(tokens) + state.nbytes
+        if size > self.max_bytes:
+            log.info("the state of %s (%d MB) is over the disk budget: not saved", key, size >> 20)
+            self.remove(key)
+            return False
         path = self.path(key)
-        tmp = path.with_suffix(".tmp")
+        with self._lock:  # room first, so that the folder never holds more than its budget
+            own = self._own()
+            own.pop(path, None)
+            self._fit(own, self.max_bytes - size)
+        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as out:
@@ -122,11 +161,41 @@ class StateFiles:
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("could not save the state of %s: %s", key, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return False
+        with self._lock:
+            own = self._own()
+            own[path] = size
+            own.move_to_end(path)
+            self._fit(own, self.max_bytes)
         return True
 
+    def _fit(self, own: OrderedDict[Path, int], room: int) -> None:
+        removed = 0
+        while own and sum(own.values()) > room:
+            path, _size = own.popitem(last=False)
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove the saved state %s: %s", path, exc)
+        if removed:
+            log.info("saved states: removed %d old file(s) to stay under the disk budget", removed)
+
+    def remove(self, key: str) -> None:
+        """Forget the saved state of ``key``, if any."""
+        path = self.path(key)
+        with self._lock:
+            self._own().pop(path, None)
+        with contextlib.suppress(OSError):
+            path.unlink()
+
     def read(self, key: str, max_tokens: int) -> SavedState | None:
-        """The saved state of ``key`` if the file is sound and ours, else None.
+        """The saved state of ``key`` if the file is sound and ours, else None; the file is
+        removed either way (a sound state is in a sequence again; an unsound one is useless).
 
         The state (hundreds of MB for a long channel) is read straight into the buffer handed
         to llama.cpp: no intermediate copies on the way to a restored conversation.
@@ -159,47 +228,26 @@ class StateFiles:
             return None
         except (ValueError, KeyError, TypeError, struct.error) as exc:
             log.warning("state file %s is corrupt (%s): ignored", path, exc)
+            self.remove(key)
             return None
+        self.remove(key)
         if zlib.crc32(memoryview(data), zlib.crc32(tokens)) != header["crc"]:
             log.warning("state file %s is corrupt (checksum mismatch): ignored", path)
             return None
         ids = tuple(np.frombuffer(tokens, dtype="<i4").astype(int).tolist())
         return SavedState(ids, data)
 
-    def prune(self) -> list[Path]:
-        """Delete the least recently written files until the folder fits its budget."""
-        return prune_states(self.folder, self.max_bytes)
-
-
-def prune_states(folder: Path, max_bytes: int) -> list[Path]:
-    """Delete the least recently written state files until ``folder`` fits ``max_bytes``."""
-    try:
-        files = sorted(
-            ((p.stat().st_mtime_ns, p.stat().st_size, p) for p in folder.glob("*.state")),
-            reverse=True,
-        )
-    except OSError as exc:
-        log.warning("could not list saved states in %s: %s", folder, exc)
-        return []
-    removed = []
-    total = 0
-    for _mtime, size, path in files:  # newest first: keep while they fit
-        total += size
-        if total > max_bytes:
-            try:
-                path.unlink()
-                removed.append(path)
-            except OSError as exc:
-                log.warning("could not remove the saved state %s: %s", path, exc)
-    if removed:
-        log.info("saved states: removed %d old file(s) to stay under the disk budget", len(removed))
-    return removed
+    def prune(self) -> None:
+        """Bring this model's files within the budget (after ``max_bytes`` was lowered)."""
+        with self._lock:
+            self._fit(self._own(), self.max_bytes)
 
 
 class Parking:
     """Parked states: the most recent in RAM up to ``ram_bytes``, older ones spilled to disk.
 
-    Used from the scheduler thread only.
+    Called from the scheduler thread only; spills are written by a thread of their own, so a
+    step never waits for the disk.  A state being written is still served from memory.
     """
 
     def __init__(self, ram_bytes: int, files: StateFiles | None, max_tokens: int) -> None:
@@ -208,6 +256,9 @@ class Parking:
         self.max_tokens = max_tokens
         self._ram: OrderedDict[str, SavedState] = OrderedDict()
         self._used = 0
+        self._lock = threading.Lock()
+        self._spilling: dict[str, SavedState] = {}  # handed to the writer, not yet on disk
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="state-spill") if files else None
 
     @property
     def ram_used(self) -> int:
@@ -220,14 +271,33 @@ class Parking:
         while self._used > self.ram_bytes and self._ram:
             old_key, old = self._ram.popitem(last=False)
             self._used -= old.nbytes
-            if self.files is not None and self.files.write(old_key, old):
-                log.info("parked state of %s moved to disk (RAM tier full)", old_key)
+            if self._writer is not None:
+                with self._lock:
+                    self._spilling[old_key] = old
+                self._writer.submit(self._spill, old_key, old)
+
+    def _spill(self, key: str, state: SavedState) -> None:
+        assert self.files is not None
+        written = self.files.write(key, state)
+        with self._lock:
+            if self._spilling.get(key) is state:
+                del self._spilling[key]
+                if written:
+                    log.info("parked state of %s moved to disk (RAM tier full)", key)
+                return
+            newer = key in self._spilling
+        if not newer:  # taken or replaced while it was written: the file is stale
+            self.files.remove(key)
 
     def take(self, key: str) -> tuple[SavedState, str] | None:
         """Remove and return the parked state of ``key`` and its tier ("ram" or "disk")."""
         state = self._ram.pop(key, None)
         if state is not None:
             self._used -= state.nbytes
+            return state, "ram"
+        with self._lock:
+            state = self._spilling.pop(key, None)
+        if state is not None:
             return state, "ram"
         if self.files is None:
             return None
@@ -238,9 +308,14 @@ class Parking:
         old = self._ram.pop(key, None)
         if old is not None:
             self._used -= old.nbytes
+        with self._lock:
+            self._spilling.pop(key, None)
 
     def flush(self) -> int:
-        """Write every RAM-parked state to disk (at shutdown); return how many."""
+        """Finish the spills, then write every RAM-parked state to disk (at shutdown); return
+        how many were written now."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
         written = 0
         if self.files is not None:
             for key, state in self._ram.items():

@@ -29,13 +29,12 @@ from ai_model.parking import (
     MIN_USEFUL_PREFIX,
     StateFiles,
     common_prefix,
-    prune_states,
     read_sequence,
     write_sequence,
 )
 from ai_model.prefixes import whole_turns
 
-__all__ = ["SlotPool", "common_prefix", "prune_states"]
+__all__ = ["SlotPool", "common_prefix"]
 log = logging.getLogger(__name__)
 
 

@@ -475,3 +475,47 @@ async def test_summary_jobs_reuse_their_own_sequence_not_a_conversations(
 
 async def collect(pieces: Any) -> str:
     return "".join([piece async for piece in pieces])
+
+
+async def test_a_flood_of_new_conversations_keeps_the_state_folder_within_its_budget(
+    tmp_path: Path,
+    make_core,  # type: ignore[no-untyped-def]
+    store,  # type: ignore[no-untyped-def]
+) -> None:
+    """Every conversation past the two sequences is parked, and spills to disk (no RAM
+    tier): the folder never holds more than ``state_dir_max_mb``, the newest states are kept,
+    and messages keep being stored."""
+    folder = tmp_path / "states"
+    small = ModelSettings(
+        n_ctx=1024,
+        parallel=2,
+        park_mb=0,
+        state_dir=str(folder),
+        state_dir_max_mb=2,
+        sampling=SamplingSettings(max_tokens=8, seed=1),
+    )
+    model = await asyncio.to_thread(BatchedModel.load, small, embedded_model_path(), "f")
+    core: ConversationCore = make_core(
+        {"character": model, "office": model}, models={"character": small, "office": small}
+    )
+    rng = random.Random(4)
+    peak = 0
+    try:
+        for i in [*range(12), 9]:
+            text = sentence(rng, 30)
+            msg = IncomingMessage("console", f"console:f{i}", f"u{i}", f"P{i}", text, is_dm=True)
+            assert [r async for r in core.answers.respond(msg)][-1].kind is ReplyKind.ANSWER
+            for _ in range(20):  # the spill thread writes while the next one is asked
+                peak = max(peak, sum(p.stat().st_size for p in folder.glob("*")))
+                await asyncio.sleep(0.01)
+        events = [a.event for a in model.scheduler.admissions]
+    finally:
+        model.close()
+    assert 0 < peak <= 2 * 2**20
+    assert sum(p.stat().st_size for p in folder.glob("*")) <= 2 * 2**20
+    assert events[-1] == "disk"  # the latest parked came back from its file; older ones went
+    stored = 0
+    for i in range(12):
+        conv = await core.conversations.get("console", f"console:f{i}")
+        stored += len(await store.messages.history(conv.id))
+    assert stored == 2 * 13

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from ai_model.slots import prune_states
 from ai_model.templates import CHATML, LLAMA3, TEMPLATES, plain_text_leaks
 from chat.answers import SLOW_STORAGE
 from chat.core import ConversationCore
@@ -308,16 +307,30 @@ def test_template_markers_that_stay_special_in_plain_text_are_detected(smollm: A
     assert plain_text_leaks(LLAMA3, leaky, lambda i: i >= 256) == []
 
 
-def test_saved_states_are_pruned_to_the_disk_budget(tmp_path: Path) -> None:
-    import os
+def test_saved_states_stay_within_each_models_disk_budget(tmp_path: Path) -> None:
+    """Each model keeps its own files under its budget at every write, the least recently
+    written going first; a file is gone once read; two models in one folder keep theirs."""
+    from ai_model.parking import SavedState, StateFiles
 
+    def state(n: int) -> SavedState:
+        return SavedState(tuple(range(n)), bytearray(b"x" * 1000))
+
+    one = StateFiles(tmp_path, "model-one", 3500)
+    two = StateFiles(tmp_path, "model-two", 3500)
+    assert two.write("other", state(4))
     for i in range(6):
-        path = tmp_path / f"s{i}.state"
-        path.write_bytes(b"x" * 1000)
-        os.utime(path, ns=(i * 10**9, i * 10**9))
-    removed = prune_states(tmp_path, 3500)
-    assert sorted(p.name for p in removed) == ["s0.state", "s1.state", "s2.state"]
-    assert sorted(p.name for p in tmp_path.glob("*.state")) == ["s3.state", "s4.state", "s5.state"]
+        assert one.write(f"k{i}", state(4))
+        assert one.used <= 3500
+    assert [one.read(f"k{i}", 10) is None for i in range(6)] == [True] * 3 + [False] * 3
+    assert one.used == 0  # read states live in a sequence again: their files are gone
+    assert two.read("other", 10) is not None  # the other model's file was never pruned
+    assert not StateFiles(tmp_path, "model-one", 500).write("big", state(4))  # over budget
+    assert not list(tmp_path.glob("*.state")) and not list(tmp_path.glob("*.tmp"))
+    again = StateFiles(tmp_path, "model-one", 2500)  # a later run finds what is left
+    for i in range(2):
+        assert one.write(f"k{i}", state(4))
+    assert again.write("k9", state(4)) and again.used <= 2500
+    assert again.read("k0", 10) is None and again.read("k1", 10) is not None
 
 
 def test_example_settings_document_the_safety_settings() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bot.bench.figures import TARGETS
 from tests.test_cli import run_bot
 
@@ -17,3 +19,20 @@ def test_quick_bench_prints_every_figure_as_json(tmp_path: Path) -> None:
         assert isinstance(figures[name], int | float), name
     assert figures["restart_path"] == "disk"  # the restart used the saved state
     assert figures["peak_rss_mb"] > 0 and set(figures["targets_met"]) == set(TARGETS)
+
+
+def test_the_peer_bench_prints_its_table_for_one_four_and_eight(tmp_path: Path) -> None:
+    from tests.llama_server import binary
+
+    server = binary()
+    if server is None:
+        pytest.fail("no llama-server binary: make test builds it")
+    args = ["bench", "--backend", "llama-server", "--quick"]
+    result = run_bot(args, tmp_path, LOCALBOT_LLAMA_SERVER=str(server))
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for n in (1, 4, 8):
+        for side in ("local", "server", "local_over_server"):
+            for figure in ("ttft_median_s", "ttft_worst_s", "tokens_per_s"):
+                assert figures[f"{side}_x{n}_{figure}"] > 0, (side, n, figure)
+    assert figures["local_over_server_streamed_tokens_per_s"] > 0

@@ -1,17 +1,19 @@
 """``python -m bot bench --backend llama-server``: the office role through a llama-server beside
 the same role in-process, measured in one run, through the whole core.
 
-Both sides answer the same questions with the same sampling (greedy, fixed seed), alternately,
-so that the machine's noise falls on both alike.  Figures: first-token time and streamed
-tokens/s of one conversation, then four conversations sending at the same instant (their
-slowest first token and their aggregate tokens/s).  Without ``--url`` the bench starts its own
-llama-server (the embedded model, 4 slots of 8192 tokens) and stops it at the end.
+Both sides get the same sampling (greedy, fixed seed) and reply budget, alternately, so that
+the machine's noise falls on both alike; every conversation asks a question no other one asks.
+Figures, for 1, 4 and 8 conversations sending at the same instant: the median and the worst
+first token and the aggregate tokens/s, on each side and as in-process over server; and one
+conversation's streamed tokens/s.  Without ``--url`` the bench starts its own llama-server (the
+embedded model, 8 slots of 8192 tokens) and stops it at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import glob
+import itertools
 import json
 import os
 import socket
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +36,41 @@ from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from storage import Store, open_database
 
-QUESTIONS = [
-    "Explain in a few sentences how a budget meeting should be prepared.",
-    "Write a short note to the team about the new invoice process.",
-    "List some good habits for writing clear reports.",
-    "Describe a simple plan for organising a quarterly review.",
+# Every conversation of a run asks its own question, from its first word: neither side can
+# reuse another conversation's user text (llama-server picks the slot whose cached prompt is
+# most like the request's, and would otherwise find the same question in it).
+SUBJECTS = [
+    "Budget",
+    "Invoice",
+    "Hiring",
+    "Security",
+    "Travel",
+    "Onboarding",
+    "Marketing",
+    "Payroll",
+    "Vendor",
+    "Backup",
+    "Training",
+    "Compliance",
+    "Inventory",
+    "Pricing",
+    "Support",
+    "Logistics",
 ]
+ASKS = [
+    "explain in a few sentences how the team should prepare for the review",
+    "write a short note to the staff about the new process",
+    "list some good habits that keep the work clear and on time",
+    "describe a simple plan for the next quarter",
+]
+CONCURRENCY = (1, 4, 8)
+
+
+def questions() -> Iterator[str]:
+    """Distinct questions: subject, number and request differ from one to the next."""
+    for n in itertools.count(1):
+        subject = SUBJECTS[n % len(SUBJECTS)]
+        yield f"{subject} matter {n}: {ASKS[(n // len(SUBJECTS)) % len(ASKS)]}."
 
 
 def server_binary() -> str:
@@ -56,7 +88,9 @@ def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
         port = int(sock.getsockname()[1])
     threads = str(os.cpu_count() or 1)
     command = [server_binary(), "-m", str(embedded_model_path()), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "-np", "4", "-c", str(4 * 8192), "-t", threads, "--metrics"]
+    slots = max(CONCURRENCY)
+    command += ["--port", str(port), "-np", str(slots), "-c", str(slots * 8192), "-t", threads]
+    command += ["--metrics"]
     out = (folder / "llama-server.log").open("wb")
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -108,55 +142,69 @@ class Side:
         rate = (len(tokens) - 1) / (last - first) if last > first else 0.0
         return first - began, rate, len(tokens)
 
-    async def concurrent(self, n: int) -> tuple[float, float]:
-        """``n`` conversations at the same instant: slowest first token, aggregate tokens/s."""
+    async def concurrent(self, asked: list[str]) -> list[tuple[float, float, int]]:
+        """Conversations sending ``asked`` at the same instant: each one's first token, and
+        the time the last one finished in the last tuple's rate field."""
         began = time.perf_counter()
-        results = await asyncio.gather(
-            *(self.ask(QUESTIONS[i % len(QUESTIONS)], began) for i in range(n))
-        )
+        results = await asyncio.gather(*(self.ask(q, began) for q in asked))
         elapsed = time.perf_counter() - began
-        return max(r[0] for r in results), sum(r[2] for r in results) / elapsed
+        return [*results[:-1], (results[-1][0], elapsed, results[-1][2])]
 
 
-async def measure(url: str, folder: Path, rounds: int) -> dict[str, Any]:
-    sampling = SamplingSettings(max_tokens=96, temperature=0.0, seed=5)
-    local = Side("local", ModelSettings(sampling=sampling, state_dir=""), folder)
+def _figures(name: str, n: int, runs: list[list[tuple[float, float, int]]]) -> dict[str, float]:
+    """Median over rounds of: the median and the worst first token, and the aggregate tokens/s
+    (every conversation's tokens over the time until the last one finished)."""
+    median_ttft = statistics.median(statistics.median(r[0] for r in run) for run in runs)
+    worst = statistics.median(max(r[0] for r in run) for run in runs)
+    rate = statistics.median(sum(r[2] for r in run) / run[-1][1] for run in runs)
+    return {
+        f"{name}_x{n}_ttft_median_s": round(median_ttft, 4),
+        f"{name}_x{n}_ttft_worst_s": round(worst, 4),
+        f"{name}_x{n}_tokens_per_s": round(rate, 1),
+    }
+
+
+async def measure(url: str, folder: Path, rounds: int, max_tokens: int = 96) -> dict[str, Any]:
+    """The peer table: 1, 4 and 8 conversations at once on each side, alternating sides."""
+    sampling = SamplingSettings(max_tokens=max_tokens, temperature=0.0, seed=5)
+    parallel = max(CONCURRENCY)
+    local = Side("local", ModelSettings(sampling=sampling, state_dir="", parallel=parallel), folder)
     remote = Side(
         "server", ModelSettings(backend="llama-server", url=url, sampling=sampling), folder
     )
     sides = (local, remote)
+    asked = questions()
     for side in sides:
         await side.open()
-        await side.ask("Hello!")  # loads the model, warms caches
-    single: dict[str, list[tuple[float, float, int]]] = {s.name: [] for s in sides}
-    four: dict[str, list[tuple[float, float]]] = {s.name: [] for s in sides}
+        await side.ask(next(asked))  # loads the model, warms caches
+    runs: dict[tuple[str, int], list[list[tuple[float, float, int]]]] = {}
+    streamed: dict[str, list[float]] = {s.name: [] for s in sides}
     for i in range(rounds):
         for side in sides if i % 2 == 0 else sides[::-1]:
-            single[side.name].append(await side.ask(QUESTIONS[i % len(QUESTIONS)]))
-            four[side.name].append(await side.concurrent(4))
+            _first, rate, _n = await side.ask(next(asked))
+            streamed[side.name].append(rate)
+            for n in CONCURRENCY:
+                run = await side.concurrent([next(asked) for _ in range(n)])
+                runs.setdefault((side.name, n), []).append(run)
         log(f"round {i + 1}/{rounds} done")
     for side in sides:
         await side.close()
-    out: dict[str, Any] = {"rounds": rounds, "server_url": url}
-    for name in single:
-        out[f"{name}_ttft_s"] = round(statistics.median(r[0] for r in single[name]), 4)
-        out[f"{name}_tokens_per_s"] = round(statistics.median(r[1] for r in single[name]), 1)
-        out[f"{name}_concurrent4_worst_ttft_s"] = round(
-            statistics.median(r[0] for r in four[name]), 4
+    out: dict[str, Any] = {"rounds": rounds, "server_url": url, "max_tokens": sampling.max_tokens}
+    for (name, n), found in runs.items():
+        out.update(_figures(name, n, found))
+    for name, rates in streamed.items():
+        out[f"{name}_streamed_tokens_per_s"] = round(statistics.median(rates), 1)
+    out["local_over_server_streamed_tokens_per_s"] = round(
+        out["local_streamed_tokens_per_s"] / out["server_streamed_tokens_per_s"], 3
+    )
+    for n in CONCURRENCY:
+        for figure in ("ttft_median_s", "ttft_worst_s", "tokens_per_s"):
+            ours, theirs = out[f"local_x{n}_{figure}"], out[f"server_x{n}_{figure}"]
+            out[f"local_over_server_x{n}_{figure}"] = round(ours / theirs, 3) if theirs else None
+    for name in ("local", "server"):
+        out[f"{name}_x4_over_x1_tokens_per_s"] = round(
+            out[f"{name}_x4_tokens_per_s"] / out[f"{name}_x1_tokens_per_s"], 3
         )
-        out[f"{name}_concurrent4_tokens_per_s"] = round(
-            statistics.median(r[1] for r in four[name]), 1
-        )
-    out["server_over_local_ttft"] = round(out["server_ttft_s"] / out["local_ttft_s"], 3)
-    out["server_over_local_tokens_per_s"] = round(
-        out["server_tokens_per_s"] / out["local_tokens_per_s"], 3
-    )
-    out["server_concurrent4_over_single_tokens_per_s"] = round(
-        out["server_concurrent4_tokens_per_s"] / out["server_tokens_per_s"], 3
-    )
-    out["local_concurrent4_over_single_tokens_per_s"] = round(
-        out["local_concurrent4_tokens_per_s"] / out["local_tokens_per_s"], 3
-    )
     return out
 
 
@@ -170,7 +218,8 @@ def main(url: str = "", quick: bool = False, shared: bool = False) -> int:
             if shared:
                 results = asyncio.run(measure_shared(url, 2 if quick else 4))
             else:
-                results = asyncio.run(measure(url, folder, 2 if quick else 6))
+                rounds, budget = (1, 16) if quick else (6, 96)
+                results = asyncio.run(measure(url, folder, rounds, budget))
         finally:
             if process is not None:
                 process.terminate()

@@ -75,7 +75,9 @@ class Step:
 
     decoded: tuple[int, ...]
     prefill: tuple[tuple[int, int], ...]
-    seconds: float
+    seconds: float  # in llama_decode
+    sampling: float = 0.0  # in the samplers
+    total: float = 0.0  # the whole step: packing, decode, sampling, stops, hand-off
 
 
 class _Seq:
@@ -369,6 +371,7 @@ class Scheduler:
     def _step(self) -> None:
         import llama_cpp
 
+        began = time.perf_counter()
         batch = self._batch.batch
         rows: list[tuple[_Seq, int, bool]] = []  # (sequence, token, wants logits)
         placed: dict[int, int] = {}  # tokens of each sequence in this batch so far
@@ -407,8 +410,9 @@ class Scheduler:
         batch.n_tokens = len(rows)
         start = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
-        self.steps.append(Step(tuple(decoded), tuple(prefill), time.perf_counter() - start))
+        decode = time.perf_counter() - start
         if status != 0:
+            self.steps.append(Step(tuple(decoded), tuple(prefill), decode))
             involved = {id(r[0]): r[0] for r in rows}.values()
             for seq in involved:
                 self._fail(seq, RuntimeError(f"llama_decode returned {status}"))
@@ -424,9 +428,15 @@ class Scheduler:
             if filled.share_at and len(filled.tokens) == filled.share_at:
                 filled.share_at = 0
                 self.shared.add(read_sequence(self._ctx.ctx, filled.id, filled.tokens))
+        sampling = 0.0
         for i, (seq, _token, logits) in enumerate(rows):
             if logits and seq.req is not None:
-                self._accept(seq, int(seq.sampler.sample(self._ctx, i)))
+                start = time.perf_counter()
+                token = int(seq.sampler.sample(self._ctx, i))
+                sampling += time.perf_counter() - start
+                self._accept(seq, token)
+        total = time.perf_counter() - began
+        self.steps.append(Step(tuple(decoded), tuple(prefill), decode, sampling, total))
 
     def _piece_of(self, token: int) -> bytes:
         import llama_cpp

@@ -113,6 +113,7 @@ class Side:
         self.name = name
         self.settings = bench_settings(folder / f"{name}.db", model)
         self.count = 0
+        self.overhead: dict[int, list[float]] = {}  # streams -> outside share, per run
 
     async def open(self) -> None:
         self.registry = ModelRegistry(self.settings.models)
@@ -145,10 +146,26 @@ class Side:
     async def concurrent(self, asked: list[str]) -> list[tuple[float, float, int]]:
         """Conversations sending ``asked`` at the same instant: each one's first token, and
         the time the last one finished in the last tuple's rate field."""
+        steps = getattr(
+            getattr(await self.registry.get("office"), "scheduler", None), "steps", None
+        )
+        if steps is not None:
+            steps.clear()  # the in-process scheduler's record of this run alone
         began = time.perf_counter()
         results = await asyncio.gather(*(self.ask(q, began) for q in asked))
         elapsed = time.perf_counter() - began
+        if steps is not None:
+            self.overhead.setdefault(len(asked), []).append(outside_share(list(steps), len(asked)))
         return [*results[:-1], (results[-1][0], elapsed, results[-1][2])]
+
+
+def outside_share(steps: list[Any], streams: int) -> float:
+    """The share of the scheduler's steps with all ``streams`` generating that went to
+    anything but ``llama_decode`` and sampling: packing the batch, detokenizing, stop checks,
+    handing pieces to the event loop."""
+    full = [s for s in steps if len(s.decoded) == streams and not s.prefill and s.total > 0]
+    total = sum(s.total for s in full)
+    return sum(s.total - s.seconds - s.sampling for s in full) / total if total else 0.0
 
 
 def _figures(name: str, n: int, runs: list[list[tuple[float, float, int]]]) -> dict[str, float]:
@@ -192,6 +209,8 @@ async def measure(url: str, folder: Path, rounds: int, max_tokens: int = 96) -> 
     out: dict[str, Any] = {"rounds": rounds, "server_url": url, "max_tokens": sampling.max_tokens}
     for (name, n), found in runs.items():
         out.update(_figures(name, n, found))
+    for n, shares in local.overhead.items():
+        out[f"local_x{n}_step_outside_decode_share"] = round(statistics.median(shares), 4)
     for name, rates in streamed.items():
         out[f"{name}_streamed_tokens_per_s"] = round(statistics.median(rates), 1)
     out["local_over_server_streamed_tokens_per_s"] = round(

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,18 @@ def _load(settings: ModelSettings, path: Path) -> tuple[Any, Any]:
         model.close()
         raise
     return model, ctx
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDimensions:
+    """What a model's compute per token follows from."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    embd: int
+    params: int
+    vocab: int
 
 
 class BatchedModel:
@@ -154,6 +167,20 @@ class BatchedModel:
             model.close()
             raise
         return cls(model, ctx, name, template, settings, state_fingerprint(settings, path))
+
+    def dimensions(self) -> ModelDimensions:
+        """The loaded model's shape, for the bench's compute floors."""
+        import llama_cpp
+
+        weights = self._open().model
+        return ModelDimensions(
+            layers=int(llama_cpp.llama_model_n_layer(weights)),
+            heads=int(llama_cpp.llama_model_n_head(weights)),
+            kv_heads=int(llama_cpp.llama_model_n_head_kv(weights)),
+            embd=int(llama_cpp.llama_model_n_embd(weights)),
+            params=int(llama_cpp.llama_model_n_params(weights)),
+            vocab=int(self._model.n_vocab()),
+        )
 
     def _open(self) -> Any:
         if self._closed:

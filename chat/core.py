@@ -73,7 +73,8 @@ class ConversationCore:
         # A summary never runs while its conversation has a turn (and waits for quiet after).
         self.queues = Queues(settings, on_ticket=self.memory.interrupt, on_release=self.memory.wake)
         self.conversations = Conversations(store, settings, self.characters, busy=self.queues.busy)
-        self.history = HistoryCache(store)
+        windows = [m.n_ctx for m in settings.models.values()] or [8192]
+        self.history = HistoryCache(store, max_rows=max(windows) // 2 + 1)
         self.library = Library(
             store,
             self.characters,

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import random
 
+from ai_model.config import ModelSettings
 from ai_model.local import LocalModel
 from bot.bench.common import sentence
 from chat.core import ConversationCore
@@ -149,3 +150,36 @@ async def test_a_message_too_long_for_the_window_gets_a_clear_reply_and_is_kept(
     history = await core.store.messages.history(conv.id)
     assert [m.text for m in history] == ["Short one.", "Noted."]
     assert all(m.role != NOTICE for m in history)
+
+
+async def test_a_mention_after_long_chatter_frames_no_more_than_a_window(
+    make_core,  # type: ignore[no-untyped-def]
+) -> None:
+    """Unaddressed messages are stored as they come; the mention after 2,000 of them reads
+    and tokenizes a window's worth, not the whole stretch since the last trim."""
+    model = ScriptedModel(["Noted."], n_ctx=1024)  # one token per byte
+    tokenized: list[int] = []
+    original = model.tokenize
+
+    def counting(text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        tokenized.append(len(text))
+        return original(text, add_bos, special)
+
+    model.tokenize = counting  # type: ignore[method-assign]
+    small = {role: ModelSettings(n_ctx=1024) for role in ("office", "character")}
+    core = make_core({"office": model, "character": model}, models=small)
+    key = "telegram:-1007"
+    for i in range(2000):
+        line = f"chatter line {i} about the weather and the trains"
+        quiet = IncomingMessage("telegram", key, "2", "Bob", line, mentions_bot=False)
+        assert [r async for r in core.answers.respond(quiet)] == []
+    tokenized.clear()
+    ask = IncomingMessage("telegram", key, "1", "Ann", "What did Bob say last?")
+    replies = [r async for r in core.answers.respond(ask)]
+    assert replies[-1].kind is ReplyKind.ANSWER
+    assert sum(tokenized) <= 3 * 1024  # a window's worth of text, with its frames
+    assert "line 1999 about" in model.detokenize(model.prompts[-1])
+    # After a restart the history is read from the database, as many rows as could fit.
+    again = make_core({"office": model, "character": model}, models=small)
+    conv = await again.conversations.get("telegram", key)
+    assert len(await again.history.get(conv)) <= 1024 // 2 + 1

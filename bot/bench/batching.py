@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from ai_model.base import ChatModel
 from ai_model.config import SamplingSettings
 from ai_model.registry import ModelRegistry
+from bot.bench.floors import admission_of, ratio_floor
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from chat.settings import Settings
@@ -74,15 +75,20 @@ async def concurrency(bench: Bench, parallel: int, results: dict[str, Any]) -> N
     label = "serial" if parallel == 1 else "batched"
     registry, store, core = await bench.open(parallel=parallel, tag=label)
     model = await registry.get("office")
+    # The floors need the scheduler's admissions: the batched path only.
+    dims = model.dimensions() if parallel > 1 else None  # type: ignore[attr-defined]
     keys = [f"{label}-c{i}" for i in range(4)]
     for key in keys:
         await bench.fill(core, model, key, s.concurrent_history)
         await bench.ttft(core, key)  # evaluated once, as any active channel would be
     lone = [await bench.ttft(core, keys[0]) for _ in range(s.repeats)]
-    worst = []
+    lone_turn = admission_of(model, keys[0]) if dims else (0, 0)
+    worst, floors = [], []
     for _ in range(s.repeats):
         times = await asyncio.gather(*(bench.ttft(core, key) for key in keys))
         worst.append(max(times))
+        if dims is not None:
+            floors.append(ratio_floor(dims, [admission_of(model, k) for k in keys], lone_turn))
     bench.log_line(f"{label}: lone {lone}, four at once (slowest) {worst}")
 
     # Generation speed: greedy replies of up to 96 tokens, fresh conversations.
@@ -137,3 +143,9 @@ async def concurrency(bench: Bench, parallel: int, results: dict[str, Any]) -> N
             f"{prefix}sixteen_channels_ttft_worst_s": round(max(sixteen), 4),
         }
     )
+    if floors:  # four turns' prefill over one's: what four at once cost at least, in FLOPs
+        floor = statistics.median(floors)
+        results["concurrent4_worst_ttft_floor"] = round(floor, 3)
+        results["concurrent4_worst_ttft_over_floor"] = round(
+            statistics.median(worst) / lone_s / floor, 3
+        )

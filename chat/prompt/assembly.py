@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ai_model.base import ChatModel
 from chat.limits import MAX_PINNED_SHARE
 from chat.prompt.memory import fit_memory, memory_text
-from chat.prompt.window import Part, TurnEncoder, Window, clean_name, fit_window
+from chat.prompt.window import Part, Turn, TurnEncoder, Window, clean_name, fit_window
 from chat.roleplay.characters import Character
 from chat.roleplay.lorebook import Activation, Lorebook, LoreEntry, activate
 from chat.roleplay.scene import (
@@ -185,7 +185,17 @@ def assemble(
     named_replies = scene is not None and len(scene.cast) > 1
     named_users = len(known) > 1
     named = {m.id: named_users if m.role == USER else named_replies for m in history}
-    turns = [encoder.turn(m, named=named[m.id]) for m in history]
+    # Newest first, and no further than the budget: older turns could never be in the window
+    # (a trim would drop them first), so a mention after hours of chatter costs no more to
+    # frame than a full window.
+    turns: list[Turn] = []
+    total = 0
+    for m in reversed(history):
+        turns.append(encoder.turn(m, named=named[m.id]))
+        total += len(turns[-1].tokens)
+        if total > budget:
+            break
+    turns.reverse()
     window = fit_window(turns, budget=budget, start=window_start, cut_after=memory.cut_after)
     used = sum(len(t.tokens) for t in window.turns)
     # Example dialogue is the first thing to go: only while nothing was ever trimmed.

@@ -25,9 +25,12 @@ def position(message: StoredMessage) -> tuple[int, int]:
 class HistoryCache:
     """In-context messages after ``max(reset, window start - 1)``, per conversation key."""
 
-    def __init__(self, store: Store, max_conversations: int = 512) -> None:
+    def __init__(self, store: Store, max_conversations: int = 512, max_rows: int = 8192) -> None:
         self.store = store
         self.max_conversations = max_conversations
+        # More messages than could ever fit in a window (every turn costs at least two tokens)
+        # are never read nor kept: a channel's unaddressed chatter costs a bounded amount.
+        self.max_rows = max_rows
         self._cache: OrderedDict[str, list[StoredMessage]] = OrderedDict()
         # Messages stored while a conversation's history is being read: the read may or may
         # not see them, so they are merged in afterwards.
@@ -41,12 +44,13 @@ class HistoryCache:
         after = max(conv.reset_after_id, conv.window_start_id - 1)
         arrived = self._loading.setdefault(conv.key, [])
         try:
-            found = await self.store.messages.history(conv.id, after_id=after)
+            found = await self.store.messages.history(conv.id, after_id=after, newest=self.max_rows)
         finally:
             self._loading.pop(conv.key, None)
         known = {m.id for m in found}
         found.extend(m for m in arrived if m.id not in known and m.id > after)
         found.sort(key=position)
+        del found[: -self.max_rows]
         self._cache[conv.key] = found
         if len(self._cache) > self.max_conversations:
             self._cache.popitem(last=False)
@@ -89,6 +93,8 @@ class HistoryCache:
                 found.append(message)  # the usual case: the newest message
             else:
                 bisect.insort(found, message, key=position)
+            if len(found) > self.max_rows:
+                del found[: len(found) - self.max_rows]
 
     def replaced(self, key: str, message: StoredMessage) -> None:
         """A stored message's text changed (a platform edit)."""

@@ -267,9 +267,14 @@ class MessageQueries:
             return int(found.scalar_one())
 
     async def history(
-        self, conversation_id: int, *, after_id: int = 0, upto_id: int | None = None
+        self,
+        conversation_id: int,
+        *,
+        after_id: int = 0,
+        upto_id: int | None = None,
+        newest: int | None = None,
     ) -> list[StoredMessage]:
-        """Messages the model may see, in conversation order.
+        """Messages the model may see, in conversation order (the ``newest`` of them).
 
         A reply sorts right after the message it answers, even when other messages arrived
         (and were stored) while it was being generated.  ``upto_id`` limits the history to what
@@ -282,10 +287,16 @@ class MessageQueries:
         )
         if upto_id is not None:
             query = query.where(upto_id >= POSITION)
-        query = query.order_by(POSITION, messages.c.id)
+        if newest is not None:
+            query = query.order_by(POSITION.desc(), messages.c.id.desc()).limit(newest)
+        else:
+            query = query.order_by(POSITION, messages.c.id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [message_of(r) for r in rows]
+        found = [message_of(r) for r in rows]
+        if newest is not None:
+            found.reverse()
+        return found
 
     async def recent(self, conversation_id: int, after_id: int, limit: int) -> list[StoredMessage]:
         """The newest ``limit`` messages in context with ids above ``after_id``, oldest first."""

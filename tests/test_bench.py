@@ -12,7 +12,7 @@ from tests.test_cli import run_bot
 
 
 def test_quick_bench_prints_every_figure_as_json(tmp_path: Path) -> None:
-    result = run_bot(["bench", "--quick"], tmp_path)
+    result = run_bot(["bench", "--quick"], tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for name in TARGETS:
@@ -28,7 +28,7 @@ def test_the_peer_bench_prints_its_table_for_one_four_and_eight(tmp_path: Path) 
     if server is None:
         pytest.fail("no llama-server binary: make test builds it")
     args = ["bench", "--backend", "llama-server", "--quick"]
-    result = run_bot(args, tmp_path, LOCALBOT_LLAMA_SERVER=str(server))
+    result = run_bot(args, tmp_path, timeout=900, LOCALBOT_LLAMA_SERVER=str(server))
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     for n in (1, 4, 8):

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_bot(
-    args: list[str], tmp_path: Path, stdin: str = "", **env: str
+    args: list[str], tmp_path: Path, stdin: str = "", timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess[str]:
     environ = {
         k: v
@@ -31,7 +31,7 @@ def run_bot(
         text=True,
         cwd=tmp_path,
         env=environ,
-        timeout=300,
+        timeout=timeout,
     )
 
 

@@ -28,6 +28,7 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import gemma_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench.batching import concurrency
+from bot.bench.chatter import chatter
 from bot.bench.common import FixedModels, InstantModel, bench_settings, log, sentence
 from bot.bench.floors import admission_of, ratio_floor, read_seconds
 from bot.bench.scene import group_scene
@@ -50,6 +51,8 @@ TARGETS = {
     "core_msgs_per_s": (">=", 500),
     "core_p99_ms": ("<=", 20),
     "loop_lag_p99_ms": ("<=", 100),
+    "mention_after_chatter_over_short": ("<=", 1.5),
+    "mention_loop_lag_p99_ms": ("<=", 100),
 }
 QUESTION = "Could you summarise the main points of our discussion so far in two short sentences?"
 
@@ -405,6 +408,8 @@ async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
         results: dict[str, Any] = {"quick": quick, "parallel": PARALLEL, "gpu_layers": gpu_layers}
         started = time.perf_counter()
         await bench.core_throughput(results)
+        many = 200 if quick else 2000
+        await chatter(bench.settings, bench.folder, results, (20, many), bench.sizes.repeats)
         await bench.generation_speed(results)
         await bench.prefix_hit_rate(results)
         # A second format on a second real model: Gemma 3 270M (no system role, strict

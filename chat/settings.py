@@ -12,7 +12,9 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 from ai_model.config import ModelSettings, SamplingSettings
 from chat.roleplay.characters import (
@@ -142,14 +144,42 @@ def _expect_table(value: object, where: str) -> dict[str, Any]:
     return value
 
 
+_CHECKERS: dict[tuple[type[Any], str], TypeAdapter[Any]] = {}
+
+
+def _checker(cls: type[Any], name: str) -> TypeAdapter[Any]:
+    key = (cls, name)
+    if key not in _CHECKERS:
+        _CHECKERS[key] = TypeAdapter(get_type_hints(cls)[name])
+    return _CHECKERS[key]
+
+
+def _checked(cls: type[Any], name: str, value: Any, where: str) -> Any:
+    """``value`` as the field ``name`` of ``cls`` declares it, or a :class:`SettingsError`
+    that names the setting, what it got and what it takes.  Strict: ``"false"`` is no boolean
+    and ``"8191"`` no number (TOML has both); arrays become tuples."""
+    if isinstance(value, list):
+        value = tuple(value)
+    try:
+        return _checker(cls, name).validate_python(value, strict=True)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        at = "".join(f"[{p}]" for p in error["loc"])
+        raise SettingsError(
+            f"[{where}] {name}{at} = {error['input']!r}: {error['msg'].lower()}"
+        ) from None
+
+
 def _build(cls: type[Any], data: Mapping[str, Any], where: str, **extra: Any) -> Any:
-    """Build a frozen dataclass from a TOML table, rejecting unknown keys with a clear message."""
+    """Build a frozen dataclass from a TOML table: unknown keys and values of the wrong type
+    are refused with a message naming them."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise SettingsError(f"unknown setting(s) in [{where}]: {', '.join(unknown)}")
+    values = {name: _checked(cls, name, value, where) for name, value in data.items()}
     try:
-        obj = cls(**data, **extra)
+        obj = cls(**values, **extra)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"invalid value in [{where}]: {exc}") from exc
     return obj
@@ -285,7 +315,7 @@ def parse_settings(
                 table[key] = _mode(table[key], f"platforms.{name}.{key}")
         for key in ("admin_role_ids", "admin_user_ids", "shard_ids"):
             if key in table:
-                table[key] = tuple(int(v) for v in table[key])
+                table[key] = _checked(PlatformSettings, key, table[key], f"platforms.{name}")
         _check_shards(table, f"platforms.{name}")
         if name in base_url_env and env.get(base_url_env[name]):
             table["api_base_url"] = env[base_url_env[name]]

@@ -54,6 +54,28 @@ def test_environment_supplies_secrets_database_and_api_urls() -> None:
         ({"bot": {"catch_up_limit": -1}}, "catch_up_limit"),
         ({"platforms": {"discord": {"shard_ids": [0]}}}, "needs shard_count"),
         ({"platforms": {"discord": {"shard_count": 2, "shard_ids": [2]}}}, "from 0 to 1"),
+        # Values of the wrong type: named, with what was given and what is expected.
+        (
+            {"platforms": {"discord": {"roleplay_reply_all": "false"}}},
+            r"\[platforms.discord\] roleplay_reply_all = 'false': input should be a valid bool",
+        ),
+        (
+            {"platforms": {"discord": {"guild_id": "abc"}}},
+            r"guild_id = 'abc': input should be a valid integer",
+        ),
+        (
+            {"models": {"office": {"n_ctx": "8191"}}},
+            r"\[models.office\] n_ctx = '8191': input should be a valid integer",
+        ),
+        (
+            {"platforms": {"discord": {"admin_role_ids": ["x"]}}},
+            r"admin_role_ids\[0\] = 'x': input should be a valid integer",
+        ),
+        (
+            {"models": {"office": {"sampling": {"temperature": "hot"}}}},
+            r"\[models.office.sampling\] temperature = 'hot'",
+        ),
+        ({"models": {"office": {"flash_attn": 1}}}, "flash_attn = 1: input should be a valid bool"),
     ],
 )
 def test_invalid_settings_are_reported_clearly(raw: dict[str, object], message: str) -> None:
@@ -112,3 +134,14 @@ def test_example_documents_every_model_setting() -> None:
     documented = set(character) | {"sampling"}
     assert {f.name for f in fields(ModelSettings)} <= documented
     assert {f.name for f in fields(SamplingSettings)} <= set(character["sampling"])
+
+
+def test_a_settings_file_of_the_wrong_type_stops_with_one_line(tmp_path: Path) -> None:
+    from tests.test_cli import run_bot
+
+    config = tmp_path / "bot.toml"
+    config.write_text('[models.office]\nn_ctx = "8191"\n', encoding="utf-8")
+    done = run_bot(["--config", str(config), "check"], tmp_path)
+    assert done.returncode != 0
+    assert "n_ctx = '8191': input should be a valid integer" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -50,7 +50,7 @@ class ModelSettings:
     backend: str = "local"
     url: str = ""
     model: str = ""
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)
     # Remote only: seconds allowed between two stream events (the first token included).
     request_timeout_s: float = 120.0
     # Remote only: attempts after a failure before the first token (connection lost, 503, ...).

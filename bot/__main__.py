@@ -88,11 +88,12 @@ def _dispatch(
 ) -> int:
     from ai_model.registry import ModelRegistry
     from bot import app
+    from bot.secrets import shown_url
 
     if command == "check":
         for line in ModelRegistry(settings.models).describe():
             print(line)
-        print(f"database: {settings.database_url}")
+        print(f"database: {shown_url(settings.database_url)}")
         return 0
     if command == "bench":
         if args.backend == "llama-server":
@@ -140,8 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.verbose:  # one INFO line per HTTP request (Telegram polls, model servers)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+    from bot.secrets import redact_logs
+
     try:
         settings = load_settings(args.config)
+        redact_logs(settings)
         return _dispatch(args.command or "run", settings, args, shutdown)
     except SettingsError as exc:
         print(f"error: settings: {exc}", file=sys.stderr)

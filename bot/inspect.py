@@ -20,6 +20,7 @@ from typing import Any
 from ai_model.base import ChatModel
 from ai_model.registry import ModelRegistry
 from ai_model.templates import Piece, adapt, encode, render
+from bot.secrets import shown_url
 from chat.core import ConversationCore
 from chat.prompt.window import Part, TurnEncoder
 from chat.settings import ROLE_FOR_MODE, Mode, Settings, parse_mode
@@ -72,7 +73,7 @@ async def _copy_stored(
     try:
         conv = await store.conversations.find(key)
         if conv is None:
-            raise InspectError(f"no conversation {key} in {_safe(settings.database_url)}")
+            raise InspectError(f"no conversation {key} in {shown_url(settings.database_url)}")
         history = await store.messages.history(conv.id, after_id=conv.reset_after_id)
         summaries = await store.summaries.of(conv.id, after_id=conv.reset_after_id)
         row = {
@@ -86,10 +87,6 @@ async def _copy_stored(
         return row, history, await store.library.cards()
     finally:
         await store.close()
-
-
-def _safe(url: str) -> str:
-    return url.split("@")[-1] if "@" in url else url
 
 
 async def build(

@@ -276,6 +276,9 @@ def parse_settings(
         models[role] = _model_settings(
             _expect_table(models_raw.pop(role, {}), f"models.{role}"), f"models.{role}"
         )
+        # A remote engine's key, kept out of the settings file: BOT_OFFICE_API_KEY, ...
+        if key := env.get(f"BOT_{role.upper()}_API_KEY", "").strip():
+            models[role] = replace(models[role], api_key=key)
     if models_raw:
         raise SettingsError(
             f"unknown model role(s): {', '.join(sorted(models_raw))} (use character, office)"

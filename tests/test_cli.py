@@ -21,7 +21,7 @@ def run_bot(
         if k not in {"DISCORD_TOKEN", "TELEGRAM_BOT_TOKEN", "BOT_CONFIG"}
     }
     environ.update(
-        BOT_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", USER="tester", **env
+        {"BOT_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", "USER": "tester", **env}
     )
     environ["PYTHONPATH"] = str(ROOT)
     return subprocess.run(

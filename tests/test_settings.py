@@ -145,3 +145,37 @@ def test_a_settings_file_of_the_wrong_type_stops_with_one_line(tmp_path: Path) -
     assert done.returncode != 0
     assert "n_ctx = '8191': input should be a valid integer" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_secrets_stay_out_of_output_and_logs(tmp_path: Path) -> None:
+    import io
+    import logging
+
+    from bot.secrets import redact_logs, shown_url
+    from tests.test_cli import run_bot
+
+    url = "postgresql+asyncpg://bot:s3cret-pw@db.example:5432/bot"
+    assert shown_url(url) == "postgresql+asyncpg://bot:***@db.example:5432/bot"
+    done = run_bot(["check"], tmp_path, BOT_DATABASE_URL=url)
+    assert done.returncode == 0, done.stderr
+    assert "db.example" in done.stdout and "s3cret-pw" not in done.stdout + done.stderr
+
+    env = {"TELEGRAM_BOT_TOKEN": "123456:SECRET-token", "BOT_OFFICE_API_KEY": "sk-office-1"}
+    settings = parse_settings({}, env=env)
+    assert settings.models["office"].api_key == "sk-office-1"  # from the environment
+    assert "sk-office-1" not in repr(settings)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        redact_logs(settings)
+        log = logging.getLogger("httpx")
+        log.warning(
+            "HTTP Request: POST %s", "https://api.telegram.org/bot123456:SECRET-token/getMe"
+        )
+        log.warning("Authorization: Bearer sk-office-1")
+    finally:
+        root.removeHandler(handler)
+    assert "SECRET-token" not in out.getvalue() and "sk-office-1" not in out.getvalue()
+    assert "https://api.telegram.org/bot***/getMe" in out.getvalue()

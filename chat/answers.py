@@ -19,6 +19,7 @@ from typing import Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from ai_model.base import ChatModel, ModelError
+from chat.access import Access, Requester
 from chat.conversations import Conversations
 from chat.delivery import Delivery
 from chat.edits import DELETED, Edits
@@ -95,6 +96,7 @@ class Answers:
         delivery: Delivery,
         *,
         kill_points: KillPoints,
+        access: Access,
         rng: random.Random,
         opening: Callable[[Conversation, bool, str], Awaitable[OutgoingReply | None]],
     ) -> None:
@@ -110,6 +112,7 @@ class Answers:
         self.characters = characters
         self.delivery = delivery
         self.kill_points = kill_points
+        self.access = access
         self.rng = rng
         self._opening = opening  # the scene's greeting, for a roleplay conversation not opened
         self.closing = False  # set by a graceful stop: no new work is taken
@@ -152,6 +155,13 @@ class Answers:
                 yield notice(key, RESTARTING, msg.platform_message_id)
                 return
             self.kill_points.reached("received")
+            who = Requester(msg.platform, msg.author_id, key, msg.is_dm, msg.roles, msg.guild_id)
+            if not self.access.permits(who):  # not stored, no model time; a DM is told
+                settled()
+                arrival.settle()
+                if msg.addresses_bot and (text := self.access.notice(who)):
+                    yield notice(key, text, msg.platform_message_id)
+                return
             allowed, told = self.queues.admit(msg.platform, msg.author_id)
             if not allowed:
                 settled()

@@ -26,6 +26,7 @@ import asyncio
 import random
 from datetime import UTC, datetime
 
+from chat.access import Access
 from chat.actions import Actions
 from chat.answers import APOLOGY, Answers, ModelProvider
 from chat.commands import CommandSet
@@ -91,6 +92,7 @@ class ConversationCore:
         self.edits = Edits(settings, store, self.conversations, self.queues, self.history)
         kills = kill_points or KillPoints()
         self.delivery = Delivery(store, kills)
+        self.access = Access(settings.access, settings.is_owner)
         self.answers = Answers(
             settings,
             store,
@@ -104,6 +106,7 @@ class ConversationCore:
             self.characters,
             self.delivery,
             kill_points=kills,
+            access=self.access,
             rng=rng or random.Random(),
             opening=lambda conv, is_dm, user: self.actions.open(conv, is_dm, user),
         )

@@ -29,6 +29,9 @@ class IncomingMessage:
     mentions_bot: bool = True
     is_dm: bool = False
     platform_message_id: str | None = None
+    # Discord: the author's role ids and the guild (for [access]); none elsewhere.
+    roles: tuple[str, ...] = ()
+    guild_id: str | None = None
 
     def __post_init__(self) -> None:
         # The one place platform text enters the bot: whatever a platform delivers, what the

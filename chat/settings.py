@@ -7,6 +7,7 @@ global: :func:`load_settings` returns a :class:`Settings` that callers pass expl
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any, Literal, cast, get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from ai_model.config import ModelSettings, SamplingSettings
+from chat.access import AccessSettings
 from chat.roleplay.characters import (
     CardError,
     Character,
@@ -129,6 +131,8 @@ class Settings:
     regenerate_on_edit: bool = False
     # Where the author's note (/note) goes: this many messages from the end of the history.
     note_depth: int = 4
+    # Who may use the bot (chat/access.py); without lists, everyone.
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -176,7 +180,9 @@ def _build(cls: type[Any], data: Mapping[str, Any], where: str, **extra: Any) ->
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise SettingsError(f"unknown setting(s) in [{where}]: {', '.join(unknown)}")
+        raise SettingsError(
+            f"unknown setting(s) in [{where}]: {', '.join(_suggest(unknown, set(known)))}"
+        )
     values = {name: _checked(cls, name, value, where) for name, value in data.items()}
     try:
         obj = cls(**values, **extra)
@@ -222,6 +228,7 @@ def parse_settings(
     models_raw = _expect_table(raw.pop("models", {}), "models")
     platforms_raw = _expect_table(raw.pop("platforms", {}), "platforms")
     chars_raw = _expect_table(raw.pop("characters", {}), "characters")
+    access = _access(_expect_table(raw.pop("access", {}), "access"))
     if raw:
         raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
 
@@ -242,7 +249,9 @@ def parse_settings(
         "note_depth",
     }
     if unknown := sorted(set(bot) - known_bot):
-        raise SettingsError(f"unknown setting(s) in [bot]: {', '.join(unknown)}")
+        raise SettingsError(
+            f"unknown setting(s) in [bot]: {', '.join(_suggest(unknown, known_bot))}"
+        )
     limits: dict[str, Any] = {
         key: _count(bot, key)
         for key in (
@@ -341,6 +350,7 @@ def parse_settings(
         platforms=platforms,
         config_path=config_path,
         owner_ids=_owner_ids(bot.get("owner_ids", [])),
+        access=access,
         **limits,
     )
 
@@ -393,6 +403,53 @@ def _owner_ids(value: object) -> frozenset[str]:
             )
         owners.add(f"{platform}:{user.strip()}")
     return frozenset(owners)
+
+
+def _access(table: Mapping[str, Any]) -> AccessSettings:
+    """``[access]``: each list checked for what its entries name."""
+    known = {f.name for f in fields(AccessSettings)}
+    if unknown := sorted(set(table) - known):
+        raise SettingsError(
+            f"unknown setting(s) in [access]: {', '.join(_suggest(unknown, known))}"
+        )
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "allow_dms":
+            values[key] = _checked(AccessSettings, key, value, "access")
+            continue
+        entries = value if isinstance(value, list) else None
+        if entries is None:
+            raise SettingsError(f"[access] {key} must be a list, not {value!r}")
+        checked = set()
+        for entry in entries:
+            text = str(entry).strip()
+            platform, _, rest = text.partition(":")
+            if key.endswith(("_users", "_channels")):
+                if (
+                    platform not in ("discord", "telegram")
+                    or not rest.strip().lstrip("-").isdigit()
+                ):
+                    what = "user" if key.endswith("_users") else "channel or chat"
+                    raise SettingsError(
+                        f"[access] {key}: {entry!r} is not 'discord:<{what} id>' or "
+                        f"'telegram:<{what} id>'"
+                    )
+                checked.add(f"{platform}:{rest.strip()}")
+            else:  # Discord role and guild ids
+                if isinstance(entry, bool) or not text.isdigit():
+                    raise SettingsError(f"[access] {key}: {entry!r} is not a Discord id")
+                checked.add(text)
+        values[key] = frozenset(checked)
+    return AccessSettings(**values)
+
+
+def _suggest(unknown: list[str], known: set[str]) -> list[str]:
+    """Unknown keys, each with the closest known one where there is one."""
+    out = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        out.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return out
 
 
 def load_settings(

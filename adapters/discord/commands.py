@@ -19,7 +19,7 @@ import discord
 from discord import app_commands
 
 from adapters.discord.api import DiscordOptions, Tree, Webhooks
-from adapters.discord.intake import PLATFORM, Intake, conversation_key
+from adapters.discord.intake import PLATFORM, Intake, conversation_key, role_ids
 from adapters.discord.sinks import MAX_MESSAGE_CHARS, NO_MENTIONS, ChannelSink, InteractionSink
 from adapters.streaming import chain
 from adapters.text import split_message
@@ -169,6 +169,8 @@ class SlashCommands:
                 is_admin=self._admin_check(interaction),
                 arrival=arrival,
                 terms=TERMS,
+                roles=role_ids(interaction.user),
+                guild_id=str(interaction.guild_id) if interaction.guild_id else None,
             )
             work = asyncio.create_task(self.core.commands.run(command, inv))
             done, _ = await asyncio.wait({work}, timeout=DEFER_AFTER_S)

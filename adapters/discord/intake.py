@@ -35,6 +35,11 @@ PLATFORM = "discord"
 TEXT_COMMAND = re.compile(r"^/[A-Za-z]")
 
 
+def role_ids(user: object) -> tuple[str, ...]:
+    """A guild member's role ids (a user outside a guild has none)."""
+    return tuple(str(role.id) for role in getattr(user, "roles", ()) or ())
+
+
 def conversation_key(channel_id: int) -> str:
     return f"{PLATFORM}:{channel_id}"
 
@@ -117,6 +122,8 @@ class Intake:
                 mentions_bot=addressed,
                 is_dm=message.guild is None,
                 platform_message_id=str(message.id),
+                roles=role_ids(message.author),
+                guild_id=str(message.guild.id) if message.guild is not None else None,
             )
             sink = ChannelSink(self.webhooks, message.channel, reference=message)
             await self.stream(

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from chat.access import REFUSED, Requester
 from chat.commands import conversation, memory, replies
 from chat.commands.conversation import allowed
 from chat.commands.spec import (
@@ -34,6 +35,7 @@ HANDLER_FAILED = "Sorry, something went wrong on my side while handling that. Pl
 SLASH_POINTER = "My commands are slash commands: type / and pick one (/help)."
 TEXT_ONLY = "I can only read text for now — please send it as a message."
 SLOW_DOWN = "You are sending commands too quickly; please wait a moment."
+NOT_HERE = REFUSED  # a refused caller's private answer where the platform gives one
 GROUP_HINT = "In groups I answer when mentioned, replied to, or (in roleplay) named."
 
 
@@ -72,6 +74,11 @@ class CommandSet:
         """Run ``command`` (a leaf, not a group) for ``inv``: the rate limit (for commands the
         engine does not ration itself), then the rights rule, then its work."""
         engine = self.engine
+        who = Requester(inv.platform, inv.user_id, inv.key, inv.is_dm, inv.roles, inv.guild_id)
+        if not engine.access.permits(who):  # private where the platform can; a DM is told
+            if inv.arrival is not None:
+                inv.arrival.settle()
+            return Answer(text=engine.access.notice(who) or "", ack=NOT_HERE, private=True)
         if not command.rationed:
             admitted, told = engine.queues.admit(inv.platform, inv.user_id)
             if not admitted:

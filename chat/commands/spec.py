@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
+from chat.access import Access
 from chat.actions import Actions
 from chat.answers import Answers
 from chat.continuation import Continuation
@@ -95,6 +96,8 @@ class Invocation:
     is_admin: Callable[[], Awaitable[bool]] = _anyone  # may raise RightsUnknown
     arrival: Arrival | None = None  # the command's place in its conversation's order
     terms: Terms = Terms()
+    roles: tuple[str, ...] = ()  # Discord: the caller's role ids (for [access])
+    guild_id: str | None = None
 
     def text(self, name: str) -> str:
         value = self.args.get(name)
@@ -134,6 +137,8 @@ class Engine(Protocol):
     def characters(self) -> CharacterLibrary: ...
     @property
     def world_books(self) -> Mapping[str, Lorebook]: ...
+    @property
+    def access(self) -> Access: ...
     @property
     def queues(self) -> Queues: ...
     @property

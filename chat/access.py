@@ -11,10 +11,12 @@ notice an hour.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 from chat.fairness import LruDict
 
@@ -111,3 +113,39 @@ class Access:
             return None
         self._noticed[user] = now
         return REFUSED
+
+
+def parse_access(table: Mapping[str, Any]) -> AccessSettings:
+    """``[access]`` from its TOML table, each entry checked; ValueError says what is wrong."""
+    known = sorted(f.name for f in fields(AccessSettings))
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ValueError(f"unknown setting in [access]: {key}{hint}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "allow_dms":
+            if not isinstance(value, bool):
+                raise ValueError(f"[access] allow_dms = {value!r}: input should be a valid boolean")
+            values[key] = value
+            continue
+        if not isinstance(value, list):
+            raise ValueError(f"[access] {key} must be a list, not {value!r}")
+        values[key] = frozenset(_entry(key, entry) for entry in value)
+    return AccessSettings(**values)
+
+
+def _entry(key: str, entry: object) -> str:
+    text = str(entry).strip()
+    if key.endswith(("_users", "_channels")):
+        platform, _, rest = text.partition(":")
+        if platform not in ("discord", "telegram") or not rest.strip().lstrip("-").isdigit():
+            what = "user" if key.endswith("_users") else "channel or chat"
+            raise ValueError(
+                f"[access] {key}: {entry!r} is not 'discord:<{what} id>' or 'telegram:<{what} id>'"
+            )
+        return f"{platform}:{rest.strip()}"
+    if isinstance(entry, bool) or not text.isdigit():  # Discord role and guild ids
+        raise ValueError(f"[access] {key}: {entry!r} is not a Discord id")
+    return text

@@ -35,7 +35,7 @@ from chat.queues import Arrival, Queues, Ticket
 from chat.roleplay.characters import Character, CharacterLibrary
 from chat.roleplay.scene import choose_speakers
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
-from chat.shown import shown
+from chat.shown import shown, tokens_of_reply
 from storage.records import (
     ASSISTANT,
     FAILED,
@@ -374,7 +374,7 @@ class Answers:
             )
             return
         try:
-            reply_tokens, generated = await asyncio.to_thread(_reply_tokens, model, key, reply)
+            reply_tokens, generated = await asyncio.to_thread(tokens_of_reply, model, key, reply)
         except ModelError as exc:  # a remote tokenizer went away: the reply is still good
             log.warning("could not count the reply's tokens in %s: %s", key, exc)
             reply_tokens, generated = len(reply) // 3 + 1, ()
@@ -452,12 +452,3 @@ class _Once:
         callback, self._callback = self._callback, None
         if callback is not None:
             callback()
-
-
-def _reply_tokens(model: ChatModel, slot: str, reply: str) -> tuple[int, Sequence[int]]:
-    """The reply's token count, and the generated tokens when they spell exactly the reply
-    (blocking: a remote model may ask its server)."""
-    generated = model.generated(slot)
-    if generated and model.detokenize(generated).strip() == reply:
-        return len(generated), generated  # what the prompt will hold: no second tokenizing
-    return len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False)), ()

@@ -18,7 +18,7 @@ from typing import Any, Literal, cast, get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from ai_model.config import ModelSettings, SamplingSettings
-from chat.access import AccessSettings
+from chat.access import AccessSettings, parse_access
 from chat.roleplay.characters import (
     CardError,
     Character,
@@ -228,7 +228,10 @@ def parse_settings(
     models_raw = _expect_table(raw.pop("models", {}), "models")
     platforms_raw = _expect_table(raw.pop("platforms", {}), "platforms")
     chars_raw = _expect_table(raw.pop("characters", {}), "characters")
-    access = _access(_expect_table(raw.pop("access", {}), "access"))
+    try:
+        access = parse_access(_expect_table(raw.pop("access", {}), "access"))
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
     if raw:
         raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
 
@@ -403,44 +406,6 @@ def _owner_ids(value: object) -> frozenset[str]:
             )
         owners.add(f"{platform}:{user.strip()}")
     return frozenset(owners)
-
-
-def _access(table: Mapping[str, Any]) -> AccessSettings:
-    """``[access]``: each list checked for what its entries name."""
-    known = {f.name for f in fields(AccessSettings)}
-    if unknown := sorted(set(table) - known):
-        raise SettingsError(
-            f"unknown setting(s) in [access]: {', '.join(_suggest(unknown, known))}"
-        )
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key == "allow_dms":
-            values[key] = _checked(AccessSettings, key, value, "access")
-            continue
-        entries = value if isinstance(value, list) else None
-        if entries is None:
-            raise SettingsError(f"[access] {key} must be a list, not {value!r}")
-        checked = set()
-        for entry in entries:
-            text = str(entry).strip()
-            platform, _, rest = text.partition(":")
-            if key.endswith(("_users", "_channels")):
-                if (
-                    platform not in ("discord", "telegram")
-                    or not rest.strip().lstrip("-").isdigit()
-                ):
-                    what = "user" if key.endswith("_users") else "channel or chat"
-                    raise SettingsError(
-                        f"[access] {key}: {entry!r} is not 'discord:<{what} id>' or "
-                        f"'telegram:<{what} id>'"
-                    )
-                checked.add(f"{platform}:{rest.strip()}")
-            else:  # Discord role and guild ids
-                if isinstance(entry, bool) or not text.isdigit():
-                    raise SettingsError(f"[access] {key}: {entry!r} is not a Discord id")
-                checked.add(text)
-        values[key] = frozenset(checked)
-    return AccessSettings(**values)
 
 
 def _suggest(unknown: list[str], known: set[str]) -> list[str]:

@@ -1,9 +1,11 @@
-"""What users see of a reply: without the model's reasoning, or a name it wrote in front."""
+"""What users see of a reply (without the model's reasoning, or a name it wrote in front),
+and what its tokens are."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ai_model.base import ChatModel
 from chat.roleplay.characters import Character
 from chat.roleplay.scene import clean_reply, strip_name_tag
 
@@ -35,3 +37,12 @@ def without_reasoning(text: str, markers: tuple[str, str]) -> str:
     if head.startswith(opening) or (head and opening.startswith(head)):
         return ""
     return text
+
+
+def tokens_of_reply(model: ChatModel, slot: str, reply: str) -> tuple[int, Sequence[int]]:
+    """The reply's token count, and the generated tokens when they spell exactly the reply
+    (blocking: a remote model may ask its server)."""
+    generated = model.generated(slot)
+    if generated and model.detokenize(generated).strip() == reply:
+        return len(generated), generated  # what the prompt will hold: no second tokenizing
+    return len(model.tokenize(reply.encode("utf-8"), add_bos=False, special=False)), ()

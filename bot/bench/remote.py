@@ -82,13 +82,12 @@ def server_binary() -> str:
     return binary
 
 
-def start_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(folder: Path, slots: int) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:  # a free port, asked of the system
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     threads = str(os.cpu_count() or 1)
     command = [server_binary(), "-m", str(embedded_model_path()), "--host", "127.0.0.1"]
-    slots = max(CONCURRENCY)
     command += ["--port", str(port), "-np", str(slots), "-c", str(slots * 8192), "-t", threads]
     command += ["--metrics"]
     out = (folder / "llama-server.log").open("wb")
@@ -232,7 +231,8 @@ def main(url: str = "", quick: bool = False, shared: bool = False) -> int:
         folder = Path(name)
         process = None
         if not url:
-            process, url = start_server(folder)
+            # The peer table needs a slot per conversation; the shared-server modes use four.
+            process, url = start_server(folder, 4 if shared else max(CONCURRENCY))
         try:
             if shared:
                 results = asyncio.run(measure_shared(url, 2 if quick else 4))

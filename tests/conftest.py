@@ -130,3 +130,18 @@ def smollm(smollm_llama: Any) -> Iterator[LocalModel]:
     model = LocalModel(smollm_llama, "SmolLM2-135M-Instruct", template, ModelSettings().n_ctx)
     yield model
     model._executor.shutdown(wait=True)
+
+
+def record_prompts(model: Any) -> list[list[int]]:
+    """The prompts of conversations (a slot named) that ``model`` is asked to stream, from now
+    on; background jobs (summaries, no slot) are left out."""
+    prompts: list[list[int]] = []
+    original = model.stream
+
+    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+        if slot is not None:
+            prompts.append(list(tokens))
+        return original(tokens, sampling, stop, slot, background)
+
+    model.stream = recording
+    return prompts

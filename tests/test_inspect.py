@@ -16,6 +16,7 @@ from chat.core import ConversationCore
 from chat.messages import IncomingMessage, ReplyKind
 from chat.settings import Settings
 from storage import Store
+from tests.conftest import record_prompts
 from tests.test_cli import run_bot
 from tests.vendored import models_dir
 
@@ -38,15 +39,7 @@ async def test_a_stored_conversation_is_shown_as_the_engine_sends_it(
     settings = replace(settings, models={"office": small, "character": small})
     registry = ModelRegistry(settings.models)
     model = await registry.get("office")
-    prompts: list[list[int]] = []
-    original = model.stream
-
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
-        if slot is not None:
-            prompts.append(list(tokens))
-        return original(tokens, sampling, stop, slot, background)
-
-    model.stream = recording  # type: ignore[method-assign]
+    prompts = record_prompts(model)
     core = ConversationCore(settings, store, registry)
     try:
         for text in (HOSTILE, "And what is a quarterly report?"):

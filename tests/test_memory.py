@@ -25,7 +25,7 @@ from chat.prompt.window import Turn, Window
 from chat.settings import Settings
 from storage import Store
 from storage.records import ASSISTANT, USER
-from tests.conftest import FixedModels
+from tests.conftest import FixedModels, record_prompts
 from tests.scripted import ScriptedModel
 from tests.test_core import text_of
 from tests.test_window import sentence
@@ -158,15 +158,7 @@ async def test_a_30000_token_conversation_on_the_real_model_keeps_a_pinned_summa
     )
     registry = ModelRegistry({"office": small, "character": small})
     model = await registry.get("office")
-    prompts: list[list[int]] = []
-    original = model.stream
-
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
-        if slot is not None:
-            prompts.append(list(tokens))
-        return original(tokens, sampling, stop, slot, background)
-
-    model.stream = recording  # type: ignore[method-assign]
+    prompts = record_prompts(model)
     core = ConversationCore(
         replace(settings, models={"office": small, "character": small}), store, registry
     )

@@ -26,6 +26,11 @@ class Adapter(Protocol):
 
     name: str
 
+    @property
+    def connected(self) -> bool:
+        """Whether the platform connection is up now (for the readiness check)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...

@@ -28,6 +28,7 @@ class ConsoleAdapter:
 
     name = PLATFORM
     MAX_MESSAGE_CHARS: int | None = None
+    connected = True  # a terminal is there while the process runs
 
     def __init__(
         self, core: ConversationCore, stdin: TextIO, stdout: TextIO, user: str | None = None

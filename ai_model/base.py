@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from ai_model.config import SamplingSettings
@@ -19,6 +20,18 @@ class ModelFileMissing(ModelError):
 
 class GenerationError(ModelError):
     """llama.cpp failed while generating a reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """What a loaded model is doing now, and its prompt-token totals since it loaded (read by
+    the operator's metrics; only the in-process batched backend knows all of it)."""
+
+    queued: int  # requests waiting for a sequence
+    busy: int  # sequences generating now
+    parked: int  # conversation states parked in RAM (not resident in a sequence)
+    prompt_reused: int  # prompt tokens found in the cache, since load
+    prompt_computed: int  # prompt tokens evaluated, since load
 
 
 BACKGROUND_CHUNK = 32  # prompt tokens per step of background work (summaries)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ai_model.base import BACKGROUND_CHUNK, GenerationError, ModelError
+from ai_model.base import BACKGROUND_CHUNK, GenerationError, ModelError, ModelUsage
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import Handoff
 from ai_model.jinja_format import template_for, token_text
@@ -210,6 +210,9 @@ class BatchedModel:
 
     def generated(self, slot: str | None) -> Sequence[int]:
         return self.scheduler.generated.get(slot, ())
+
+    def usage(self) -> ModelUsage:
+        return self.scheduler.usage()
 
     async def stream(
         self,

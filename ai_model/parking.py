@@ -264,6 +264,11 @@ class Parking:
     def ram_used(self) -> int:
         return self._used
 
+    @property
+    def count(self) -> int:
+        """States parked in RAM, or being written to disk."""
+        return len(self._ram) + len(self._spilling)
+
     def put(self, key: str, state: SavedState) -> None:
         self.discard(key)
         self._ram[key] = state

@@ -8,11 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ai_model.base import ChatModel, ModelError, ModelFileMissing
+from ai_model.base import ChatModel, ModelError, ModelFileMissing, ModelUsage
 from ai_model.batched import BatchedModel
 from ai_model.config import ModelSettings
 from ai_model.embedded import EMBEDDED_NAME, EmbeddedModelMissing, embedded_model_path
 from ai_model.local import LocalModel
+from ai_model.memory_plan import ModelPlan, plan_model, read_shape
 from ai_model.remote import Dialect, RemoteModel
 from ai_model.vocab import VocabModel
 
@@ -183,6 +184,34 @@ class ModelRegistry:
                 )
                 self._loaded[key] = model
         return model
+
+    def memory_plans(self) -> list[ModelPlan]:
+        """The memory each model to load here will take (blocking: reads files' metadata).
+        Remote roles are left out: their server holds the memory."""
+        plans: dict[tuple[object, ...], ModelPlan] = {}
+        for role, r in self.resolved.items():
+            key = self._key(role)
+            if r.settings.remote or r.path is None or key in plans:
+                continue
+            roles = "+".join(o for o in self.resolved if self._key(o) == key)
+            plans[key] = plan_model(f"{roles} role", r.settings, r.path, read_shape(r.path))
+        return list(plans.values())
+
+    def loaded(self, role: str) -> bool:
+        """Whether ``role``'s model is loaded (or its remote server reached) already."""
+        return role in self.resolved and self._key(role) in self._loaded
+
+    def usage(self) -> dict[str, ModelUsage]:
+        """Each loaded model's queue, sequences and prompt totals, by the roles it serves
+        joined with "+" (for the metrics); backends that do not know them are left out."""
+        found: dict[str, ModelUsage] = {}
+        for key, model in self._loaded.items():
+            read = getattr(model, "usage", None)
+            if read is None:
+                continue
+            roles = "+".join(r for r in self.resolved if self._key(r) == key)
+            found[roles] = read()
+        return found
 
     async def connect(self) -> None:
         """Reach every remote role's server now: one that is down, or that serves another

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ai_model.base import ModelUsage
 from ai_model.config import SamplingSettings
 from ai_model.handoff import DONE
 from ai_model.parking import (
@@ -179,6 +180,7 @@ class Scheduler:
         self.generated: OrderedDict[str | None, tuple[int, ...]] = OrderedDict()
         self.admissions: deque[Admission] = deque(maxlen=HISTORY)
         self.steps: deque[Step] = deque(maxlen=HISTORY)
+        self.prompt_totals = [0, 0]  # prompt tokens reused and computed since load
         self._thread = threading.Thread(target=self._run, name=f"llama-{name}", daemon=True)
         self._thread.start()
 
@@ -199,6 +201,17 @@ class Scheduler:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+
+    def usage(self) -> ModelUsage:
+        """Queue, busy sequences and parked states now (read from the event loop: each
+        figure is one read of a value the thread replaces whole, so none is torn)."""
+        return ModelUsage(
+            queued=len(self._queue),
+            busy=sum(s.req is not None for s in self.seqs),
+            parked=self.parking.count,
+            prompt_reused=self.prompt_totals[0],
+            prompt_computed=self.prompt_totals[1],
+        )
 
     def resident(self) -> list[str | None]:
         """The conversations held in sequences, most recently used first."""
@@ -365,6 +378,8 @@ class Scheduler:
         seq.text, seq.sent = "", 0
         seq.used = time.monotonic()
         self.admissions.append(Admission(req.key, seq.id, event, reused, len(seq.pending)))
+        self.prompt_totals[0] += reused
+        self.prompt_totals[1] += len(seq.pending)
 
     # -- one step -----------------------------------------------------------------------------
 

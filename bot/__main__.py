@@ -91,10 +91,19 @@ def _dispatch(
     from bot.secrets import shown_url
 
     if command == "check":
-        for line in ModelRegistry(settings.models).describe():
+        from ai_model.memory_plan import available_ram, verdicts
+
+        registry = ModelRegistry(settings.models)
+        for line in registry.describe():
             print(line)
         print(f"database: {shown_url(settings.database_url)}")
-        return 0
+        plans = registry.memory_plans()
+        for plan in plans:
+            print(plan.line())
+        found = verdicts(plans, available_ram())
+        for _fits, line in found:
+            print(line)
+        return 0 if all(fits for fits, _ in found) else 1
     if command == "bench":
         if args.backend == "llama-server":
             from bot.bench import remote as bench_remote
@@ -146,7 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         redact_logs(settings)
-        return _dispatch(args.command or "run", settings, args, shutdown)
+        command = args.command or "run"
+        tokens = any(settings.platform(name).token for name in ("discord", "telegram"))
+        console = command == "console" or (command == "run" and not tokens)
+        if console and not args.verbose:
+            # The terminal chat shares the terminal with the log: only warnings and errors
+            # come between its lines, unless -v asks for everything.
+            logging.getLogger().setLevel(logging.WARNING)
+        return _dispatch(command, settings, args, shutdown)
     except SettingsError as exc:
         print(f"error: settings: {exc}", file=sys.stderr)
         return 2

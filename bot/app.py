@@ -13,6 +13,7 @@ from pathlib import Path
 
 from adapters.base import Adapter
 from ai_model.registry import ModelRegistry
+from bot.operations import Operations
 from bot.shutdown import Shutdown
 from chat.core import ConversationCore
 from chat.faults import KillPoints
@@ -42,6 +43,7 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
     registry = models or ModelRegistry(settings.models)
     for line in registry.describe():
         log.info("%s", line)
+    await warn_of_memory(registry)
     try:
         await registry.connect()  # a remote engine that is down stops start-up here
     except BaseException:
@@ -61,6 +63,21 @@ async def open_app(settings: Settings, models: ModelRegistry | None = None) -> A
     finally:
         await store.close()
         await registry.aclose()
+
+
+async def warn_of_memory(registry: ModelRegistry) -> None:
+    """One warning line when the models will not fit (``python -m bot check`` says more)."""
+    from ai_model.base import ModelError
+    from ai_model.memory_plan import available_ram, verdicts
+
+    try:
+        plans = await asyncio.to_thread(registry.memory_plans)
+    except (ModelError, OSError) as exc:
+        log.warning("memory plan: %s", exc)
+        return
+    for fits, line in verdicts(plans, available_ram()):
+        if not fits:
+            log.warning("%s (python -m bot check shows the plan)", line)
 
 
 async def run_console(settings: Settings) -> None:
@@ -97,6 +114,16 @@ async def run_platforms(settings: Settings, shutdown: Shutdown | None = None) ->
 async def _serve(app: App, adapters: list[Adapter], shutdown: Shutdown) -> None:
     """Run the adapters until they end or a stop signal asks for a graceful stop."""
     shutdown.install()
+    operations = None
+    if app.settings.metrics_listen:
+        operations = Operations(
+            app.settings.metrics_listen,
+            metrics=app.core.metrics,
+            models=app.models,
+            store=app.store,
+            adapters=adapters,
+        )
+        await operations.start()
     running = [asyncio.create_task(adapter.start()) for adapter in adapters]
     stop = asyncio.create_task(shutdown.requested.wait())
     try:
@@ -115,6 +142,8 @@ async def _serve(app: App, adapters: list[Adapter], shutdown: Shutdown) -> None:
         for adapter in adapters:
             await adapter.stop()
         results = await asyncio.gather(*running, return_exceptions=True)
+        if operations is not None:
+            await operations.stop()
         shutdown.uninstall()
     for result in results:
         if isinstance(result, Exception):

@@ -25,6 +25,7 @@ def secrets_of(settings: Settings) -> list[str]:
     """Every secret the settings hold: platform tokens, engines' API keys, the database's
     password (each as it would appear in a URL or a header)."""
     found = [p.token for p in settings.platforms.values() if p.token]
+    found += [p.webhook_secret for p in settings.platforms.values() if p.webhook_secret]
     found += [m.api_key for m in settings.models.values() if m.api_key]
     try:
         password = make_url(settings.database_url).password

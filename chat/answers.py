@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
@@ -26,12 +27,13 @@ from chat.edits import DELETED, Edits
 from chat.faults import KillPoints
 from chat.limits import shorten
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind, notice
-from chat.prompt.assembly import pinned_limit
+from chat.metrics import Metrics
 from chat.prompt.building import PromptBuilder
 from chat.prompt.history import HistoryCache
 from chat.prompt.memory import MemoryKeeper
+from chat.prompt.too_long import too_long
 from chat.prompt.window import PromptTooLong, clean_name
-from chat.queues import Arrival, Queues, Ticket
+from chat.queues import USER_BUSY, Arrival, Queues, Ticket
 from chat.roleplay.characters import Character, CharacterLibrary
 from chat.roleplay.scene import choose_speakers
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
@@ -39,7 +41,6 @@ from chat.shown import shown, tokens_of_reply
 from storage.records import (
     ASSISTANT,
     FAILED,
-    NOTICE,
     RECEIVED,
     USER,
     Conversation,
@@ -97,6 +98,7 @@ class Answers:
         *,
         kill_points: KillPoints,
         access: Access,
+        metrics: Metrics,
         rng: random.Random,
         opening: Callable[[Conversation, bool, str], Awaitable[OutgoingReply | None]],
     ) -> None:
@@ -113,6 +115,7 @@ class Answers:
         self.delivery = delivery
         self.kill_points = kill_points
         self.access = access
+        self.metrics = metrics
         self.rng = rng
         self._opening = opening  # the scene's greeting, for a roleplay conversation not opened
         self.closing = False  # set by a graceful stop: no new work is taken
@@ -148,8 +151,11 @@ class Answers:
         arrival = arrival or self.queues.arrive(key)
         ticket: Ticket | None = None
         user: StoredMessage | None = None
+        counts = self.metrics
+        counts.received.labels(msg.platform).inc()
         try:
             if self.closing:
+                counts.refused.labels(msg.platform, "closing").inc()
                 settled()
                 arrival.settle()
                 yield notice(key, RESTARTING, msg.platform_message_id)
@@ -157,6 +163,7 @@ class Answers:
             self.kill_points.reached("received")
             who = Requester(msg.platform, msg.author_id, key, msg.is_dm, msg.roles, msg.guild_id)
             if not self.access.permits(who):  # not stored, no model time; a DM is told
+                counts.refused.labels(msg.platform, "access").inc()
                 settled()
                 arrival.settle()
                 if msg.addresses_bot and (text := self.access.notice(who)):
@@ -212,6 +219,7 @@ class Answers:
                     user = await storing
                 except STORAGE_ERRORS as exc:
                     log.error("could not store a message in %s: %s", key, exc)
+                    counts.storage_errors.inc()
                     refusal = NOT_STORED
                 else:
                     if wanted and refusal is None:
@@ -221,6 +229,8 @@ class Answers:
             if opening is not None:
                 yield opening
             if refusal is not None:
+                reason = {NOT_STORED: "not_stored", USER_BUSY: "user_busy"}
+                counts.refused.labels(msg.platform, reason.get(refusal, "queue_full")).inc()
                 yield notice(key, refusal, msg.platform_message_id)
             if ticket is None or user is None:
                 return
@@ -347,6 +357,8 @@ class Answers:
         others: list[str] = []
         reasoning: tuple[str, str] | None = None
         text = ""
+        began = time.monotonic()
+        outcome = self.metrics.failed.labels(platform, role)
         try:
             model = await self.models.get(role)
             try:
@@ -354,21 +366,29 @@ class Answers:
                     conv, model, user_id, char, sampling.max_tokens, replacing=group
                 )
             except PromptTooLong as exc:
-                yield await self._too_long(conv, model, user_id, exc, base)
+                outcome.inc()
+                text = await too_long(self.store, self.history, conv, model, user_id, exc)
+                yield replace(base, text=text, final=True, kind=ReplyKind.NOTICE)
                 return
             conv = built.conv
             others = [s.strip("\n:") for s in built.stops]
             reasoning = model.template.reasoning
             async with self.memory.replying(key, role):
                 async for piece in model.stream(built.tokens, sampling, built.stops, slot=key):
+                    if not text and piece:
+                        self.metrics.first_token.labels(role).observe(time.monotonic() - began)
                     text += piece
                     yield replace(base, text=shown(text, char, others, reasoning), delta=piece)
         except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
             log.error("generation failed in %s: %s", key, exc, exc_info=trace_wanted(exc))
+            if isinstance(exc, STORAGE_ERRORS):
+                self.metrics.storage_errors.inc()
+            outcome.inc()
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
         reply = shown(text, char, others, reasoning).strip()
         if not reply:
+            outcome.inc()
             yield replace(
                 base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE
             )
@@ -399,8 +419,13 @@ class Answers:
                 self.history.forget(key)
         except STORAGE_ERRORS as exc:
             log.error("could not store the reply in %s: %s", key, exc)
+            self.metrics.storage_errors.inc()
+            outcome.inc()
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
             return
+        self.metrics.answered.labels(platform, role).inc()
+        self.metrics.tokens.labels(role).inc(reply_tokens)
+        self.metrics.reply.labels(role).observe(time.monotonic() - began)
         if generated:
             # The KV cache holds exactly these tokens: the next prompt matches it to the end.
             self.prompts.encoder(model).remember_reply(stored, generated)
@@ -408,36 +433,6 @@ class Answers:
             await self.conversations.update_settings(conv, last_speaker=char.name)
         self.kill_points.reached("replied")
         yield replace(base, text=reply, final=True, stored_id=stored.id)
-
-    async def _too_long(
-        self,
-        conv: Conversation,
-        model: ChatModel,
-        user_id: int,
-        exc: PromptTooLong,
-        base: OutgoingReply,
-    ) -> OutgoingReply:
-        history_room = model.n_ctx - pinned_limit(model.n_ctx)
-        if exc.needed <= history_room:
-            # The message would fit any sound set-up: the character, its lore or persona take
-            # the room.  The message stays in the conversation.
-            text = (
-                f"I cannot answer right now: this conversation's character set-up leaves room "
-                f"for only {max(exc.available, 0)} tokens and your message takes about "
-                f"{exc.needed}. Your message is saved; an admin can choose another character."
-            )
-            log.warning("%s: the pinned prompt leaves no room for the history", conv.key)
-        else:
-            text = (
-                f"Your message is too long for me to read: it takes about {exc.needed} tokens "
-                f"and I have room for {history_room}. It is saved; please send a shorter "
-                "version or split it into parts."
-            )
-            # Keep it stored, but out of the model's view: it could never fit the window.
-            await self.store.messages.update(user_id, in_context=False, token_count=exc.needed)
-            self.history.forget(conv.key)
-        await self.store.messages.add(conv.id, NOTICE, text, reply_to_id=user_id, in_context=False)
-        return replace(base, text=text, final=True, kind=ReplyKind.NOTICE)
 
 
 class _Once:

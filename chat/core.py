@@ -17,6 +17,7 @@
 ``library``        characters and world books shared by every conversation
 ``recovery``       what a restart must finish (:mod:`chat.recovery`)
 ``commands``       the commands users type, declared once (:mod:`chat.commands`)
+``metrics``        what operators watch (:mod:`chat.metrics`)
 =================  ============================================================================
 """
 
@@ -35,6 +36,7 @@ from chat.conversations import Conversations
 from chat.delivery import Delivery
 from chat.edits import Edits
 from chat.faults import KillPoints
+from chat.metrics import Metrics
 from chat.prompt.building import PromptBuilder
 from chat.prompt.history import HistoryCache
 from chat.prompt.memory import MemoryKeeper
@@ -72,7 +74,14 @@ class ConversationCore:
         self.characters = CharacterLibrary(fixed, default=settings.default_character)
         self.memory = MemoryKeeper(store, models.get, idle=lambda key: not self.queues.busy(key))
         # A summary never runs while its conversation has a turn (and waits for quiet after).
-        self.queues = Queues(settings, on_ticket=self.memory.interrupt, on_release=self.memory.wake)
+        self.metrics = Metrics()
+        self.queues = Queues(
+            settings,
+            on_ticket=self.memory.interrupt,
+            on_release=self.memory.wake,
+            metrics=self.metrics,
+        )
+        self.metrics.watch_queue(self.queues.busy_count)
         self.conversations = Conversations(store, settings, self.characters, busy=self.queues.busy)
         windows = [m.n_ctx for m in settings.models.values()] or [8192]
         self.history = HistoryCache(store, max_rows=max(windows) // 2 + 1)
@@ -107,6 +116,7 @@ class ConversationCore:
             self.delivery,
             kill_points=kills,
             access=self.access,
+            metrics=self.metrics,
             rng=rng or random.Random(),
             opening=lambda conv, is_dm, user: self.actions.open(conv, is_dm, user),
         )

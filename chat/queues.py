@@ -19,6 +19,7 @@ from types import TracebackType
 
 from chat.fairness import LruDict, RateLimiter, Verdict
 from chat.messages import OutgoingReply, notice
+from chat.metrics import Metrics
 from chat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,10 @@ class Queues:
         *,
         on_ticket: Callable[[str], None] = lambda _key: None,
         on_release: Callable[[str], None] = lambda _key: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self._on_ticket = on_ticket  # memory: a summary never runs beside a turn
         self._on_release = on_release  # memory: the conversation may be quiet now
         self._channels: LruDict[str, ChannelQueue] = LruDict(
@@ -264,6 +267,7 @@ class Queues:
         verdict = self.rate_limiter.check(f"{platform}:{user_id}")
         if verdict is Verdict.ALLOW:
             return True, None
+        self.metrics.refused.labels(platform, "rate_limited").inc()
         if verdict is Verdict.DROP:
             log.info("rate limit: dropped an input of %s:%s", platform, user_id)
             return False, None

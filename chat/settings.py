@@ -7,15 +7,12 @@ global: :func:`load_settings` returns a :class:`Settings` that callers pass expl
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, cast, get_type_hints
-
-from pydantic import TypeAdapter, ValidationError
+from typing import Any, Literal, cast
 
 from ai_model.config import ModelSettings, SamplingSettings
 from chat.access import AccessSettings, parse_access
@@ -26,6 +23,34 @@ from chat.roleplay.characters import (
     character_from_card,
     shipped_characters,
 )
+from chat.setting_checks import (
+    SettingsError,
+    build,
+    check_character,
+    check_shards,
+    checked,
+    count,
+    duration,
+    expect_table,
+    host_port,
+    owner_ids,
+    suggest,
+    webhook_secret,
+)
+
+__all__ = [
+    "MODES",
+    "ROLES",
+    "ROLE_FOR_MODE",
+    "Mode",
+    "PlatformSettings",
+    "Settings",
+    "SettingsError",
+    "host_port",
+    "load_settings",
+    "parse_mode",
+    "parse_settings",
+]
 
 Mode = Literal["roleplay", "work"]
 MODES: tuple[Mode, ...] = ("roleplay", "work")
@@ -62,10 +87,6 @@ def parse_mode(value: str) -> Mode | None:
     return None
 
 
-class SettingsError(Exception):
-    """The settings file or environment is invalid; the message is meant for the user."""
-
-
 @dataclass(frozen=True, slots=True)
 class PlatformSettings:
     """Per-platform behaviour: the mode a new channel gets and where the API lives."""
@@ -86,7 +107,12 @@ class PlatformSettings:
     # runs (None: all).  Processes must run disjoint shard ids (README, "Scaling out").
     shard_count: int | None = None
     shard_ids: tuple[int, ...] | None = None
+    # Telegram: receive updates by webhook at this public HTTPS URL instead of polling; the
+    # bot listens on ``listen`` (host:port, behind the proxy that terminates TLS).
+    webhook_url: str | None = None
+    listen: str = "127.0.0.1:8443"
     token: str | None = field(default=None, repr=False)
+    webhook_secret: str | None = field(default=None, repr=False)  # TELEGRAM_WEBHOOK_SECRET
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +159,8 @@ class Settings:
     note_depth: int = 4
     # Who may use the bot (chat/access.py); without lists, everyone.
     access: AccessSettings = field(default_factory=AccessSettings)
+    # Where /healthz, /readyz and /metrics are served ("host:port"); None: nowhere.
+    metrics_listen: str | None = None
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -140,55 +168,6 @@ class Settings:
     def is_owner(self, platform: str, user_id: str) -> bool:
         """Listed in ``owner_ids``; the terminal chat is the machine's owner by definition."""
         return platform == "console" or f"{platform}:{user_id}" in self.owner_ids
-
-
-def _expect_table(value: object, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise SettingsError(f"[{where}] must be a table")
-    return value
-
-
-_CHECKERS: dict[tuple[type[Any], str], TypeAdapter[Any]] = {}
-
-
-def _checker(cls: type[Any], name: str) -> TypeAdapter[Any]:
-    key = (cls, name)
-    if key not in _CHECKERS:
-        _CHECKERS[key] = TypeAdapter(get_type_hints(cls)[name])
-    return _CHECKERS[key]
-
-
-def _checked(cls: type[Any], name: str, value: Any, where: str) -> Any:
-    """``value`` as the field ``name`` of ``cls`` declares it, or a :class:`SettingsError`
-    that names the setting, what it got and what it takes.  Strict: ``"false"`` is no boolean
-    and ``"8191"`` no number (TOML has both); arrays become tuples."""
-    if isinstance(value, list):
-        value = tuple(value)
-    try:
-        return _checker(cls, name).validate_python(value, strict=True)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        at = "".join(f"[{p}]" for p in error["loc"])
-        raise SettingsError(
-            f"[{where}] {name}{at} = {error['input']!r}: {error['msg'].lower()}"
-        ) from None
-
-
-def _build(cls: type[Any], data: Mapping[str, Any], where: str, **extra: Any) -> Any:
-    """Build a frozen dataclass from a TOML table: unknown keys and values of the wrong type
-    are refused with a message naming them."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise SettingsError(
-            f"unknown setting(s) in [{where}]: {', '.join(_suggest(unknown, set(known)))}"
-        )
-    values = {name: _checked(cls, name, value, where) for name, value in data.items()}
-    try:
-        obj = cls(**values, **extra)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"invalid value in [{where}]: {exc}") from exc
-    return obj
 
 
 def _mode(value: object, where: str) -> Mode:
@@ -202,16 +181,16 @@ def _model_settings(data: Mapping[str, Any], where: str) -> ModelSettings:
     data = dict(data)
     sampling = SamplingSettings()
     if "sampling" in data:
-        sampling = _build(
+        sampling = build(
             SamplingSettings,
-            _expect_table(data.pop("sampling"), f"{where}.sampling"),
+            expect_table(data.pop("sampling"), f"{where}.sampling"),
             f"{where}.sampling",
         )
     # TOML arrays arrive as lists; the frozen settings keep tuples so they stay hashable.
     sampling = replace(sampling, stop=tuple(sampling.stop))
     if isinstance(data.get("server_slots"), list):
         data["server_slots"] = tuple(data["server_slots"])
-    model = _build(ModelSettings, data, where, sampling=sampling)
+    model = build(ModelSettings, data, where, sampling=sampling)
     try:
         model.validate()
     except ValueError as exc:
@@ -224,12 +203,12 @@ def parse_settings(
 ) -> Settings:
     """Turn a parsed TOML document plus environment into :class:`Settings`."""
     raw = dict(raw)
-    bot = _expect_table(raw.pop("bot", {}), "bot")
-    models_raw = _expect_table(raw.pop("models", {}), "models")
-    platforms_raw = _expect_table(raw.pop("platforms", {}), "platforms")
-    chars_raw = _expect_table(raw.pop("characters", {}), "characters")
+    bot = expect_table(raw.pop("bot", {}), "bot")
+    models_raw = expect_table(raw.pop("models", {}), "models")
+    platforms_raw = expect_table(raw.pop("platforms", {}), "platforms")
+    chars_raw = expect_table(raw.pop("characters", {}), "characters")
     try:
-        access = parse_access(_expect_table(raw.pop("access", {}), "access"))
+        access = parse_access(expect_table(raw.pop("access", {}), "access"))
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     if raw:
@@ -250,13 +229,14 @@ def parse_settings(
         "memory_budget",
         "regenerate_on_edit",
         "note_depth",
+        "metrics_listen",
     }
     if unknown := sorted(set(bot) - known_bot):
         raise SettingsError(
-            f"unknown setting(s) in [bot]: {', '.join(_suggest(unknown, known_bot))}"
+            f"unknown setting(s) in [bot]: {', '.join(suggest(unknown, known_bot))}"
         )
     limits: dict[str, Any] = {
-        key: _count(bot, key)
+        key: count(bot, key)
         for key in (
             "rate_limit",
             "max_queued",
@@ -268,7 +248,7 @@ def parse_settings(
         if key in bot
     }
     if "recover_window" in bot:
-        limits["recover_window"] = _duration(bot["recover_window"], "recover_window")
+        limits["recover_window"] = duration(bot["recover_window"], "recover_window")
     for key in ("offline_notice", "regenerate_on_edit"):
         if key in bot:
             if not isinstance(bot[key], bool):
@@ -282,11 +262,16 @@ def parse_settings(
     for key in ("max_queued", "max_pending_per_user"):
         if limits.get(key, 1) < 1:
             raise SettingsError(f"[bot] {key} must be at least 1")
+    for key in ("database_url", "system_prompt", "default_character"):
+        if key in bot:
+            checked(Settings, key, bot[key], "bot")
+    if "metrics_listen" in bot:
+        limits["metrics_listen"] = host_port(bot["metrics_listen"], "[bot] metrics_listen")[2]
 
     models: dict[str, ModelSettings] = {}
     for role in ROLES:
         models[role] = _model_settings(
-            _expect_table(models_raw.pop(role, {}), f"models.{role}"), f"models.{role}"
+            expect_table(models_raw.pop(role, {}), f"models.{role}"), f"models.{role}"
         )
         # A remote engine's key, kept out of the settings file: BOT_OFFICE_API_KEY, ...
         if key := env.get(f"BOT_{role.upper()}_API_KEY", "").strip():
@@ -298,15 +283,16 @@ def parse_settings(
 
     characters: dict[str, Character] = {}
     for key, table in chars_raw.items():
-        table = dict(_expect_table(table, f"characters.{key}"))
+        table = dict(expect_table(table, f"characters.{key}"))
         name = str(table.pop("name", key))
         if unknown := sorted(set(table) - CHARACTER_KEYS):
             raise SettingsError(f"unknown setting(s) in [characters.{key}]: {', '.join(unknown)}")
+        check_character(table, f"characters.{key}")
         extensions: dict[str, Any] = {}
         if "talkativeness" in table:
             extensions["talkativeness"] = table.pop("talkativeness")
         if "sampling" in table:
-            extensions["localbot"] = {"sampling": _expect_table(table.pop("sampling"), key)}
+            extensions["localbot"] = {"sampling": expect_table(table.pop("sampling"), key)}
         if "greeting" in table:
             table["first_mes"] = table.pop("greeting")
         try:
@@ -319,7 +305,7 @@ def parse_settings(
     base_url_env = {"discord": "DISCORD_API_BASE_URL", "telegram": "TELEGRAM_BASE_URL"}
     platforms: dict[str, PlatformSettings] = {}
     for name in ("console", "discord", "telegram"):
-        table = dict(_expect_table(platforms_raw.pop(name, {}), f"platforms.{name}"))
+        table = dict(expect_table(platforms_raw.pop(name, {}), f"platforms.{name}"))
         if "token" in table:
             raise SettingsError(
                 f"[platforms.{name}] token: tokens are read from the environment only "
@@ -330,12 +316,16 @@ def parse_settings(
                 table[key] = _mode(table[key], f"platforms.{name}.{key}")
         for key in ("admin_role_ids", "admin_user_ids", "shard_ids"):
             if key in table:
-                table[key] = _checked(PlatformSettings, key, table[key], f"platforms.{name}")
-        _check_shards(table, f"platforms.{name}")
+                table[key] = checked(PlatformSettings, key, table[key], f"platforms.{name}")
+        check_shards(table, f"platforms.{name}")
         if name in base_url_env and env.get(base_url_env[name]):
             table["api_base_url"] = env[base_url_env[name]]
         token = (env.get(token_env[name], "").strip() or None) if name in token_env else None
-        platforms[name] = _build(PlatformSettings, table, f"platforms.{name}", token=token)
+        secret = env.get("TELEGRAM_WEBHOOK_SECRET", "").strip() or None
+        hook = webhook_secret(name, table, secret)
+        platforms[name] = build(
+            PlatformSettings, table, f"platforms.{name}", token=token, webhook_secret=hook
+        )
     if platforms_raw:
         raise SettingsError(f"unknown platform(s): {', '.join(sorted(platforms_raw))}")
 
@@ -352,69 +342,10 @@ def parse_settings(
         models=models,
         platforms=platforms,
         config_path=config_path,
-        owner_ids=_owner_ids(bot.get("owner_ids", [])),
+        owner_ids=owner_ids(bot.get("owner_ids", [])),
         access=access,
         **limits,
     )
-
-
-def _count(table: Mapping[str, Any], key: str) -> Any:
-    value = table.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SettingsError(f"[bot] {key} must be a whole number >= 0, not {value!r}")
-    return value
-
-
-def _check_shards(table: Mapping[str, Any], where: str) -> None:
-    count, ids = table.get("shard_count"), table.get("shard_ids")
-    if count is not None and (not isinstance(count, int) or count < 1):
-        raise SettingsError(f"[{where}] shard_count must be a whole number >= 1")
-    if ids is not None:
-        if count is None:
-            raise SettingsError(f"[{where}] shard_ids needs shard_count")
-        if not ids or any(i < 0 or i >= count for i in ids) or len(set(ids)) != len(ids):
-            raise SettingsError(
-                f"[{where}] shard_ids must be distinct numbers from 0 to {count - 1}"
-            )
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(value: object, key: str) -> int:
-    """Seconds, from a whole number of seconds or a string like "90s", "30m", "1h", "2d"."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    text = str(value).strip().lower()
-    if text[-1:] in _UNITS and text[:-1].strip().isdigit():
-        return int(text[:-1]) * _UNITS[text[-1]]
-    raise SettingsError(f'[bot] {key} must be seconds or a duration like "1h", not {value!r}')
-
-
-def _owner_ids(value: object) -> frozenset[str]:
-    """``["discord:123", "telegram:456"]`` → the set, each entry checked."""
-    if not isinstance(value, list):
-        raise SettingsError('[bot] owner_ids must be a list like ["discord:123"]')
-    owners = set()
-    for entry in value:
-        platform, _, user = str(entry).partition(":")
-        if platform not in ("discord", "telegram", "console") or not user.strip():
-            raise SettingsError(
-                f"[bot] owner_ids: {entry!r} is not 'discord:<user id>' or 'telegram:<user id>'"
-            )
-        owners.add(f"{platform}:{user.strip()}")
-    return frozenset(owners)
-
-
-def _suggest(unknown: list[str], known: set[str]) -> list[str]:
-    """Unknown keys, each with the closest known one where there is one."""
-    out = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        out.append(f"{key} (did you mean {close[0]}?)" if close else key)
-    return out
 
 
 def load_settings(

@@ -31,6 +31,11 @@ class Store:
         self.summaries = SummaryQueries(engine, self.writer)
         self.library = LibraryQueries(engine, self.writer)
 
+    async def ping(self) -> None:
+        """One round trip to the database (raises one of :data:`STORAGE_ERRORS` if down)."""
+        async with self.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
     async def close(self) -> None:
         await self.messages.close()
         await self.writer.close()

@@ -1,6 +1,7 @@
 """A Bot-API-compatible server on 127.0.0.1 for driving python-telegram-bot end to end.
 
-It implements the methods the adapter uses (getMe, deleteWebhook, getUpdates with long polling,
+It implements the methods the adapter uses (getMe, setWebhook and deleteWebhook with delivery by
+POST as tests/fake_webhook.py describes, getUpdates with long polling,
 sendMessage, editMessageText, sendChatAction, setMyCommands, getChatMember), validates HTML the
 way Telegram does, and can be told to answer the next call of a method with "can't parse
 entities" or a 429 flood-control error.
@@ -18,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fake_webhook import WebhookSender
 from tests.waiting import wait_until
 
 BOT = {
@@ -94,6 +96,8 @@ class FakeTelegram:
         self._next_message = 1000
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # setWebhook: updates are POSTed to the bot instead (tests/fake_webhook.py).
+        self.webhook = WebhookSender(self._unconfirmed)
 
     # -- test helpers ---------------------------------------------------------------------------
 
@@ -206,7 +210,11 @@ class FakeTelegram:
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
 
+    def _unconfirmed(self) -> list[dict[str, Any]]:
+        return [u for u in self.updates if u["update_id"] > self.confirmed]
+
     async def stop(self) -> None:
+        await self.webhook.delete()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -293,7 +301,17 @@ class FakeTelegram:
     async def _m_getMe(self, _p: dict[str, Any]) -> web.Response:
         return self._ok(BOT)
 
-    async def _m_deleteWebhook(self, _p: dict[str, Any]) -> web.Response:
+    async def _m_deleteWebhook(self, p: dict[str, Any]) -> web.Response:
+        if p.get("drop_pending_updates"):
+            self.confirmed = self.last_update_id
+        await self.webhook.delete()
+        return self._ok(True)
+
+    async def _m_setWebhook(self, p: dict[str, Any]) -> web.Response:
+        url = str(p.get("url") or "")
+        if not url.startswith("https://"):
+            return self._error(400, "Bad Request: bad webhook: HTTPS url must be provided")
+        await self.webhook.set(url, p.get("secret_token"), p.get("max_connections"))
         return self._ok(True)
 
     async def _m_setMyCommands(self, p: dict[str, Any]) -> web.Response:
@@ -330,13 +348,24 @@ class FakeTelegram:
         return self._ok(member)
 
     async def _m_getUpdates(self, p: dict[str, Any]) -> web.Response:
+        if self.webhook.active:  # as Telegram: one way of receiving at a time
+            return self._error(
+                409,
+                "Conflict: can't use getUpdates method while webhook is active; "
+                "use deleteWebhook to delete the webhook first",
+            )
         offset = int(p.get("offset") or 0)
         self.confirmed = max(self.confirmed, offset - 1)  # updates the bot has acknowledged
         timeout = float(p.get("timeout") or 0)
         deadline = time.monotonic() + timeout
         while True:
             # As Telegram: without an offset, what follows the last confirmed update.
-            pending = [u for u in self.updates if u["update_id"] > max(offset - 1, self.confirmed)]
+            pending = [
+                u
+                for u in self.updates
+                if u["update_id"] > max(offset - 1, self.confirmed)
+                and u["update_id"] not in self.webhook.acked
+            ]
             if pending or time.monotonic() >= deadline:
                 return self._ok(pending[: int(p.get("limit") or 100)])
             self.new_update.clear()

@@ -113,3 +113,55 @@ async def test_telegram_refused_users_cost_nothing_and_hear_once_in_a_dm(
         rows = await conn.execute(text("SELECT author_id, text FROM messages WHERE role = 'user'"))
         stored = [tuple(r) for r in rows]
     assert stored and all(author == str(ANN) for author, _ in stored)  # nothing of Bob's
+
+
+async def test_discord_roles_and_guilds_decide_through_the_real_client(
+    settings: Settings, store: Store
+) -> None:
+    from adapters.discord import DiscordAdapter
+    from tests.fake_discord import (
+        CHANNEL_WORK,
+        DM_CHANNEL,
+        GUILD,
+        MOD_ROLE,
+        FakeDiscord,
+        user,
+    )
+
+    server = FakeDiscord()
+    await server.start()
+    # Only the mods role may use the bot, only in this guild, and not by DM.
+    rules = parse_settings(
+        {"access": {"allow_roles": [MOD_ROLE], "allow_guilds": [GUILD], "allow_dms": False}},
+        env={},
+    ).access
+    office = ScriptedModel(["Here you go."])
+    core = ConversationCore(
+        replace(settings, access=rules), store, FixedModels({"office": office, "character": office})
+    )
+    platform = PlatformSettings(token="TEST", api_base_url=server.api_url, guild_id=int(GUILD))
+    adapter = DiscordAdapter(core, platform, limits=StreamLimits(2000, 0.05, 10))
+    task = asyncio.create_task(adapter.start())
+    ann, bob = user("11", "Ann"), user("12", "Bob")
+    try:
+        await asyncio.wait_for(adapter.ready.wait(), 20)
+        await server.say(CHANNEL_WORK, bob, "answer me", mention_bot=True)  # no mods role
+        await server.say(DM_CHANNEL, bob, "hello by DM")
+        token = await server.command(CHANNEL_WORK, bob, "reset", [])
+        await server.say(CHANNEL_WORK, ann, "and me?", mention_bot=True, admin=True)  # a mod
+        await server.wait_for(lambda: server.responses(token))
+        await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+        await server.wait_for(lambda: server.in_channel(DM_CHANNEL))
+        await asyncio.sleep(0.5)
+        assert [m.content for m in server.in_channel(CHANNEL_WORK)] == ["Here you go."]
+        assert [m.content for m in server.in_channel(DM_CHANNEL)] == [REFUSED]
+        refusal = server.responses(token)[0]
+        assert refusal.ephemeral and refusal.content == REFUSED
+        assert len(office.prompts) == 1  # Bob cost no model time
+    finally:
+        await adapter.stop()
+        await asyncio.wait_for(task, 10)
+        await server.stop()
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(text("SELECT author_id FROM messages WHERE role = 'user'"))
+        assert {r[0] for r in rows} == {"11"}  # nothing of Bob's was stored

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,3 +181,61 @@ def test_secrets_stay_out_of_output_and_logs(tmp_path: Path) -> None:
         root.removeHandler(handler)
     assert "SECRET-token" not in out.getvalue() and "sk-office-1" not in out.getvalue()
     assert "https://api.telegram.org/bot***/getMe" in out.getvalue()
+
+
+def _documented_example() -> dict[str, Any]:
+    """config/example.toml with every commented-out ``# key = value`` and ``# [table]`` line
+    taken in: all that it documents."""
+    lines = []
+    for line in (ROOT / "config" / "example.toml").read_text().splitlines():
+        found = re.match(r"# ?(\[[\w.]+\](?:\s+#.*)?|\w+ = .*)$", line)
+        lines.append(found.group(1) if found else line)
+    return tomllib.loads("\n".join(lines))
+
+
+def _leaves(table: dict[str, Any], path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    found = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            found += _leaves(value, (*path, key))
+        else:
+            found.append(((*path, key), value))
+    return found
+
+
+def _wrong(value: Any) -> Any:
+    """A value of another TOML type than ``value``."""
+    if isinstance(value, bool):
+        return "yes"
+    if isinstance(value, int | float):
+        return "many"
+    if isinstance(value, str):
+        return [value]
+    return "a string"
+
+
+WEBHOOK_ENV = {"TELEGRAM_WEBHOOK_SECRET": "s3cret"}
+
+
+def test_every_documented_key_exists() -> None:
+    settings = parse_settings(_documented_example(), env=WEBHOOK_ENV)
+    assert settings.metrics_listen == "127.0.0.1:9464"
+    assert settings.platform("telegram").webhook_url == "https://bot.example.org/telegram"
+    assert "ada" in settings.characters
+
+
+@pytest.mark.parametrize(
+    "path", [p for p, _ in _leaves(_documented_example())], ids=lambda p: ".".join(p)
+)
+def test_a_wrong_type_for_any_key_is_one_line_naming_it(path: tuple[str, ...]) -> None:
+    raw = _documented_example()
+    table = raw
+    for part in path[:-1]:
+        table = table[part]
+    given = _wrong(table[path[-1]])
+    table[path[-1]] = given
+    with pytest.raises(SettingsError) as caught:
+        parse_settings(raw, env=WEBHOOK_ENV)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert path[-1] in message or ".".join(path[-2:]) in message, message

@@ -99,6 +99,10 @@ class DiscordAdapter:
 
     # -- lifecycle --------------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        return self.client.is_ready() and not self.client.is_closed()
+
     async def start(self) -> None:
         """Log in, connect the gateway, run until :meth:`stop`."""
         await connect(self.client, self.token, self.api_base_url)

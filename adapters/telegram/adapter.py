@@ -20,11 +20,12 @@ from adapters.telegram.api import Poller, application, retrying
 from adapters.telegram.commands import TelegramCommands, menu
 from adapters.telegram.intake import Intake, chat_id_of, conversation_key
 from adapters.telegram.sinks import MAX_MESSAGE_CHARS
+from adapters.telegram.webhook import Webhook
 from adapters.text import split_message
 from chat.commands import HANDLER_FAILED
 from chat.core import ConversationCore
 from chat.messages import OutgoingReply
-from chat.settings import PlatformSettings
+from chat.settings import PlatformSettings, host_port
 
 __all__ = ["TelegramAdapter", "conversation_key"]
 
@@ -64,6 +65,16 @@ class TelegramAdapter:
         self.intake = Intake(core, self.app.bot, self.limits)
         self.commands = TelegramCommands(core, self.app.bot, self.intake)
         self.poller = Poller(self.app.bot, poll_timeout, self._handle, self._refused)
+        self.webhook: Webhook | None = None
+        if settings.webhook_url and settings.webhook_secret:
+            host, port, _ = host_port(settings.listen, "[platforms.telegram] listen")
+            self.webhook = Webhook(
+                self.app.bot,
+                settings.webhook_url,
+                (host, port),
+                settings.webhook_secret,
+                self._handle,
+            )
         self.recovered = self.intake.recovered
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -98,7 +109,7 @@ class TelegramAdapter:
         async def run(update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
             message = update.effective_message
             if not stores:
-                self.poller.settle(update.update_id)
+                self._settle(update.update_id)
             try:
                 await handler(update, ctx)
             except Exception:
@@ -112,7 +123,7 @@ class TelegramAdapter:
         return run
 
     async def _on_text(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
-        await self.intake.on_text(update, lambda: self.poller.settle(update.update_id))
+        await self.intake.on_text(update, lambda: self._settle(update.update_id))
 
     async def _on_other(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message
@@ -139,8 +150,13 @@ class TelegramAdapter:
         try:
             await self.app.process_update(update)
         finally:
-            self.poller.settle(update.update_id)
+            self._settle(update.update_id)
             self.intake.done(update)
+
+    def _settle(self, update_id: int) -> None:
+        """The update is stored or handled: confirm it to Telegram (next offset, or the
+        webhook's answer)."""
+        (self.webhook or self.poller).settle(update_id)
 
     def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(work)
@@ -160,8 +176,13 @@ class TelegramAdapter:
             for task in await self.intake.recover():
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            self.poller.start()
-            log.info("telegram: polling as @%s", self.app.bot.username)
+            if self.webhook is not None:
+                await self.webhook.start()
+            else:
+                # Polling after a webhook: Telegram refuses getUpdates while one is set.
+                await retrying(lambda: self.app.bot.delete_webhook(drop_pending_updates=False))
+                self.poller.start()
+                log.info("telegram: polling as @%s", self.app.bot.username)
             await self._stopped.wait()
         finally:
             await self.stop_intake()
@@ -174,9 +195,17 @@ class TelegramAdapter:
     async def stop(self) -> None:
         self._stopped.set()
 
+    @property
+    def connected(self) -> bool:
+        return self.webhook.running if self.webhook is not None else self.poller.running
+
     async def stop_intake(self) -> None:
-        """Stop polling: updates not fetched yet stay on Telegram's side for the next start."""
-        await self.poller.stop()
+        """Stop polling, or answering the webhook: updates not taken yet stay on Telegram's
+        side for the next start."""
+        if self.webhook is not None:
+            await self.webhook.stop()
+        else:
+            await self.poller.stop()
 
     # -- sending (adapters.base.Adapter) --------------------------------------------------------
 

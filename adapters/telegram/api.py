@@ -82,6 +82,12 @@ class Poller:
         self._offset: int | None = None
         self._settled: dict[int, asyncio.Future[None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._failing = 0  # getUpdates calls failed in a row
+
+    @property
+    def running(self) -> bool:
+        """Polling, and the last ``getUpdates`` answered (or none failed yet)."""
+        return self._task is not None and not self._task.done() and self._failing == 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._poll())
@@ -123,10 +129,11 @@ class Poller:
             except TelegramError as exc:
                 pause = POLL_RETRY_S[min(failures, len(POLL_RETRY_S) - 1)]
                 failures += 1
+                self._failing = failures
                 log.warning("telegram: getUpdates failed (%s); retrying in %.0fs", exc, pause)
                 await asyncio.sleep(pause)
                 continue
-            failures = 0
+            failures = self._failing = 0
             if not updates:
                 continue
             loop = asyncio.get_running_loop()

@@ -193,8 +193,9 @@ class ModelRegistry:
             key = self._key(role)
             if r.settings.remote or r.path is None or key in plans:
                 continue
-            roles = "+".join(o for o in self.resolved if self._key(o) == key)
-            plans[key] = plan_model(f"{roles} role", r.settings, r.path, read_shape(r.path))
+            plans[key] = plan_model(
+                f"{self._roles_of(key)} role", r.settings, r.path, read_shape(r.path)
+            )
         return list(plans.values())
 
     def loaded(self, role: str) -> bool:
@@ -209,9 +210,12 @@ class ModelRegistry:
             read = getattr(model, "usage", None)
             if read is None:
                 continue
-            roles = "+".join(r for r in self.resolved if self._key(r) == key)
-            found[roles] = read()
+            found[self._roles_of(key)] = read()
         return found
+
+    def _roles_of(self, key: tuple[object, ...]) -> str:
+        """The roles one loaded model serves, joined with "+"."""
+        return "+".join(r for r in self.resolved if self._key(r) == key)
 
     async def connect(self) -> None:
         """Reach every remote role's server now: one that is down, or that serves another

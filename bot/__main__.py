@@ -156,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         redact_logs(settings)
         command = args.command or "run"
-        tokens = any(settings.platform(name).token for name in ("discord", "telegram"))
-        console = command == "console" or (command == "run" and not tokens)
+        console = command == "console" or (command == "run" and not settings.chat_platforms)
         if console and not args.verbose:
             # The terminal chat shares the terminal with the log: only warnings and errors
             # come between its lines, unless -v asks for everything.

@@ -92,7 +92,7 @@ async def run_platforms(settings: Settings, shutdown: Shutdown | None = None) ->
 
     ``shutdown`` may have caught a stop signal already (installed before the loop started).
     """
-    if not any(settings.platform(name).token for name in ("discord", "telegram")):
+    if not settings.chat_platforms:
         log.info("no DISCORD_TOKEN or TELEGRAM_BOT_TOKEN set: opening the console chat")
         await run_console(settings)
         return

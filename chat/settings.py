@@ -165,6 +165,12 @@ class Settings:
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
 
+    @property
+    def chat_platforms(self) -> bool:
+        """Whether a Discord or Telegram token is set (without one, ``run`` opens the
+        terminal chat)."""
+        return any(self.platform(name).token for name in ("discord", "telegram"))
+
     def is_owner(self, platform: str, user_id: str) -> bool:
         """Listed in ``owner_ids``; the terminal chat is the machine's owner by definition."""
         return platform == "console" or f"{platform}:{user_id}" in self.owner_ids

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import getpass
 import logging
+from pathlib import Path
 from typing import TextIO
 
 from adapters.base import SentMessage, deliver
-from chat.commands.spec import Invocation
+from chat.commands.spec import ArgKind, Invocation
 from chat.core import ConversationCore
-from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.messages import Attachment, IncomingMessage, OutgoingReply, ReplyKind
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,15 @@ class ConsoleAdapter:
         if command is None:
             self._write(commands.unknown(f"/{name}") + "\n")
             return True
-        parsed = commands.parse(command, words, has_file=False)
+        path = _file_named(words)
+        parsed = commands.parse(command, words, has_file=path is not None)
         if isinstance(parsed, str):
             self._write(parsed + "\n")
             return True
-        inv = Invocation(PLATFORM, self.key, self.user, self.user, True, parsed.args)
+        files = []
+        if path is not None and any(a.kind is ArgKind.FILE for a in parsed.command.args):
+            files.append(_attachment(path))
+        inv = Invocation(PLATFORM, self.key, self.user, self.user, True, parsed.args, files)
         answer = await commands.run(parsed.command, inv)
         if answer.text:
             self._write(answer.text + "\n")
@@ -121,6 +126,24 @@ class ConsoleAdapter:
             if replies is not None:
                 await deliver(self, replies)
         return True
+
+
+def _file_named(words: str) -> Path | None:
+    """The terminal's way to attach a file: its path, the last of the command's words."""
+    found = words.strip().split(" ", 1)
+    for candidate in (words.strip(), found[-1].strip()):
+        if candidate:
+            path = Path(candidate).expanduser()
+            if path.is_file():
+                return path
+    return None
+
+
+def _attachment(path: Path) -> Attachment:
+    async def read() -> bytes:
+        return await asyncio.to_thread(path.read_bytes)
+
+    return Attachment(path.name, path.stat().st_size, read)
 
 
 def _local_user() -> str:

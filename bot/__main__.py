@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
     )
+    bench.add_argument(
+        "--documents",
+        action="store_true",
+        help="documents: reading a 200-page PDF, searching 10,000 chunks, first token with them",
+    )
     prompt = sub.add_parser(
         "prompt", help="print the exact prompt the bot would send, part by part (reads only)"
     )
@@ -105,6 +110,10 @@ def _dispatch(
             print(line)
         return 0 if all(fits for fits, _ in found) else 1
     if command == "bench":
+        if args.documents:
+            from bot.bench import documents as bench_documents
+
+            return bench_documents.main(quick=args.quick)
         if args.backend == "llama-server":
             from bot.bench import remote as bench_remote
 

@@ -398,6 +398,11 @@ class Answers:
         except ModelError as exc:  # a remote tokenizer went away: the reply is still good
             log.warning("could not count the reply's tokens in %s: %s", key, exc)
             reply_tokens, generated = len(reply) // 3 + 1, ()
+        if sources := built.excerpts.sources_line(reply):
+            # The reply names the documents it drew on; the model's own tokens stay as
+            # generated (the line is the bot's, counted roughly).
+            reply = f"{reply}\n\n{sources}"
+            reply_tokens += len(sources) // 3 + 1
         message = StoredMessage(
             0,
             ASSISTANT,

@@ -15,6 +15,7 @@
 ``continuation``   /continue (:mod:`chat.continuation`)
 ``summaries``      /summarize (:mod:`chat.summarize`)
 ``library``        characters and world books shared by every conversation
+``documents``      files posted in work conversations (:mod:`chat.documents`)
 ``recovery``       what a restart must finish (:mod:`chat.recovery`)
 ``commands``       the commands users type, declared once (:mod:`chat.commands`)
 ``metrics``        what operators watch (:mod:`chat.metrics`)
@@ -34,6 +35,8 @@ from chat.commands import CommandSet
 from chat.continuation import Continuation
 from chat.conversations import Conversations
 from chat.delivery import Delivery
+from chat.documents.library import DocumentLibrary
+from chat.documents.posting import Postings
 from chat.edits import Edits
 from chat.faults import KillPoints
 from chat.metrics import Metrics
@@ -95,13 +98,24 @@ class ConversationCore:
             reserve=character.sampling.max_tokens if character else 0,
         )
         self.world_books = self.library.world_books
-        self.prompts = PromptBuilder(
-            settings, self.conversations, self.history, self.memory, self.world_books
+        self.documents = DocumentLibrary(
+            settings.documents, store, office_model=lambda: models.get("office")
         )
-        self.edits = Edits(settings, store, self.conversations, self.queues, self.history)
+        self.prompts = PromptBuilder(
+            settings,
+            self.conversations,
+            self.history,
+            self.memory,
+            self.world_books,
+            self.documents,
+        )
+        self.edits = Edits(
+            settings, store, self.conversations, self.queues, self.history, self.documents
+        )
         kills = kill_points or KillPoints()
         self.delivery = Delivery(store, kills)
         self.access = Access(settings.access, settings.is_owner)
+        self.postings = Postings(self.documents, self.conversations, self.access, self.queues)
         self.answers = Answers(
             settings,
             store,

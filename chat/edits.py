@@ -16,6 +16,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from chat.conversations import Conversations
+from chat.documents.library import DocumentLibrary
 from chat.fairness import LruDict
 from chat.limits import clean_text
 from chat.messages import OutgoingReply
@@ -45,8 +46,10 @@ class Edits:
         conversations: Conversations,
         queues: Queues,
         history: HistoryCache,
+        documents: DocumentLibrary | None = None,
     ) -> None:
         self.settings = settings
+        self.documents = documents  # a deleted message takes the files it came with
         self.store = store
         self.conversations = conversations
         self.queues = queues
@@ -128,6 +131,8 @@ class Edits:
                     self._early[(key, pid)] = DELETED
                 return 0
             try:
+                if self.documents is not None:
+                    await self.documents.forget_messages(conv.id, ids)
                 gone = await self.store.messages.delete_platform(conv.id, ids)
             except STORAGE_ERRORS as exc:
                 log.error("could not store a deletion in %s: %s", key, exc)

@@ -6,10 +6,21 @@ Adapters build an :class:`IncomingMessage` from a platform event (no platform ob
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from chat.limits import MAX_AUTHOR_NAME_CHARS, clean_text
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """A file that came with a message or command; ``read`` downloads it (call it only after
+    ``size`` was checked)."""
+
+    name: str
+    size: int
+    read: Callable[[], Awaitable[bytes]]
 
 
 @dataclass(frozen=True, slots=True)

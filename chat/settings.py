@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 
 from ai_model.config import ModelSettings, SamplingSettings
 from chat.access import AccessSettings, parse_access
+from chat.documents.limits import DocumentSettings
 from chat.roleplay.characters import (
     CardError,
     Character,
@@ -161,6 +162,8 @@ class Settings:
     access: AccessSettings = field(default_factory=AccessSettings)
     # Where /healthz, /readyz and /metrics are served ("host:port"); None: nowhere.
     metrics_listen: str | None = None
+    # Files posted in work conversations (chat/documents): bounds and the prompt's share.
+    documents: DocumentSettings = field(default_factory=DocumentSettings)
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -204,6 +207,20 @@ def _model_settings(data: Mapping[str, Any], where: str) -> ModelSettings:
     return cast(ModelSettings, model)
 
 
+def _documents(table: Mapping[str, Any]) -> DocumentSettings:
+    # TOML integers are fine where a number of megabytes or seconds is a float.
+    data = {
+        k: float(v) if k.endswith(("_mb", "_seconds")) and type(v) is int else v
+        for k, v in table.items()
+    }
+    documents = cast(DocumentSettings, build(DocumentSettings, data, "documents"))
+    try:
+        documents.validate()
+    except ValueError as exc:
+        raise SettingsError(f"invalid value in [documents]: {exc}") from exc
+    return documents
+
+
 def parse_settings(
     raw: Mapping[str, Any], env: Mapping[str, str], config_path: Path | None = None
 ) -> Settings:
@@ -217,6 +234,7 @@ def parse_settings(
         access = parse_access(expect_table(raw.pop("access", {}), "access"))
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+    documents = _documents(expect_table(raw.pop("documents", {}), "documents"))
     if raw:
         raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
 
@@ -350,6 +368,7 @@ def parse_settings(
         config_path=config_path,
         owner_ids=owner_ids(bot.get("owner_ids", [])),
         access=access,
+        documents=documents,
         **limits,
     )
 

@@ -159,12 +159,86 @@ def _add_reply_plans(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE messages ADD COLUMN reply_plan TEXT"))
 
 
+def _add_documents(conn: Connection) -> None:
+    # Files posted in a conversation and their chunks, searched with the database's own full-text
+    # index: FTS5 (bm25) on SQLite, a tsvector column with a GIN index on PostgreSQL.  Both index
+    # ``search_text``: the chunk's stemmed words, text that has no spaces as character pairs.
+    meta = MetaData()
+    Table("conversations", meta, Column("id", Integer, primary_key=True))
+    Table(
+        "documents",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(
+            "conversation_id",
+            Integer,
+            ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("name", String(255), nullable=False),
+        Column("kind", String(16), nullable=False),
+        Column("size", Integer, nullable=False),
+        Column("pages", Integer, nullable=True),
+        Column("chars", Integer, nullable=False),
+        Column("poster_id", String(64), nullable=False),
+        Column("poster_name", String(255), nullable=False),
+        Column("platform_message_id", String(64), nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Index("ix_documents_conversation_id", "conversation_id"),
+    )
+    Table(
+        "document_chunks",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(
+            "document_id", Integer, ForeignKey("documents.id", ondelete="CASCADE"), nullable=False
+        ),
+        Column("conversation_id", Integer, nullable=False),
+        Column("ordinal", Integer, nullable=False),
+        Column("page", Integer, nullable=True),
+        Column("char_start", Integer, nullable=False),
+        Column("char_end", Integer, nullable=False),
+        Column("text", Text, nullable=False),
+        Column("search_text", Text, nullable=False),
+        Column("token_count", Integer, nullable=False),
+        Index("ix_document_chunks_document_id", "document_id"),
+        Index("ix_document_chunks_conversation_id", "conversation_id"),
+    )
+    meta.create_all(conn, tables=[meta.tables["documents"], meta.tables["document_chunks"]])
+    statements: tuple[str, ...]
+    if conn.dialect.name == "sqlite":
+        statements = (
+            # Contentless: the chunk's text lives in document_chunks; the index holds its
+            # terms and its conversation (``scope``, a term of its own: a search intersects it
+            # first, so its cost follows its conversation's chunks, not every conversation's).
+            "CREATE VIRTUAL TABLE document_index USING fts5(scope, search_text, content='', "
+            "tokenize='unicode61 remove_diacritics 2')",
+            # How many chunks hold each term: the search leaves out terms too common to rank.
+            "CREATE VIRTUAL TABLE document_terms USING fts5vocab(document_index, 'row')",
+            "CREATE TRIGGER document_chunks_indexed AFTER INSERT ON document_chunks BEGIN "
+            "INSERT INTO document_index(rowid, scope, search_text) "
+            "VALUES (new.id, 'c' || new.conversation_id, new.search_text); END",
+            "CREATE TRIGGER document_chunks_unindexed AFTER DELETE ON document_chunks BEGIN "
+            "INSERT INTO document_index(document_index, rowid, scope, search_text) "
+            "VALUES ('delete', old.id, 'c' || old.conversation_id, old.search_text); END",
+        )
+    else:
+        statements = (
+            "ALTER TABLE document_chunks ADD COLUMN search tsvector "
+            "GENERATED ALWAYS AS (to_tsvector('simple', search_text)) STORED",
+            "CREATE INDEX ix_document_chunks_search ON document_chunks USING GIN (search)",
+        )
+    for statement in statements:
+        conn.execute(text(statement))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
     Migration(2, "add_cards_world_books_and_swipes", _add_cards_world_books_and_swipes),
     Migration(3, "add_reply_states", _add_reply_states),
     Migration(4, "add_memory_and_edits", _add_memory_and_edits),
     Migration(5, "add_reply_plans", _add_reply_plans),
+    Migration(6, "add_documents", _add_documents),
 )
 
 

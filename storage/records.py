@@ -108,3 +108,32 @@ class Unanswered:
     pieces: tuple[str, ...]  # platform ids of the answer streamed before the stop
     # The speakers the turn planned, in order (None: the turn had not started).
     plan: tuple[str | None, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A file posted in a conversation, as the bot read it."""
+
+    id: int
+    name: str
+    kind: str  # text, markdown, csv, json, code, html, pdf, docx
+    size: int
+    pages: int | None
+    chars: int
+    poster_id: str
+    poster_name: str
+    chunks: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHit:
+    """A chunk a search found, with where it comes from; a lower ``rank`` is a better match."""
+
+    id: int
+    document_id: int
+    document_name: str
+    page: int | None
+    text: str
+    token_count: int
+    terms: str  # what the index holds for it (chat.documents.terms.search_text)
+    rank: float

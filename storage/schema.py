@@ -100,6 +100,49 @@ summaries = Table(
 )
 
 
+# Files posted in a conversation (storage/migrations.py adds each backend's full-text index).
+documents = Table(
+    "documents",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        Integer,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("name", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("pages", Integer, nullable=True),
+    Column("chars", Integer, nullable=False),
+    Column("poster_id", String(64), nullable=False),
+    Column("poster_name", String(255), nullable=False),
+    Column("platform_message_id", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_documents_conversation_id", "conversation_id"),
+)
+
+# A document's text in pieces sized in the office model's tokens; ``conversation_id`` is the
+# document's, kept here so that a search never leaves its conversation.
+document_chunks = Table(
+    "document_chunks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("document_id", Integer, ForeignKey("documents.id", ondelete="CASCADE"), nullable=False),
+    Column("conversation_id", Integer, nullable=False),
+    Column("ordinal", Integer, nullable=False),
+    Column("page", Integer, nullable=True),
+    Column("char_start", Integer, nullable=False),
+    Column("char_end", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("search_text", Text, nullable=False),
+    Column("token_count", Integer, nullable=False),
+    Index("ix_document_chunks_document_id", "document_id"),
+    Index("ix_document_chunks_conversation_id", "conversation_id"),
+)
+
+
 def _named_json(name: str) -> Table:
     return Table(
         name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from storage.queries.conversations import ConversationQueries
+from storage.queries.documents import DocumentQueries
 from storage.queries.library import LibraryQueries
 from storage.queries.messages import MessageQueries
 from storage.queries.replies import ReplyQueries
@@ -17,9 +18,9 @@ __all__ = ["STORAGE_ERRORS", "Store", "is_busy"]
 class Store:
     """Queries over one database engine; safe to share between tasks.
 
-    ``conversations``, ``messages``, ``replies`` (reply states), ``summaries`` and ``library``
-    (cards and world books) each hold the queries on their tables; every write goes through
-    one :class:`storage.writing.Writer`.
+    ``conversations``, ``messages``, ``replies`` (reply states), ``summaries``, ``library``
+    (cards and world books) and ``documents`` (posted files) each hold the queries on their
+    tables; every write goes through one :class:`storage.writing.Writer`.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -30,6 +31,7 @@ class Store:
         self.replies = ReplyQueries(engine, self.writer)
         self.summaries = SummaryQueries(engine, self.writer)
         self.library = LibraryQueries(engine, self.writer)
+        self.documents = DocumentQueries(engine, self.writer)
 
     async def ping(self) -> None:
         """One round trip to the database (raises one of :data:`STORAGE_ERRORS` if down)."""

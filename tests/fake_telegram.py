@@ -289,6 +289,8 @@ class FakeTelegram:
         file_id = str(p["file_id"])
         if file_id not in self.files:
             return self._error(400, "Bad Request: invalid file_id")
+        if len(self.files[file_id]) > 20 * 1024 * 1024:  # the Bot API serves 20 MB at most
+            return self._error(400, "Bad Request: file is too big")
         return self._ok(
             {
                 "file_id": file_id,

@@ -38,3 +38,13 @@ def test_the_peer_bench_prints_its_table_for_one_four_and_eight(tmp_path: Path) 
     assert figures["local_over_server_streamed_tokens_per_s"] > 0
     for n in (1, 4, 8):
         assert 0 < figures[f"local_x{n}_step_outside_decode_share"] < 1
+
+
+def test_the_documents_bench_prints_its_figures(tmp_path: Path) -> None:
+    result = run_bot(["bench", "--documents", "--quick"], tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["ingest_chunks"] > 0 and figures["ingest_chunks_per_s"] > 0
+    assert 0 < figures["search_p50_ms"] <= figures["search_p99_ms"]
+    assert figures["search_recall_at_10k"] >= 0.9
+    assert figures["ttft_with_documents_s"] > 0 and figures["ttft_without_documents_s"] > 0

@@ -131,3 +131,29 @@ async def test_console_ping_answers_pong_and_the_uptime(make_core: Any) -> None:
     out = io.StringIO()
     await ConsoleAdapter(core, io.StringIO("/help\n/ping\n/quit\n"), out, user="me").start()
     assert "/ping" in out.getvalue() and "pong — up for 0 min" in out.getvalue()
+
+
+async def test_the_terminal_chat_reads_a_file_by_its_path(make_core: Any, tmp_path: Path) -> None:
+    import io
+
+    from adapters.console import ConsoleAdapter
+    from tests.document_files import pdf
+    from tests.scripted import ScriptedModel
+    from tests.test_documents import PAGES, documents_block
+
+    model = ScriptedModel(["Ninety days [1]."])
+    core = make_core({"office": model, "character": model})
+    (tmp_path / "contract.pdf").write_bytes(pdf(PAGES))
+    typed = (
+        f"/docs add {tmp_path / 'contract.pdf'}\n/docs add /no/such/file.pdf\n/docs\n"
+        "/ask what is the notice period?\n/quit\n"
+    )
+    out = io.StringIO()
+    await ConsoleAdapter(core, io.StringIO(typed), out, user="me").start()
+    shown = out.getvalue()
+    assert "Read contract.pdf (PDF, 4 pages" in shown
+    assert "Attach a file to /docs add" in shown  # a path that is not a file
+    assert "1. contract.pdf (PDF" in shown
+    assert "[1] contract.pdf, page 3:" in documents_block(model.prompts[-1])
+    assert documents_block(model.prompts[-1]).startswith("Answer the question below only from")
+    assert "Sources: [1] contract.pdf, page 3" in shown

@@ -746,3 +746,63 @@ async def test_ping_answers_pong_and_the_uptime(bot: Callable[..., Any]) -> None
     await server.wait_for(lambda: server.responses(token))
     answer = server.responses(token)[0]
     assert answer.ephemeral and answer.content.startswith("pong — up for 0 min")
+
+
+async def test_posted_documents_are_read_listed_cited_and_forgotten(
+    bot: Callable[..., Any],
+) -> None:
+    from tests.document_files import docx_file, pdf
+    from tests.test_documents import PAGES, documents_block
+
+    server, office, _, core = await bot(office_script=["Ninety days [1].", "It does not say."])
+    files = [
+        server.attachment("contract.pdf", pdf(PAGES))[1],
+        server.attachment("minutes.docx", docx_file(["The board met on Tuesday."]))[1],
+    ]
+    posted = await server.say(CHANNEL_WORK, ANN, "", attachments=files)
+    await server.wait_for(lambda: server.in_channel(CHANNEL_WORK))
+    await server.say(CHANNEL_WORK, BOB, "", attachments=[server.attachment("a.txt", b"Milk.")[1]])
+    await server.wait_for(lambda: len(server.in_channel(CHANNEL_WORK)) == 2)
+    said = {m.reference: m.content for m in server.in_channel(CHANNEL_WORK)}
+    assert said[posted].startswith("Read contract.pdf (PDF, 4 pages")
+    assert "\nRead minutes.docx (DOCX, 1 passage)" in said[posted]
+    assert any(c.startswith("Read a.txt (TEXT, 1 passage)") for c in said.values())
+    token = await server.command(CHANNEL_WORK, BOB, "docs", sub("list"))
+    await server.wait_for(lambda: server.responses(token))
+    listing = server.responses(token)[0].content
+    assert "1. contract.pdf (PDF, 4 pages" in listing and "3. a.txt" in listing
+
+    await server.say(CHANNEL_WORK, ANN, "what is the notice period?", mention_bot=True)
+    await server.wait_for(lambda: len(server.in_channel(CHANNEL_WORK)) == 3)
+    assert "[1] contract.pdf, page 3:" in documents_block(office.prompts[-1])
+    assert last(server, CHANNEL_WORK) == "Ninety days [1].\n\nSources: [1] contract.pdf, page 3"
+
+    # Another channel asks the same: nothing of this one's documents.
+    await server.say(DM_CHANNEL, ANN, "what is the notice period?")
+    await server.wait_for(lambda: len(office.prompts) == 2)
+    assert "ninety" not in text_of(office.prompts[-1]).lower()
+
+    token = await server.command(CHANNEL_WORK, ANN, "ask", [opt("question", "Who is the CEO?")])
+    await server.wait_for(lambda: server.responses(token))
+    assert (
+        server.responses(token)[0].content
+        == "The documents here say nothing I can find about that."
+    )
+    assert len(office.prompts) == 2  # no model call for it
+
+    token = await server.command(CHANNEL_WORK, BOB, "docs", sub("forget", opt("number", 1)))
+    await server.wait_for(lambda: server.responses(token))
+    assert "Only whoever posted it" in server.responses(token)[0].content
+    token = await server.command(CHANNEL_WORK, BOB, "docs", sub("forget", opt("number", 3)))
+    await server.wait_for(lambda: server.responses(token))
+    assert server.responses(token)[0].content.startswith("Forgot a.txt")
+    await server.delete(CHANNEL_WORK, posted)  # the PDF and the DOCX go with their message
+    conv = await core.conversations.get("discord", f"discord:{CHANNEL_WORK}")
+
+    async def left() -> list[str]:
+        return [d.name for d in await core.documents.of(conv.id)]
+
+    deadline = time.monotonic() + 20
+    while await left():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from adapters.streaming import StreamLimits
 from adapters.telegram import TelegramAdapter
+from chat.commands import TEXT_ONLY
 from chat.core import ConversationCore
 from chat.settings import PlatformSettings, Settings
 from storage import Store
@@ -525,7 +526,12 @@ async def test_mode_in_a_group_routes_the_next_message_even_while_rights_are_che
     server.member_delay_s = 1.0
     server.push(GROUP, ANN, "Ann", "/mode work")
     server.push(GROUP, ANN, "Ann", "@lantern_bot the agenda, please")
-    await server.wait_for(lambda: office.prompts, within=20)
+    try:
+        await server.wait_for(lambda: office.prompts, within=60)
+    except AssertionError as exc:  # what the bot did instead (this test failed once in CI)
+        said = [m.text for m in server.bot_messages(GROUP)]
+        asked = [text_of(p)[-120:] for p in character.prompts]
+        raise AssertionError(f"said {said}; character asked {asked}; {server.methods()}") from exc
     assert "the agenda, please" in text_of(office.prompts[-1])
     assert not any("the agenda" in text_of(p) for p in character.prompts)
 
@@ -536,3 +542,93 @@ async def test_ping_answers_pong_and_the_uptime(bot: Callable[..., Any]) -> None
     server.push(GROUP, BOB, "Bob", "/ping")
     await wait_reply_count(server, GROUP, 1)
     assert last_text(server, GROUP).startswith("pong — up for 0 min")
+
+
+def post_file(
+    server: FakeTelegram,
+    chat_id: int,
+    user_id: int,
+    name: str,
+    filename: str,
+    data: bytes,
+    caption: str | None = None,
+    size: int | None = None,
+) -> int:
+    file_id = f"f{len(server.files)}"
+    server.files[file_id] = data
+    document = {
+        "file_id": file_id,
+        "file_unique_id": f"u{file_id}",
+        "file_name": filename,
+        "file_size": len(data) if size is None else size,
+    }
+    return server.push(chat_id, user_id, name, caption, extra={"document": document})
+
+
+async def test_posted_documents_are_read_listed_cited_and_scoped(bot: Callable[..., Any]) -> None:
+    from tests.document_files import docx_file, pdf
+    from tests.test_documents import PAGES, documents_block
+
+    server, office, _, core = await bot(office_script=["Ninety days [1]."])
+    post_file(server, DM, ANN, "Ann", "contract.pdf", pdf(PAGES))
+    await wait_reply_count(server, DM, 1)
+    post_file(server, DM, ANN, "Ann", "minutes.docx", docx_file(["The board met on Tuesday."]))
+    await wait_reply_count(server, DM, 2)
+    post_file(server, DM, ANN, "Ann", "notes.txt", b"Remember the milk.")
+    await wait_reply_count(server, DM, 3)
+    said = [m.text for m in server.bot_messages(DM)]
+    assert said[0].startswith("Read contract.pdf (PDF, 4 pages, ")
+    assert said[1].startswith("Read minutes.docx (DOCX, 1 passage)")
+    assert said[2].startswith("Read notes.txt (TEXT, 1 passage)")
+    server.push(DM, ANN, "Ann", "/docs")
+    await wait_reply_count(server, DM, 4)
+    assert "1. contract.pdf (PDF, 4 pages" in last_text(server, DM)
+    assert "3. notes.txt (TEXT" in last_text(server, DM)
+
+    # A file with its question as the caption: read first, then answered from it.
+    post_file(
+        server,
+        DM,
+        ANN,
+        "Ann",
+        "terms.txt",
+        b"Refunds are issued within 14 days.",
+        caption="how fast are refunds?",
+    )
+    await server.wait_for(lambda: office.prompts)
+    assert "[1] terms.txt:\nRefunds are issued within 14 days." in documents_block(
+        office.prompts[-1]
+    )
+    server.push(DM, ANN, "Ann", "what is the notice period?")
+    await server.wait_for(lambda: len(office.prompts) == 2)
+    assert "[1] contract.pdf, page 3:" in documents_block(office.prompts[-1])
+    await server.wait_for(
+        lambda: last_text(server, DM).endswith("Sources: [1] contract.pdf, page 3")
+    )
+
+    # The same question in a group: none of the DM's documents.
+    server.push(GROUP, BOB, "Bob", "@lantern_bot what is the notice period?")
+    await server.wait_for(lambda: len(office.prompts) == 3)
+    assert "ninety" not in text_of(office.prompts[-1]).lower()
+
+    # Announced bigger than the Bot API serves: refused before any download.
+    post_file(server, DM, ANN, "Ann", "video.txt", b"x", size=50 * 1024 * 1024)
+    await server.wait_for(
+        lambda: "video.txt is 50.0 MB; I read files up to 20.0 MB." in last_text(server, DM)
+    )
+    server.push(DM, ANN, "Ann", "/docs forget 2")
+    await server.wait_for(lambda: last_text(server, DM).startswith("Forgot minutes.docx"))
+    server.push(DM, ANN, "Ann", "/reset all")
+    await server.wait_for(lambda: "deleted its 3 document(s)" in last_text(server, DM))
+    conv = await core.conversations.get("telegram", f"telegram:{DM}")
+    assert await core.documents.of(conv.id) == []
+
+
+async def test_files_in_a_roleplay_chat_stay_none_of_the_bots_business(
+    bot: Callable[..., Any],
+) -> None:
+    server, *_, core = await bot()
+    await core.actions.set_mode("telegram", f"telegram:{DM}", "roleplay")
+    post_file(server, DM, ANN, "Ann", "notes.txt", b"Remember the milk.")
+    await wait_reply_count(server, DM, 1)
+    assert last_text(server, DM) == TEXT_ONLY

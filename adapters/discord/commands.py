@@ -24,9 +24,9 @@ from adapters.discord.sinks import MAX_MESSAGE_CHARS, NO_MENTIONS, ChannelSink, 
 from adapters.streaming import chain
 from adapters.text import split_message
 from chat.commands import Answer, ArgKind, Command
-from chat.commands.spec import Attachment, Invocation, Terms
+from chat.commands.spec import Invocation, Terms
 from chat.core import ConversationCore
-from chat.messages import OutgoingReply, ReplyKind
+from chat.messages import Attachment, OutgoingReply, ReplyKind
 
 log = logging.getLogger(__name__)
 

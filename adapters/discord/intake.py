@@ -25,7 +25,7 @@ from adapters.streaming import (
 )
 from chat.commands import HANDLER_FAILED, SLASH_POINTER
 from chat.core import ConversationCore
-from chat.messages import IncomingMessage, OutgoingReply
+from chat.messages import Attachment, IncomingMessage, OutgoingReply
 from chat.recovery import Resumable
 from chat.recovery import finish as finish_recovery
 
@@ -99,6 +99,8 @@ class Intake:
         arrival = self.core.queues.arrive(key)  # at once: the conversation's order
         try:
             text = self.clean_text(message.content)
+            if message.attachments:
+                await self._files(message, key)
             if not text:
                 return
             addressed = self.addresses_bot(message)
@@ -131,6 +133,30 @@ class Intake:
             )
         finally:
             arrival.settle()
+
+    async def _files(self, message: discord.Message, key: str) -> None:
+        """Files posted in a work channel or DM become its documents (before the message's
+        text is answered, so a question that comes with its file is answered from it)."""
+        files = [Attachment(a.filename, a.size, a.read) for a in message.attachments]
+        msg = IncomingMessage(
+            platform=PLATFORM,
+            conversation_key=key,
+            author_id=str(message.author.id),
+            author_name=message.author.display_name,
+            text="",
+            is_dm=message.guild is None,
+            platform_message_id=str(message.id),
+            roles=role_ids(message.author),
+            guild_id=str(message.guild.id) if message.guild is not None else None,
+        )
+        lines = await self.core.postings.receive(msg, files)
+        if lines:
+            await message.channel.send(
+                "\n".join(lines)[:2000],
+                reference=message,
+                mention_author=False,
+                allowed_mentions=NO_MENTIONS,
+            )
 
     async def on_failure(self, message: discord.Message) -> None:
         await message.channel.send(HANDLER_FAILED, allowed_mentions=NO_MENTIONS)

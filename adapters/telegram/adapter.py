@@ -84,10 +84,12 @@ class TelegramAdapter:
         app = self.app
         only_new = filters.UpdateType.MESSAGE
         guard = self._guarded
-        card_caption = filters.CaptionRegex(r"^/character(@\w+)?\s+import\b")
+        file_command = filters.CaptionRegex(r"^/(character(@\w+)?\s+import|docs(@\w+)?\s+add)\b")
         run_command = guard(lambda update, _ctx: self.commands.run(update))
         app.add_handler(MessageHandler(only_new & filters.COMMAND, run_command))
-        app.add_handler(MessageHandler(only_new & filters.Document.ALL & card_caption, run_command))
+        app.add_handler(MessageHandler(only_new & filters.Document.ALL & file_command, run_command))
+        document = guard(self._on_document, stores=True)
+        app.add_handler(MessageHandler(only_new & filters.Document.ALL, document))
         edited = filters.UpdateType.EDITED_MESSAGE & (filters.TEXT | filters.CAPTION)
         app.add_handler(MessageHandler(edited, guard(self.intake.on_edit)))
         text = guard(self._on_text, stores=True)
@@ -124,6 +126,15 @@ class TelegramAdapter:
 
     async def _on_text(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         await self.intake.on_text(update, lambda: self._settle(update.update_id))
+
+    async def _on_document(self, update: Update, ctx: ContextTypes.DEFAULT_TYPE) -> None:
+        """A file: in a work chat it becomes a document first; a caption is then a message."""
+        read = await self.intake.on_document(update)
+        message = update.effective_message
+        if message is not None and (message.caption or "").strip():
+            await self._on_text(update, ctx)
+        elif not read:
+            await self._on_other(update, ctx)
 
     async def _on_other(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message

@@ -13,8 +13,9 @@ from telegram.error import TelegramError
 from adapters.telegram.api import retrying
 from adapters.telegram.intake import PLATFORM, Intake, conversation_key
 from chat.commands import Answer, Command, CommandSet, Parsed
-from chat.commands.spec import Attachment, Invocation, RightsUnknown, Terms
+from chat.commands.spec import Invocation, RightsUnknown, Terms
 from chat.core import ConversationCore
+from chat.messages import Attachment
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from adapters.text import to_telegram_html
 from chat.commands import TEXT_ONLY, CommandSet
 from chat.core import ConversationCore
 from chat.limits import fit
-from chat.messages import IncomingMessage, OutgoingReply
+from chat.messages import Attachment, IncomingMessage, OutgoingReply
 from chat.queues import Arrival
 from chat.recovery import Resumable
 from chat.recovery import finish as finish_recovery
@@ -133,6 +133,31 @@ class Intake:
             self.arrival(update),
         )
         await self.stream(message.chat_id, replies, None)
+
+    async def on_document(self, update: Update) -> bool:
+        """Read a posted file into the chat's documents; False when files are not the bot's
+        business there (a roleplay chat), so the caller treats it as any other media."""
+        message = update.effective_message
+        if message is None or message.document is None or message.from_user is None:
+            return False
+        if message.from_user.is_bot:
+            return True
+        document = message.document
+
+        async def read() -> bytes:
+            file = await retrying(lambda: document.get_file())
+            return bytes(await file.download_as_bytearray())
+
+        name = document.file_name or "file"
+        msg = self.incoming(message, "", True)
+        lines = await self.core.postings.receive(
+            msg, [Attachment(name, document.file_size or 0, read)]
+        )
+        if lines is None:
+            return False
+        if lines:
+            await self.say(message, "\n".join(lines))
+        return True
 
     async def on_other(self, update: Update, _ctx: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.effective_message

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
+from chat.core import ConversationCore
+from chat.messages import IncomingMessage
 from chat.settings import Settings
 
 WORDS = [
@@ -58,6 +61,17 @@ def bench_settings(database: Path, model: ModelSettings) -> Settings:
         max_queued=1_000_000,
         max_pending_per_user=1_000_000,
     )
+
+
+async def first_token_s(core: ConversationCore, key: str, text: str) -> float:
+    """Seconds from sending a message (a DM on the bench platform) to the reply's first text."""
+    msg = IncomingMessage("bench", key, "u1", "Ann", text, is_dm=True)
+    start = time.perf_counter()
+    first: float | None = None
+    async for reply in core.answers.respond(msg):
+        if first is None and reply.text and not reply.final:
+            first = time.perf_counter() - start
+    return first if first is not None else time.perf_counter() - start
 
 
 class InstantModel:

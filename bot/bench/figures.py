@@ -29,7 +29,14 @@ from ai_model.embedded import gemma_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench.batching import concurrency
 from bot.bench.chatter import chatter
-from bot.bench.common import FixedModels, InstantModel, bench_settings, log, sentence
+from bot.bench.common import (
+    FixedModels,
+    InstantModel,
+    bench_settings,
+    first_token_s,
+    log,
+    sentence,
+)
 from bot.bench.floors import admission_of, ratio_floor, read_seconds
 from bot.bench.scene import group_scene
 from chat.core import ConversationCore
@@ -130,13 +137,7 @@ class Bench:
 
     async def ttft(self, core: ConversationCore, key: str, text: str = QUESTION) -> float:
         """Seconds from sending a message to the first text of the reply."""
-        msg = IncomingMessage("bench", key, "u1", "Ann", text, is_dm=True)
-        start = time.perf_counter()
-        first: float | None = None
-        async for reply in core.answers.respond(msg):
-            if first is None and reply.text and not reply.final:
-                first = time.perf_counter() - start
-        return first if first is not None else time.perf_counter() - start
+        return await first_token_s(core, key, text)
 
     async def first_token_figures(self, results: dict[str, Any]) -> None:
         s = self.sizes

@@ -130,9 +130,14 @@ async def character_import(engine: Engine, inv: Invocation) -> Answer:
 
 async def reset(engine: Engine, inv: Invocation) -> Answer:
     await engine.actions.reset(inv.platform, inv.key, inv.arrival)
-    return await _posts_opening(
-        engine, inv, "Started a fresh conversation. Earlier messages stay stored."
-    )
+    done = "Started a fresh conversation. Earlier messages stay stored."
+    conv = await engine.conversations.get(inv.platform, inv.key)
+    if inv.flag("all"):
+        gone = await engine.documents.forget_all(conv.id)
+        done = f"Started a fresh conversation and deleted its {gone} document(s)."
+    elif await engine.documents.holds_any(conv.id):
+        done += " Its documents stay too (/reset all deletes them)."
+    return await _posts_opening(engine, inv, done)
 
 
 # -- rights --------------------------------------------------------------------------------------
@@ -212,7 +217,9 @@ COMMANDS = (
         "reset",
         "Start a fresh conversation (history stays stored)",
         reset,
+        args=(Arg("all", "Also delete the documents posted here", ArgKind.FLAG),),
         rights=Rights.ADMIN,
         what="reset the conversation",
+        usage="[all]",
     ),
 )

@@ -20,7 +20,9 @@ from chat.actions import Actions
 from chat.answers import Answers
 from chat.continuation import Continuation
 from chat.conversations import Conversations
-from chat.messages import OutgoingReply
+from chat.documents.library import DocumentLibrary
+from chat.documents.posting import Postings
+from chat.messages import Attachment, OutgoingReply
 from chat.queues import Arrival, Queues
 from chat.roleplay.characters import CharacterLibrary
 from chat.roleplay.library import Library
@@ -67,15 +69,6 @@ class Terms:
     admins: str = "admins"
     place: str = "conversation"
     platform_name: str = "the platform"
-
-
-@dataclass(frozen=True, slots=True)
-class Attachment:
-    """A file that came with a command; ``read`` downloads it (after the size was checked)."""
-
-    name: str
-    size: int
-    read: Callable[[], Awaitable[bytes]]
 
 
 async def _anyone() -> bool:
@@ -157,6 +150,10 @@ class Engine(Protocol):
     def library(self) -> Library: ...
     @property
     def versions(self) -> Versions: ...
+    @property
+    def documents(self) -> DocumentLibrary: ...
+    @property
+    def postings(self) -> Postings: ...
 
 
 Run = Callable[[Engine, Invocation], Awaitable[Answer]]

@@ -116,11 +116,14 @@ def assemble(
     reserve: int,
     memory: Memory = Memory(),
     players: Sequence[str] = (),
+    documents: str = "",
 ) -> Prompt:
     """The prompt for the reply after ``history``, within ``model.n_ctx - reserve`` tokens.
 
     ``players`` are the conversation's players in the order they first spoke (stable from turn
-    to turn); without it, those of the last messages.
+    to turn); without it, those of the last messages.  ``documents`` (retrieved excerpts)
+    go right before the last user turn: the history before them stays a reusable prefix, and
+    the question still comes last.
     """
 
     def count(text: str) -> int:
@@ -168,6 +171,7 @@ def assemble(
         steering.append(memory_text("", facts))
     steer = [Part("user", "\n\n".join(steering), label="steering")] if steering else []
     note = [Part("user", f"[Author's note: {memory.note}]", label="note")] if memory.note else []
+    excerpts = [Part("user", documents, label="documents")] if documents else []
     back = [
         Part("system", text, label=label)
         for text, label in ((moment, "lore"), (post, "post-history"))
@@ -177,7 +181,7 @@ def assemble(
     fixed_cost = (
         len(model.bos)
         + len(encoder.head())
-        + sum(_cost(encoder, p.text, p.role) for p in (*front, *steer, *note, *back))
+        + sum(_cost(encoder, p.text, p.role) for p in (*front, *steer, *note, *excerpts, *back))
     )
     budget = model.n_ctx - reserve - fixed_cost - len(cue)
     # Names go in front of turns only where they tell speakers apart: replies when several
@@ -215,6 +219,9 @@ def assemble(
     ]
     depth = max(0, len(talk) - memory.note_depth)
     talk[depth:depth] = note
+    if excerpts:
+        last = len(talk) - 1 if talk and talk[-1].role == "user" else len(talk)
+        talk[last:last] = excerpts
     parts = [*front, *examples, *steer, *talk, *back]
     tokens = [*model.bos, *encoder.compose(parts), *cue]
     return Prompt(tokens, stops, window, budget, summary_room, tuple(parts))

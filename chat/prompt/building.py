@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from ai_model.base import ChatModel
 from ai_model.config import SamplingSettings
 from chat.conversations import Conversations
+from chat.documents.library import ASK_PREFIX, NO_EXCERPTS, DocumentLibrary, Excerpts
 from chat.personas import (
     PERSONA_SHARE,
     personas_of,
@@ -30,7 +31,7 @@ from chat.prompt.window import Part, TurnEncoder
 from chat.roleplay.characters import Character
 from chat.roleplay.lorebook import Lorebook, match_entries
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
-from storage.records import USER, Conversation
+from storage.records import USER, Conversation, StoredMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,7 @@ class Built:
     stops: list[str]
     conv: Conversation
     parts: tuple[Part, ...] = ()  # what the prompt is made of (for the prompt inspector)
+    excerpts: Excerpts = NO_EXCERPTS  # document chunks placed in it, and their sources
 
 
 class PromptBuilder:
@@ -53,8 +55,10 @@ class PromptBuilder:
         history: HistoryCache,
         memory: MemoryKeeper,
         world_books: Mapping[str, Lorebook],
+        documents: DocumentLibrary | None = None,
     ) -> None:
         self.settings = settings
+        self.documents = documents
         self.conversations = conversations
         self.history = history
         self.memory = memory
@@ -129,6 +133,7 @@ class PromptBuilder:
                 lore = await asyncio.to_thread(match_entries, scene.books, recent)
                 scene = replace(scene, lore=lore)
         memory = await self._memory(conv, model)
+        excerpts = await self._excerpts(conv, model, shown) if char is None else NO_EXCERPTS
         # Off the event loop: a remote model may tokenize over HTTP, and a long new message
         # takes a while to tokenize even here.
         build = functools.partial(
@@ -140,6 +145,7 @@ class PromptBuilder:
             scene=scene,
             reserve=reserve,
             players=names,
+            documents=excerpts.text,
         )
         prompt = await asyncio.to_thread(build, window_start=conv.window_start_id, memory=memory)
         start = prompt.window.start
@@ -155,7 +161,27 @@ class PromptBuilder:
             conv = await self.conversations.set_window_start(conv, start)
             self.history.window_moved(conv.key, start)
         await self._plan_summary(conv, char, prompt)
-        return Built(prompt.tokens, prompt.stops, conv, prompt.parts)
+        return Built(prompt.tokens, prompt.stops, conv, prompt.parts, excerpts)
+
+    async def _excerpts(
+        self, conv: Conversation, model: ChatModel, shown: list[StoredMessage]
+    ) -> Excerpts:
+        """The conversation's document chunks for its last message and the turns before."""
+        docs = self.documents
+        if docs is None or not docs.settings.enabled or not shown or shown[-1].role != USER:
+            return NO_EXCERPTS
+        if not await docs.holds_any(conv.id):
+            return NO_EXCERPTS
+        asked = shown[-1].text
+        ask = asked.startswith(ASK_PREFIX)
+        recent = [m.text for m in reversed(shown[-5:-1]) if m.role == USER][:2]
+        texts = [asked.removeprefix(ASK_PREFIX), *recent]
+
+        def count(text: str) -> int:
+            return len(model.tokenize(text.encode("utf-8"), False, False))
+
+        budget = int(model.n_ctx * docs.settings.budget)
+        return await docs.excerpts(conv.id, texts, count, budget, ask=ask)
 
     async def _memory(self, conv: Conversation, model: ChatModel) -> Memory:
         """The conversation's pinned summary and facts, and where the next trim should cut."""

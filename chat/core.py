@@ -99,7 +99,10 @@ class ConversationCore:
         )
         self.world_books = self.library.world_books
         self.documents = DocumentLibrary(
-            settings.documents, store, office_model=lambda: models.get("office")
+            settings.documents,
+            store,
+            office_model=lambda: models.get("office"),
+            metrics=self.metrics,
         )
         self.prompts = PromptBuilder(
             settings,

@@ -68,6 +68,12 @@ class Metrics:
         self.storage_errors = Counter(
             "localbot_storage_errors", "Database operations that failed.", registry=r
         )
+        self.documents = Counter(
+            "localbot_documents",
+            "Posted files: read into documents, or refused (too big, unreadable, over a cap).",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "localbot_queue_depth",
             "Conversations with an answer queued or being written.",

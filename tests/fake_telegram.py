@@ -79,7 +79,8 @@ class FakeTelegram:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.commands: list[dict[str, Any]] = []
         self.admins: set[tuple[int, int]] = set()  # (chat id, user id)
-        self.fail_next: dict[str, str] = {}  # method -> "parse" | "flood" | "error"
+        # method -> "parse" | "flood" | "error" | "bad_gateway" (a 502, as from Telegram's edge)
+        self.fail_next: dict[str, str] = {}
         self.too_long: list[tuple[str, int]] = []  # (method, length) of refused long texts
         # An outage: these methods answer 500 until down_until (time.monotonic()).
         self.down_methods = {"sendMessage", "editMessageText"}
@@ -267,6 +268,9 @@ class FakeTelegram:
         if fault == "error":
             del self.fail_next[method]
             return self._error(400, "Bad Request: forced failure")
+        if fault == "bad_gateway":
+            del self.fail_next[method]
+            return self._error(502, "Bad Gateway")
         if fault == "flood":
             del self.fail_next[method]
             return self._error(

@@ -69,6 +69,8 @@ async def test_a_pdf_docx_and_text_file_are_read_listed_and_cited(make_core: Any
     assert (await post(core, "notes.txt", b"Remember the milk.", mid="m3"))[0].startswith(
         "Read notes.txt (TEXT"
     )
+    read = core.metrics.registry.get_sample_value("localbot_documents_total", {"outcome": "read"})
+    assert read == 3
     conv = await core.conversations.get("discord", "discord:1")
     listing = await core.documents.listing(conv.id)
     assert "1. contract.pdf (PDF, 4 pages" in listing and "3. notes.txt" in listing
@@ -241,6 +243,8 @@ async def test_hostile_files_are_refused_clearly_and_cost_the_bot_little_memory(
         message("", mid="big"), [Attachment("big.pdf", 2**30, never)]
     )
     assert lines == ["big.pdf is 1024.0 MB; I read files up to 20.0 MB."]
+    refused = {"outcome": "refused"}
+    assert core.metrics.registry.get_sample_value("localbot_documents_total", refused) == 8
     growth_mb = (_status_kb("VmHWM") - before) / 1024
     print(f"peak RSS growth over the hostile set: {growth_mb:.1f} MB")
     assert growth_mb < 50

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from telegram import Bot, BotCommand, Document, Message, Update
 from telegram.constants import ChatMemberStatus, ChatType
-from telegram.error import TelegramError
+from telegram.error import BadRequest, NetworkError, TelegramError
 
 from adapters.telegram.api import retrying
 from adapters.telegram.intake import PLATFORM, Intake, conversation_key
@@ -101,11 +101,19 @@ class TelegramCommands:
                 return True
             assert message.from_user is not None
             user_id = message.from_user.id
-            try:
-                member = await retrying(lambda: self.bot.get_chat_member(message.chat_id, user_id))
-            except TelegramError as exc:
-                raise RightsUnknown(str(exc)) from exc
-            return member.status in ADMIN_STATUSES
+            for attempt in range(2):
+                try:
+                    member = await retrying(
+                        lambda: self.bot.get_chat_member(message.chat_id, user_id)
+                    )
+                    return member.status in ADMIN_STATUSES
+                except NetworkError as exc:  # a timeout or a dropped connection: once more
+                    if attempt or isinstance(exc, BadRequest):  # (BadRequest is one too)
+                        raise RightsUnknown(str(exc)) from exc
+                    log.warning("telegram: getChatMember failed (%s); trying again", exc)
+                except TelegramError as exc:
+                    raise RightsUnknown(str(exc)) from exc
+            raise AssertionError("unreachable")
 
         return check
 

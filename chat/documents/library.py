@@ -20,6 +20,7 @@ from chat.documents.reader import Reader
 from chat.documents.reading import SUPPORTED, Pages
 from chat.documents.terms import query_terms, search_text
 from chat.messages import Attachment
+from chat.metrics import Metrics
 from storage.queries.documents import NewChunk, NewDocument
 from storage.records import ChunkHit, Document
 from storage.store import STORAGE_ERRORS, Store
@@ -86,11 +87,13 @@ class DocumentLibrary:
         store: Store,
         office_model: Callable[[], Awaitable[ChatModel]],
         reader: Reader | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self._office_model = office_model  # chunks are sized in this model's tokens
         self.reader = reader or Reader(settings)
+        self.metrics = metrics
         # Conversations known to hold documents or not: most hold none, and their prompts
         # should not pay a query to find that out.
         self._holds: dict[int, bool] = {}
@@ -121,9 +124,13 @@ class DocumentLibrary:
             lines.append(f"I read the first {MAX_FILES_PER_MESSAGE} files of a message only.")
         for file in files[:MAX_FILES_PER_MESSAGE]:
             try:
-                lines.append(
-                    await self._add_one(conversation_id, file, poster_id, poster_name, message_id)
+                line = await self._add_one(
+                    conversation_id, file, poster_id, poster_name, message_id
                 )
+                lines.append(line)
+                if self.metrics is not None:
+                    outcome = "read" if line.startswith("Read ") else "refused"
+                    self.metrics.documents.labels(outcome).inc()
             except STORAGE_ERRORS as exc:
                 log.error("documents: could not store %r: %s", file.name, exc)
                 lines.append(f"I could not save {file.name} right now; please post it again.")

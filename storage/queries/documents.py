@@ -1,16 +1,19 @@
 """Queries on ``documents`` and ``document_chunks``: storing a read file, listing and forgetting
 a conversation's files, and the full-text search over its chunks.
 
-The search is the database's own: FTS5 with ``bm25()`` on SQLite, ``ts_rank_cd`` over a
-``tsvector`` column with ``websearch_to_tsquery`` on PostgreSQL.  Callers give plain search
-terms; each backend quotes them its own way, so nothing a user types is query syntax.
+The search is the database's own: FTS5 ranked by ``bm25()`` on SQLite; on PostgreSQL a
+``tsvector`` column with ``websearch_to_tsquery`` finds the candidates, ranked by BM25 here
+(:func:`bm25`).  Callers give plain search terms; each backend quotes them its own way, so
+nothing a user types is query syntax.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Row, bindparam, delete, func, select, text
@@ -89,6 +92,7 @@ class DocumentQueries:
         self._counts: dict[str, int] = {}
         self._chunks = 0
         self._counted_at = 0.0
+        self._pg_counts: dict[tuple[int, str], int] = {}  # PostgreSQL: per conversation
 
     async def add(
         self, conversation_id: int, doc: NewDocument, chunks: Sequence[NewChunk]
@@ -256,21 +260,92 @@ class DocumentQueries:
 
                 statement = _SQLITE_SEARCH
             else:
-                # websearch_to_tsquery never fails on its input; terms are words already.
-                query = " or ".join(t.replace('"', " ").replace("-", " ") for t in terms)
-                statement = _POSTGRES_SEARCH
+                return await self._postgres_search(conn, conversation_id, terms, limit)
             params = {"query": query, "conversation_id": conversation_id, "limit": limit}
             rows = (await conn.execute(statement, params)).all()
-        return [
-            ChunkHit(
-                int(r.id),
-                int(r.document_id),
-                str(r.name),
-                r.page,
-                str(r.text),
-                int(r.token_count),
-                str(r.search_text),
-                float(r.rank),
-            )
-            for r in rows
-        ]
+        return [_hit(r) for r in rows]
+
+    async def _postgres_search(
+        self, conn: AsyncConnection, conversation_id: int, terms: Sequence[str], limit: int
+    ) -> list[ChunkHit]:
+        """PostgreSQL finds the candidates; they are ranked by BM25 here, since
+        ``ts_rank_cd`` does not weigh a term by how rare it is (a common word would count as
+        much as the subject of the question)."""
+        total, counts = await self._postgres_counts(conn, conversation_id, terms)
+        # As on SQLite: terms too common to rank would make every chunk a candidate.
+        kept = [t for t in terms if counts[t] < max(COMMON_FROM, total / 4)]
+        kept = kept or sorted(terms, key=lambda t: counts[t])[:2]
+        # websearch_to_tsquery never fails on its input; terms are words already.
+        query = " or ".join(kept)
+        params = {"query": query, "conversation_id": conversation_id, "limit": max(50, 8 * limit)}
+        rows = (await conn.execute(_POSTGRES_SEARCH, params)).all()
+        if not rows:
+            return []
+        hits = [_hit(r) for r in rows]
+        scored = bm25([h.terms.split() for h in hits], terms, counts, total)
+        ranked = sorted(zip(scored, hits, strict=True), key=lambda pair: -pair[0])[:limit]
+        return [replace(h, rank=-score) for score, h in ranked]
+
+    async def _postgres_counts(
+        self, conn: AsyncConnection, conversation_id: int, terms: Sequence[str]
+    ) -> tuple[int, dict[str, int]]:
+        """The conversation's chunks, and how many hold each term (kept for a minute)."""
+        if time.monotonic() - self._counted_at > COUNTS_KEPT_S or len(self._pg_counts) > 100_000:
+            self._pg_counts.clear()
+            self._counted_at = time.monotonic()
+        unknown = [t for t in terms if (conversation_id, t) not in self._pg_counts]
+        if unknown or (conversation_id, "") not in self._pg_counts:
+            held = "SELECT count(*) FROM document_chunks WHERE conversation_id = :c"
+            parts = [f"({held}) AS total"] + [
+                f"({held} AND search @@ plainto_tsquery('simple', :t{i})) AS n{i}"
+                for i in range(len(unknown))
+            ]
+            values: dict[str, object] = {"c": conversation_id}
+            values.update({f"t{i}": t for i, t in enumerate(unknown)})
+            row = (await conn.execute(text("SELECT " + ", ".join(parts)), values)).one()
+            self._pg_counts[(conversation_id, "")] = int(row.total)
+            for i, term in enumerate(unknown):
+                self._pg_counts[(conversation_id, term)] = int(getattr(row, f"n{i}"))
+        counts = {t: self._pg_counts[(conversation_id, t)] for t in terms}
+        return self._pg_counts[(conversation_id, "")], counts
+
+
+def bm25(
+    chunks: Sequence[Sequence[str]],
+    terms: Sequence[str],
+    counts: dict[str, int],
+    total: int,
+    k1: float = 1.2,
+    b: float = 0.75,
+) -> list[float]:
+    """Okapi BM25 of each chunk (its terms) for ``terms``, given how many of ``total`` chunks
+    hold each term; the IDF is floored above zero, as FTS5 does."""
+    lengths = [len(c) for c in chunks]
+    average = (sum(lengths) / len(lengths)) if lengths else 1.0
+    idf = {
+        t: max(1e-6, math.log((total - counts.get(t, 0) + 0.5) / (counts.get(t, 0) + 0.5)))
+        for t in terms
+    }
+    scores = []
+    for chunk, length in zip(chunks, lengths, strict=True):
+        frequencies = Counter(chunk)
+        score = 0.0
+        for term in terms:
+            f = frequencies.get(term, 0)
+            if f:
+                score += idf[term] * f * (k1 + 1) / (f + k1 * (1 - b + b * length / average))
+        scores.append(score)
+    return scores
+
+
+def _hit(r: Row[Any]) -> ChunkHit:
+    return ChunkHit(
+        int(r.id),
+        int(r.document_id),
+        str(r.name),
+        r.page,
+        str(r.text),
+        int(r.token_count),
+        str(r.search_text),
+        float(r.rank),
+    )

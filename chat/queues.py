@@ -203,11 +203,11 @@ class Queues:
         """The conversation's turn, after everything that arrived before (``arrival``)."""
         async with arrival or self.arrive(key):
             ticket = self.ticket(key)
-        try:
-            await ticket.wait()
-            yield
-        finally:
-            ticket.release()
+            try:
+                await ticket.wait()
+                yield
+            finally:
+                ticket.release()
 
     async def in_turn(
         self,

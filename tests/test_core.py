@@ -19,6 +19,7 @@ from storage import Store, open_database
 from storage.records import ASSISTANT, USER
 from tests.conftest import BACKENDS, FixedModels
 from tests.scripted import ScriptedModel
+from tests.waiting import wait_until
 
 
 @pytest.fixture(params=BACKENDS)
@@ -255,3 +256,27 @@ async def test_real_model_serves_one_generation_at_a_time_in_arrival_order(smoll
     assert starts == [0, 1, 2, 3]
     for a, b in itertools.pairwise(starts):
         assert spans[a][1] <= spans[b][0]  # no overlap: one generation at a time
+
+
+async def test_a_mode_change_waiting_for_its_turn_is_made_before_the_next_message_is_taken_in(
+    make_core,  # type: ignore[no-untyped-def]
+) -> None:
+    """A message that arrives after /mode is taken in under the new mode, even while /mode
+    waits for an answer in flight (this once let a message get the old mode's greeting)."""
+    office, character = ScriptedModel(["Noted."]), ScriptedModel(["*Mira nods.*"])
+    core: ConversationCore = make_core({"character": character, "office": office})
+    office.gate = asyncio.Event()
+    first = asyncio.create_task(collect(core, dm("the agenda")))
+    await wait_until(lambda: office.prompts)
+    change = asyncio.create_task(
+        core.actions.set_mode("console", "console:me", "roleplay", core.queues.arrive("console:me"))
+    )
+    after = asyncio.create_task(collect(core, dm("hello there")))
+    await asyncio.sleep(0.2)
+    office.gate.set()
+    await asyncio.gather(first, change)
+    replies = await after
+    finals = [r.text for r in replies if r.final]
+    greeting = core.characters.find("Mira")
+    assert greeting is not None and finals[0].startswith(greeting.greeting[:20])  # the scene opens
+    assert finals[-1] == "*Mira nods.*" and len(office.prompts) == 1

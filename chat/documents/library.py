@@ -124,13 +124,12 @@ class DocumentLibrary:
             lines.append(f"I read the first {MAX_FILES_PER_MESSAGE} files of a message only.")
         for file in files[:MAX_FILES_PER_MESSAGE]:
             try:
-                line = await self._add_one(
+                read, line = await self._add_one(
                     conversation_id, file, poster_id, poster_name, message_id
                 )
                 lines.append(line)
                 if self.metrics is not None:
-                    outcome = "read" if line.startswith("Read ") else "refused"
-                    self.metrics.documents.labels(outcome).inc()
+                    self.metrics.documents.labels("read" if read else "refused").inc()
             except STORAGE_ERRORS as exc:
                 log.error("documents: could not store %r: %s", file.name, exc)
                 lines.append(f"I could not save {file.name} right now; please post it again.")
@@ -143,19 +142,22 @@ class DocumentLibrary:
         poster_id: str,
         poster_name: str,
         message_id: str | None,
-    ) -> str:
+    ) -> tuple[bool, str]:
         limits = self.settings
         name = _clean_name(file.name)
         if file.size > limits.max_bytes:
-            return f"{name} is {_size(file.size)}; I read files up to {_size(limits.max_bytes)}."
+            return (
+                False,
+                f"{name} is {_size(file.size)}; I read files up to {_size(limits.max_bytes)}.",
+            )
         if message_id is not None:
             held = await self.store.documents.of(conversation_id)
             same = await self.store.documents.of_messages(conversation_id, [message_id])
             if any(d.id in same and d.name == name for d in held):
-                return f"I already have {name}."  # the platform delivered the message again
+                return False, f"I already have {name}."  # the platform delivered the message again
         docs, chunks_held = await self.store.documents.totals(conversation_id)
         if docs >= limits.max_documents:
-            return (
+            return False, (
                 f"This conversation already holds {docs} documents, the most it may. "
                 "Use /docs forget to make room."
             )
@@ -163,20 +165,23 @@ class DocumentLibrary:
             data = await file.read()
         except Exception as exc:  # the platform's download failed: say so, keep going
             log.warning("documents: download of %r failed: %s", name, exc)
-            return f"I could not download {name}; please post it again."
+            return False, f"I could not download {name}; please post it again."
         if len(data) > limits.max_bytes:  # the platform's declared size was wrong
-            return f"{name} is {_size(len(data))}; I read files up to {_size(limits.max_bytes)}."
+            return (
+                False,
+                f"{name} is {_size(len(data))}; I read files up to {_size(limits.max_bytes)}.",
+            )
         read = await self.reader.read(name, data)
         del data
         if isinstance(read, str):
             log.info("documents: refused %r in conversation %s: %s", name, conversation_id, read)
-            return read
+            return False, read
         model = await self._office_model()
         chunks = await asyncio.to_thread(self._chunks, model, read)
         if not chunks:
-            return f"{name} has no text in it."
+            return False, f"{name} has no text in it."
         if chunks_held + len(chunks) > limits.max_chunks:
-            return (
+            return False, (
                 f"{name} would make this conversation's documents {chunks_held + len(chunks):,} "
                 f"passages, past the {limits.max_chunks:,} it may hold. Use /docs forget to make "
                 "room."
@@ -196,7 +201,7 @@ class DocumentLibrary:
             chunks,
         )
         self._holds[conversation_id] = True
-        return (
+        return True, (
             f"Read {name} ({_described(doc)}). "
             "Ask me about it, or use /ask to answer from documents only."
         )

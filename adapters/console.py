@@ -47,6 +47,14 @@ class ConsoleAdapter:
 
     async def start(self) -> None:
         self._write(f"Chatting as {self.user}. Type /help for commands, /quit to leave.\n")
+        reminding = self.core.reminders.loop(PLATFORM, self.send)
+        reminding.start()
+        try:
+            await self._chat()
+        finally:
+            await reminding.stop()
+
+    async def _chat(self) -> None:
         while not self._stopped.is_set():
             self._write(PROMPT)
             line = await asyncio.to_thread(self.stdin.readline)

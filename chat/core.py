@@ -17,6 +17,7 @@
 ``library``        characters and world books shared by every conversation
 ``documents``      files posted in work conversations (:mod:`chat.documents`)
 ``recovery``       what a restart must finish (:mod:`chat.recovery`)
+``reminders``      /remind and the delivery of reminders (:mod:`chat.reminders`)
 ``commands``       the commands users type, declared once (:mod:`chat.commands`)
 ``metrics``        what operators watch (:mod:`chat.metrics`)
 =================  ============================================================================
@@ -45,6 +46,7 @@ from chat.prompt.history import HistoryCache
 from chat.prompt.memory import MemoryKeeper
 from chat.queues import Queues
 from chat.recovery import Recovery
+from chat.reminders.service import Reminders
 from chat.roleplay.characters import CharacterLibrary, shipped_characters
 from chat.roleplay.library import Library
 from chat.settings import Settings
@@ -171,6 +173,9 @@ class ConversationCore:
         self.summaries = Summaries(store, models, self.conversations, self.queues, self.memory)
         self.recovery = Recovery(
             settings, store, self.conversations, self.queues, self.answers, self.started_at
+        )
+        self.reminders = Reminders(
+            settings.reminders, store, self.conversations, metrics=self.metrics
         )
         self.commands = CommandSet(self)
 

@@ -57,6 +57,14 @@ class IncomingMessage:
         return self.is_dm or self.mentions_bot
 
 
+@dataclass(frozen=True, slots=True)
+class Mention:
+    """A user a reply pings (a reminder's owner); each adapter renders it its own way."""
+
+    user_id: str
+    name: str
+
+
 class ReplyKind(Enum):
     """What an outgoing reply is, so adapters can style notices and apologies differently."""
 
@@ -89,6 +97,7 @@ class OutgoingReply:
     # swiped or continued reply: chosen in the conversation's turn, never before it).
     replaces: tuple[str, ...] = ()
     grows: bool = False  # the text grows in the messages it replaces (/continue)
+    mention: Mention | None = None  # pinged at the start of the reply's first message
 
 
 def notice(key: str, text: str, reply_to: str | None = None) -> OutgoingReply:

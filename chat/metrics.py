@@ -74,6 +74,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.reminders = Counter(
+            "localbot_reminders",
+            "Reminders delivered (on time or late), retried after a platform error, or given up.",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "localbot_queue_depth",
             "Conversations with an answer queued or being written.",

@@ -17,6 +17,7 @@ from typing import Any, Literal, cast
 from ai_model.config import ModelSettings, SamplingSettings
 from chat.access import AccessSettings, parse_access
 from chat.documents.limits import DocumentSettings
+from chat.reminders.limits import ReminderSettings
 from chat.roleplay.characters import (
     CardError,
     Character,
@@ -164,6 +165,8 @@ class Settings:
     metrics_listen: str | None = None
     # Files posted in work conversations (chat/documents): bounds and the prompt's share.
     documents: DocumentSettings = field(default_factory=DocumentSettings)
+    # /remind (chat/reminders): caps, the shortest recurrence, delivery pacing.
+    reminders: ReminderSettings = field(default_factory=ReminderSettings)
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -221,6 +224,16 @@ def _documents(table: Mapping[str, Any]) -> DocumentSettings:
     return documents
 
 
+def _reminders(table: Mapping[str, Any]) -> ReminderSettings:
+    data = {k: float(v) if k == "poll_s" and type(v) is int else v for k, v in table.items()}
+    reminders = cast(ReminderSettings, build(ReminderSettings, data, "reminders"))
+    try:
+        reminders.validate()
+    except ValueError as exc:
+        raise SettingsError(f"invalid value in [reminders]: {exc}") from exc
+    return reminders
+
+
 def parse_settings(
     raw: Mapping[str, Any], env: Mapping[str, str], config_path: Path | None = None
 ) -> Settings:
@@ -235,6 +248,7 @@ def parse_settings(
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     documents = _documents(expect_table(raw.pop("documents", {}), "documents"))
+    reminders = _reminders(expect_table(raw.pop("reminders", {}), "reminders"))
     if raw:
         raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
 
@@ -369,6 +383,7 @@ def parse_settings(
         owner_ids=owner_ids(bot.get("owner_ids", [])),
         access=access,
         documents=documents,
+        reminders=reminders,
         **limits,
     )
 

@@ -232,6 +232,49 @@ def _add_documents(conn: Connection) -> None:
         conn.execute(text(statement))
 
 
+def _add_reminders(conn: Connection) -> None:
+    meta = MetaData()
+    Table("conversations", meta, Column("id", Integer, primary_key=True))
+    Table(
+        "reminders",
+        meta,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column(
+            "conversation_id",
+            Integer,
+            ForeignKey("conversations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("platform", String(32), nullable=False),
+        Column("user_id", String(64), nullable=False),
+        Column("user_name", String(255), nullable=False),
+        Column("text", Text, nullable=False),
+        Column("due_at", DateTime(timezone=True), nullable=False),
+        Column("recurrence", String(64), nullable=True),
+        Column("timezone", String(64), nullable=False),
+        Column("state", String(16), nullable=False),
+        Column("claimed_by", String(64), nullable=True),
+        Column("claimed_at", DateTime(timezone=True), nullable=True),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("fired", Integer, nullable=False, default=0),
+        Column("last_error", Text, nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("delivered_at", DateTime(timezone=True), nullable=True),
+        Index("ix_reminders_state_due_at", "state", "platform", "due_at"),
+        Index("ix_reminders_conversation_id", "conversation_id", "state"),
+        Index("ix_reminders_user", "platform", "user_id", "state"),
+    )
+    Table(
+        "user_timezones",
+        meta,
+        Column("platform", String(32), primary_key=True),
+        Column("user_id", String(64), primary_key=True),
+        Column("timezone", String(64), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    meta.create_all(conn, tables=[meta.tables["reminders"], meta.tables["user_timezones"]])
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create_conversations_and_messages", _create_conversations_and_messages),
     Migration(2, "add_cards_world_books_and_swipes", _add_cards_world_books_and_swipes),
@@ -239,6 +282,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "add_memory_and_edits", _add_memory_and_edits),
     Migration(5, "add_reply_plans", _add_reply_plans),
     Migration(6, "add_documents", _add_documents),
+    Migration(7, "add_reminders", _add_reminders),
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row
@@ -137,3 +138,29 @@ class ChunkHit:
     token_count: int
     terms: str  # what the index holds for it (chat.documents.terms.search_text)
     rank: float
+
+
+# The life of a reminder (reminders.state).
+PENDING = "pending"  # waiting for its time
+SENDING = "sending"  # one process claimed it and is delivering it
+DELIVERED = "delivered"
+CANCELLED = "cancelled"
+GAVE_UP = "failed"  # the platform refused it every time (last_error says why)
+
+
+@dataclass(frozen=True, slots=True)
+class Reminder:
+    """A reminder, with where it is delivered (``conversation_key``)."""
+
+    id: int
+    conversation_key: str
+    platform: str
+    user_id: str
+    user_name: str
+    text: str
+    due_at: datetime
+    recurrence: str | None
+    timezone: str
+    state: str
+    attempts: int = 0
+    fired: int = 0

@@ -143,6 +143,50 @@ document_chunks = Table(
 )
 
 
+# Reminders set by /remind or the set_reminder tool; ``state`` is their delivery's life:
+# pending -> sending (claimed by one process) -> delivered | cancelled | failed; a recurring one
+# goes back to pending with its next ``due_at``.
+reminders = Table(
+    "reminders",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "conversation_id",
+        Integer,
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("platform", String(32), nullable=False),
+    Column("user_id", String(64), nullable=False),
+    Column("user_name", String(255), nullable=False),
+    Column("text", Text, nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("recurrence", String(64), nullable=True),
+    Column("timezone", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("fired", Integer, nullable=False, default=0),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Index("ix_reminders_state_due_at", "state", "platform", "due_at"),
+    Index("ix_reminders_conversation_id", "conversation_id", "state"),
+    Index("ix_reminders_user", "platform", "user_id", "state"),
+)
+
+# Each user's own time zone (a conversation's default is in its settings).
+user_timezones = Table(
+    "user_timezones",
+    metadata,
+    Column("platform", String(32), primary_key=True),
+    Column("user_id", String(64), primary_key=True),
+    Column("timezone", String(64), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
 def _named_json(name: str) -> Table:
     return Table(
         name,

@@ -8,6 +8,7 @@ from storage.queries.conversations import ConversationQueries
 from storage.queries.documents import DocumentQueries
 from storage.queries.library import LibraryQueries
 from storage.queries.messages import MessageQueries
+from storage.queries.reminders import ReminderQueries
 from storage.queries.replies import ReplyQueries
 from storage.queries.summaries import SummaryQueries
 from storage.writing import STORAGE_ERRORS, Writer, is_busy
@@ -19,8 +20,8 @@ class Store:
     """Queries over one database engine; safe to share between tasks.
 
     ``conversations``, ``messages``, ``replies`` (reply states), ``summaries``, ``library``
-    (cards and world books) and ``documents`` (posted files) each hold the queries on their
-    tables; every write goes through one :class:`storage.writing.Writer`.
+    (cards and world books), ``documents`` (posted files) and ``reminders`` each hold the
+    queries on their tables; every write goes through one :class:`storage.writing.Writer`.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -32,6 +33,7 @@ class Store:
         self.summaries = SummaryQueries(engine, self.writer)
         self.library = LibraryQueries(engine, self.writer)
         self.documents = DocumentQueries(engine, self.writer)
+        self.reminders = ReminderQueries(engine, self.writer)
 
     async def ping(self) -> None:
         """One round trip to the database (raises one of :data:`STORAGE_ERRORS` if down)."""

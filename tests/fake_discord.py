@@ -101,6 +101,7 @@ class Posted:
     interaction: str | None = None  # the interaction token of a response / follow-up
     ephemeral: bool = False
     edits: list[str] = field(default_factory=list)
+    allowed_mentions: dict[str, Any] | None = None
 
 
 class FakeDiscord:
@@ -732,7 +733,13 @@ class FakeDiscord:
         if parts[2:] == ["messages"] and method == "POST":
             ref = (body.get("message_reference") or {}).get("message_id")
             ref = str(ref) if ref is not None else None
-            posted = Posted(self.new_id(), cid, body.get("content") or "", reference=ref)
+            posted = Posted(
+                self.new_id(),
+                cid,
+                body.get("content") or "",
+                reference=ref,
+                allowed_mentions=body.get("allowed_mentions"),
+            )
             self.posted.append(posted)
             return self._json(self._posted_json(posted))
         if len(parts) == 4 and parts[2] == "messages" and method == "PATCH":

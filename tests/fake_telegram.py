@@ -67,6 +67,7 @@ class SentMessage:
     parse_mode: str | None
     reply_to: int | None
     edits: list[str] = field(default_factory=list)
+    entities: list[dict[str, Any]] = field(default_factory=list)
 
 
 class FakeTelegram:
@@ -397,8 +398,21 @@ class FakeTelegram:
         if (problem := self._check_text("sendMessage", text, parse_mode)) is not None:
             return problem
         reply = p.get("reply_parameters") or {}
+        entities = p.get("entities") or []
+        units = len(text.encode("utf-16-le")) // 2  # Telegram counts UTF-16 code units
+        for entity in entities:
+            start, length = int(entity.get("offset", -1)), int(entity.get("length", 0))
+            if start < 0 or length < 1 or start + length > units:
+                return self._error(400, "Bad Request: can't parse entities: entity out of text")
+            if entity.get("type") == "text_mention" and not (entity.get("user") or {}).get("id"):
+                return self._error(400, "Bad Request: can't parse entities: user is missing")
         message = SentMessage(
-            int(p["chat_id"]), self._next_message, text, parse_mode, reply.get("message_id")
+            int(p["chat_id"]),
+            self._next_message,
+            text,
+            parse_mode,
+            reply.get("message_id"),
+            entities=list(entities),
         )
         self._next_message += 1
         self.sent.append(message)

@@ -14,6 +14,7 @@ from adapters.discord import DiscordAdapter
 from adapters.discord.sinks import webhook_username
 from adapters.streaming import StreamLimits
 from chat.core import ConversationCore
+from chat.reminders.limits import ReminderSettings
 from chat.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
@@ -56,11 +57,13 @@ async def bot(
     running: list[tuple[DiscordAdapter, asyncio.Task[None]]] = []
 
     async def start(
-        office_script: Any = ("Here you go.",), character_script: Any = ("*Mira nods.*",)
+        office_script: Any = ("Here you go.",),
+        character_script: Any = ("*Mira nods.*",),
+        **changes: Any,
     ) -> Harness:
         office, character = ScriptedModel(office_script), ScriptedModel(character_script)
         # Ann is the bot's owner: she may import characters (admin or not).
-        owned = replace(settings, owner_ids=frozenset({"discord:11"}))
+        owned = replace(settings, owner_ids=frozenset({"discord:11"}), **changes)
         core = ConversationCore(
             owned, store, FixedModels({"office": office, "character": character})
         )
@@ -806,3 +809,48 @@ async def test_posted_documents_are_read_listed_cited_and_forgotten(
     while await left():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
+
+
+async def test_a_reminder_pings_its_owner_only_and_recurs(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot(reminders=ReminderSettings(poll_s=0.2, min_interval_s=1))
+    token = await server.command(
+        CHANNEL_WORK, ANN, "remind", [opt("request", "in 2 seconds ping @everyone about it")]
+    )
+    await server.wait_for(lambda: server.responses(token))
+    assert "I will remind you" in server.responses(token)[0].content
+
+    def reminders(what: str) -> list[Any]:
+        return [p for p in server.in_channel(CHANNEL_WORK) if f"Reminder: {what}" in p.content]
+
+    await server.wait_for(lambda: reminders("ping"), within=10)
+    shown = reminders("ping")[0]
+    assert shown.content == "<@11> ⏰ Reminder: ping @everyone about it"
+    # Only Ann is pinged: not @everyone, not a role, whatever the text says.
+    mentions = shown.allowed_mentions or {}
+    assert mentions.get("parse") == [] and [str(u) for u in mentions.get("users", [])] == ["11"]
+    token = await server.command(
+        CHANNEL_WORK, BOB, "remind", [opt("request", "every 2 seconds stretch")]
+    )
+    await server.wait_for(lambda: len(reminders("stretch")) >= 2, within=15)
+    token = await server.command(CHANNEL_WORK, BOB, "reminders", sub("cancel", opt("number", 1)))
+    await server.wait_for(lambda: server.responses(token))
+    assert server.responses(token)[0].content == "Cancelled: stretch"
+    assert len(reminders("ping")) == 1
+
+
+async def test_a_reminder_due_while_the_bot_is_stopped_comes_once_at_start(
+    bot: Callable[..., Any],
+) -> None:
+    fast = ReminderSettings(poll_s=0.2, late_after_s=2)
+    server, *_ = await bot(reminders=fast)
+    token = await server.command(CHANNEL_WORK, ANN, "remind", [opt("request", "in 2 seconds x")])
+    await server.wait_for(lambda: server.responses(token))
+    adapter, task = bot.running[-1]  # type: ignore[attr-defined]
+    await adapter.stop()
+    await asyncio.wait_for(task, 10)
+    await asyncio.sleep(4)
+    await bot(reminders=fast)
+    await server.wait_for(lambda: any("Reminder: x" in p.content for p in server.posted), 10)
+    await asyncio.sleep(1)
+    shown = [p for p in server.in_channel(CHANNEL_WORK) if "Reminder: x" in p.content]
+    assert len(shown) == 1 and "(Late: this was due" in shown[0].content

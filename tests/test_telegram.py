@@ -17,6 +17,7 @@ from adapters.streaming import StreamLimits
 from adapters.telegram import TelegramAdapter
 from chat.commands import TEXT_ONLY
 from chat.core import ConversationCore
+from chat.reminders.limits import ReminderSettings
 from chat.settings import PlatformSettings, Settings
 from storage import Store
 from tests.conftest import FixedModels
@@ -40,12 +41,14 @@ async def bot(
     running: list[tuple[TelegramAdapter, asyncio.Task[None]]] = []
 
     async def start(
-        office_script: Any = ("Here you go.",), character_script: Any = ("*Mira nods.*",)
+        office_script: Any = ("Here you go.",),
+        character_script: Any = ("*Mira nods.*",),
+        **changes: Any,
     ) -> Harness:
         office = ScriptedModel(office_script)
         character = ScriptedModel(character_script)
         # Ann is the bot's owner: she may import characters (in any chat).
-        owned = replace(settings, owner_ids=frozenset({f"telegram:{ANN}"}))
+        owned = replace(settings, owner_ids=frozenset({f"telegram:{ANN}"}), **changes)
         core = ConversationCore(
             owned, store, FixedModels({"office": office, "character": character})
         )
@@ -58,6 +61,7 @@ async def bot(
         await telegram.wait_for(lambda: "setMyCommands" in telegram.methods())
         return telegram, office, character, core
 
+    start.running = running  # type: ignore[attr-defined]  # for tests that stop one
     yield start
     for adapter, task in running:
         await adapter.stop()
@@ -637,3 +641,79 @@ async def test_files_in_a_roleplay_chat_stay_none_of_the_bots_business(
     post_file(server, DM, ANN, "Ann", "notes.txt", b"Remember the milk.")
     await wait_reply_count(server, DM, 1)
     assert last_text(server, DM) == TEXT_ONLY
+
+
+FAST_REMINDERS = ReminderSettings(poll_s=0.2, late_after_s=2, min_interval_s=1)
+
+
+def last_says(server: FakeTelegram, chat_id: int, part: str) -> bool:
+    shown = server.bot_messages(chat_id)
+    return bool(shown) and part in shown[-1].text
+
+
+def reminders_of(server: FakeTelegram, chat_id: int, what: str) -> list[Any]:
+    return [m for m in server.bot_messages(chat_id) if f"Reminder: {what}" in m.text]
+
+
+async def test_reminders_arrive_once_with_a_mention_recur_and_survive_a_stop(
+    bot: Callable[..., Any],
+) -> None:
+    server, *_ = await bot(reminders=FAST_REMINDERS)
+    server.push(GROUP, ANN, "Ann", "/remind in 2 seconds send the report")
+    await server.wait_for(lambda: last_says(server, GROUP, "I will remind you"))
+    set_at = time.monotonic()
+    await server.wait_for(lambda: reminders_of(server, GROUP, "send the report"), within=10)
+    assert time.monotonic() - set_at < 2 + 5  # on time, within the promised 5 s
+    shown = reminders_of(server, GROUP, "send the report")[0]
+    # The owner is pinged by id, whatever the name: a text mention over "Ann".
+    assert shown.text.startswith("Ann ⏰ Reminder: send the report")
+    assert [(e["type"], e["offset"], e["length"], e["user"]["id"]) for e in shown.entities] == [
+        ("text_mention", 0, 3, ANN)
+    ]
+    assert "Late" not in shown.text
+
+    server.push(GROUP, BOB, "Bob", "/remind every 2 seconds stretch")
+    await server.wait_for(lambda: len(reminders_of(server, GROUP, "stretch")) >= 2, within=15)
+    server.push(GROUP, BOB, "Bob", "/reminders")
+    await server.wait_for(lambda: last_says(server, GROUP, "Reminders here (1)"))
+    assert "every 2 seconds · Bob: stretch" in last_text(server, GROUP)
+    server.push(GROUP, ANN, "Ann", "/reminders cancel 1")  # Bob's, and Ann is no admin
+    await server.wait_for(lambda: last_says(server, GROUP, "Only whoever set it"))
+    server.push(GROUP, BOB, "Bob", "/reminders cancel 1")
+    await server.wait_for(lambda: last_says(server, GROUP, "Cancelled: stretch"))
+    fired = len(reminders_of(server, GROUP, "stretch"))
+    await asyncio.sleep(3)
+    assert len(reminders_of(server, GROUP, "stretch")) == fired  # cancelled means stopped
+    assert len(reminders_of(server, GROUP, "send the report")) == 1  # once, never again
+
+    # One that falls due while the bot is stopped is delivered at the next start, once.
+    server.push(DM, ANN, "Ann", "/remind in 2 seconds water the plants")
+    await server.wait_for(lambda: last_says(server, DM, "I will remind you"))
+    adapter, task = bot.running[-1]  # type: ignore[attr-defined]
+    await adapter.stop()
+    await asyncio.wait_for(task, 10)
+    await asyncio.sleep(5)
+    assert not reminders_of(server, DM, "water the plants")
+    await bot(reminders=FAST_REMINDERS)
+    await server.wait_for(lambda: reminders_of(server, DM, "water the plants"), within=10)
+    await asyncio.sleep(1)
+    late = reminders_of(server, DM, "water the plants")
+    assert len(late) == 1 and "(Late: this was due" in late[0].text
+
+
+async def test_reminder_and_time_zone_commands_refuse_politely(bot: Callable[..., Any]) -> None:
+    server, *_ = await bot()
+    for words, says in [
+        ("/remind", "Usage: /remind"),
+        ("/remind sometime soon-ish", "I could not tell when"),
+        ("/remind every 5 seconds spam", "repeats too often"),
+        ("/reminders cancel 9", "There is no reminder 9"),
+        ("/timezone Mars/Olympus", "not a time zone"),
+        ("/timezone Europe/Berlin", "time zone is now Europe/Berlin"),
+    ]:
+        count = len(server.bot_messages(DM))
+        server.push(DM, ANN, "Ann", words)
+        await wait_reply_count(server, DM, count + 1)
+        assert says in last_text(server, DM), words
+    server.push(GROUP, BOB, "Bob", "/timezone Asia/Tokyo")  # a group's zone: admins only
+    await server.wait_for(lambda: last_says(server, GROUP, "Only"))

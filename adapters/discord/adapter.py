@@ -96,6 +96,7 @@ class DiscordAdapter:
         self.ready = asyncio.Event()
         self.recovered = self.intake.recovered
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.reminding = core.reminders.loop(PLATFORM, self.send)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class DiscordAdapter:
         await connect(self.client, self.token, self.api_base_url)
 
     async def stop(self) -> None:
+        await self.reminding.stop()  # a reminder being sent is recorded first
         await finish_then_cancel(self._tasks, FINISH_DELIVERY_S)
         await self.client.close()
 
@@ -123,6 +125,7 @@ class DiscordAdapter:
         connected_at = datetime.now(UTC)  # what is stored from now on came over this session
         self.ready.set()
         self._spawn(self.intake.after_connect(connected_at))
+        self.reminding.start()  # once: later READYs find it running
 
     async def _sync_commands(self) -> None:
         if self.options.guild_id:

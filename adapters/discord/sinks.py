@@ -94,8 +94,16 @@ class ChannelSink:
         else:
             reference = self.reference
             self.reference = None  # continuation messages are not replies
+            mentions = NO_MENTIONS
+            if reply.mention is not None and reply.mention.user_id.isdigit():
+                # A reminder pings its owner, and no one else whatever its text says.
+                body = fit(f"<@{reply.mention.user_id}> {body}", MAX_MESSAGE_CHARS)
+                user = discord.Object(int(reply.mention.user_id))
+                mentions = discord.AllowedMentions(
+                    everyone=False, users=[user], roles=False, replied_user=False
+                )
             sent = await self.channel.send(
-                body, reference=reference, mention_author=False, allowed_mentions=NO_MENTIONS
+                body, reference=reference, mention_author=False, allowed_mentions=mentions
             )
         return str(sent.id)
 

@@ -78,6 +78,7 @@ class TelegramAdapter:
         self.recovered = self.intake.recovered
         self._stopped = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.reminding = core.reminders.loop(PLATFORM, self.send)
         self._add_handlers()
 
     def _add_handlers(self) -> None:
@@ -187,6 +188,7 @@ class TelegramAdapter:
             for task in await self.intake.recover():
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+            self.reminding.start()
             if self.webhook is not None:
                 await self.webhook.start()
             else:
@@ -197,6 +199,7 @@ class TelegramAdapter:
             await self._stopped.wait()
         finally:
             await self.stop_intake()
+            await self.reminding.stop()  # a reminder being sent is recorded first
             # Handlers still running deliver what is written, briefly; then they stop here.
             await finish_then_cancel(self._tasks, FINISH_DELIVERY_S)
             if self.app.running:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from telegram import Bot, ReplyParameters
+from telegram import Bot, MessageEntity, ReplyParameters, User
 from telegram.constants import ParseMode
 from telegram.error import BadRequest
 
@@ -52,6 +52,16 @@ class ChatSink:
         self.reply_to = None  # continuation messages follow the first one
 
         html = self._html(text) if self._formatted(reply, final) else None
+        entities: list[MessageEntity] | None = None
+        if reply.mention is not None and reply.mention.user_id.lstrip("-").isdigit():
+            # A reminder pings its owner by id (a text mention): no @username needed, and
+            # nothing in the text can ping anyone else.
+            name = reply.mention.name or "you"
+            text = fit(f"{name} {text}", MAX_MESSAGE_CHARS)
+            user = User(int(reply.mention.user_id), name, is_bot=False)
+            length = len(name.encode("utf-16-le")) // 2
+            entities = [MessageEntity(MessageEntity.TEXT_MENTION, 0, length, user=user)]
+            html = None
 
         async def call(formatted: bool) -> Any:
             return await self.bot.send_message(
@@ -59,6 +69,7 @@ class ChatSink:
                 html if formatted and html else text,
                 parse_mode=ParseMode.HTML if formatted else None,
                 reply_parameters=params,
+                entities=entities,
             )
 
         sent = await self._with_fallback(call, html is not None)

@@ -1,8 +1,8 @@
 """The commands users type, declared once, and the rules every platform applies to them.
 
 Each declaration (:mod:`chat.commands.spec`) lives in :mod:`chat.commands.conversation`,
-:mod:`chat.commands.replies`, :mod:`chat.commands.memory` or
-:mod:`chat.commands.documents`; adding a command means one
+:mod:`chat.commands.replies`, :mod:`chat.commands.memory`,
+:mod:`chat.commands.documents` or :mod:`chat.commands.reminders`; adding a command means one
 declaration and its tests.  :class:`CommandSet` holds them and runs one: the rate limit, the
 rights rule, then its work.  For text platforms it also reads a typed command's words
 (:meth:`CommandSet.parse`) and writes /help.
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chat.access import REFUSED, Requester
-from chat.commands import conversation, documents, memory, replies
+from chat.commands import conversation, documents, memory, reminders, replies
 from chat.commands.conversation import allowed
 from chat.commands.spec import (
     Answer,
@@ -60,6 +60,7 @@ class CommandSet:
             *replies.COMMANDS,
             *memory.COMMANDS,
             *documents.COMMANDS,
+            *reminders.COMMANDS,
             help_,
         )
 

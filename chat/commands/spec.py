@@ -24,6 +24,7 @@ from chat.documents.library import DocumentLibrary
 from chat.documents.posting import Postings
 from chat.messages import Attachment, OutgoingReply
 from chat.queues import Arrival, Queues
+from chat.reminders.service import Reminders
 from chat.roleplay.characters import CharacterLibrary
 from chat.roleplay.library import Library
 from chat.roleplay.lorebook import Lorebook
@@ -154,6 +155,8 @@ class Engine(Protocol):
     def documents(self) -> DocumentLibrary: ...
     @property
     def postings(self) -> Postings: ...
+    @property
+    def reminders(self) -> Reminders: ...
 
 
 Run = Callable[[Engine, Invocation], Awaitable[Answer]]

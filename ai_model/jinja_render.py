@@ -12,7 +12,7 @@ import datetime
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -97,15 +97,22 @@ class Renderer:
         self.bos = bos
         self.eos = eos
 
-    def __call__(self, messages: Sequence[Message], generation: bool) -> str:
-        context = {
+    def __call__(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        generation: bool,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        context: dict[str, Any] = {
             "messages": list(messages),
             "add_generation_prompt": generation,
             "bos_token": self.bos,
             "eos_token": self.eos,
-            # No ``tools``: a conversation without tools leaves it undefined, which templates
-            # test as falsy and iterate as empty (``None`` would break the tool-use variants).
         }
+        if tools is not None:
+            # Without tools ``tools`` stays undefined, which templates test as falsy and
+            # iterate as empty (``None`` would break the tool-use variants).
+            context["tools"] = list(tools)
         deadline = time.monotonic() + MAX_RENDER_S
         calls = 0
 

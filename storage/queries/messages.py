@@ -314,6 +314,28 @@ class MessageQueries:
             rows = (await conn.execute(query)).all()
         return [message_of(r) for r in reversed(rows)]
 
+    async def search(
+        self, conversation_id: int, after_id: int, words: Sequence[str], limit: int
+    ) -> list[StoredMessage]:
+        """The newest ``limit`` user and bot messages since ``after_id`` (the reset) that hold
+        every one of ``words`` (any case), newest first.  ``words`` are literal text: LIKE's
+        wildcards in them are escaped."""
+
+        def pattern(word: str) -> str:
+            escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return f"%{escaped.lower()}%"
+
+        query = select(messages).where(
+            messages.c.conversation_id == conversation_id,
+            messages.c.id > after_id,
+            messages.c.role.in_((USER, ASSISTANT)),
+            messages.c.deleted_at.is_(None),
+            *(func.lower(messages.c.text).like(pattern(w), escape="\\") for w in words),
+        )
+        query = query.order_by(messages.c.id.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            return [message_of(r) for r in (await conn.execute(query)).all()]
+
     async def last_reply(self, conversation_id: int, after_id: int = 0) -> StoredMessage | None:
         """The newest bot reply still in context (what /regenerate replaces)."""
         query = (

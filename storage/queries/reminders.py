@@ -170,13 +170,18 @@ class ReminderQueries:
             and_(reminders.c.state == PENDING, reminders.c.due_at <= utc(at)),
             and_(reminders.c.state == SENDING, reminders.c.claimed_at < utc(stale_before)),
         )
-        candidates = (
+        due = (
             select(reminders.c.id)
             .where(reminders.c.platform.in_(platforms), claimable)
             .order_by(reminders.c.due_at)
             .limit(limit)
-            .scalar_subquery()
         )
+        candidates = due.scalar_subquery()
+
+        # A read first: an idle bot looks every second, and must not write every second.
+        async with self.engine.connect() as conn:
+            if (await conn.execute(due)).first() is None:
+                return []
 
         async def work(conn: AsyncConnection) -> list[int]:
             result = await conn.execute(

@@ -142,6 +142,10 @@ class BatchedModel:
             prefill_chunk=settings.prefill_chunk,
             parking=parking,
             shared_prefix_bytes=settings.shared_prefix_mb * 2**20,
+            openings=[
+                tuple(model.tokenize(text.encode(), False, True))
+                for text in set(template.open.values())
+            ],
         )
 
     @classmethod

@@ -8,9 +8,11 @@ the sequence's state here.  Later fresh conversations beginning the same way sta
 copy and evaluate only the rest, as llama-server's slots do with their cached prompts.
 
 Only whole turns are shared: a shared beginning ends right after a control token (a turn's chat
-markup), never inside a message's text.  So a fresh conversation's speed can tell a user no more
-than that some other conversation began with the same turns (usually the system prompt everyone
-gets).  A conversation's own earlier prompts never count as "another conversation".
+markup), or after the rest of the next turn's opening markup (ChatML's ``user\n`` after
+``<|im_start|>``, which every conversation's first message has), never inside a message's
+text.  So a fresh conversation's speed can tell a user no more than that some other
+conversation began with the same turns (usually the system prompt everyone gets).  A
+conversation's own earlier prompts never count as "another conversation".
 """
 
 from __future__ import annotations
@@ -33,12 +35,36 @@ def whole_turns(n: int, prompt: Sequence[int], is_control: Callable[[int], bool]
     return n
 
 
-class SharedPrefixes:
-    """Copies of sequence states holding only a beginning that fresh prompts share."""
+def through_opening(
+    n: int, prompt: Sequence[int], limit: int, openings: Sequence[Sequence[int]]
+) -> int:
+    """``n`` (right after a control token) moved past the rest of a turn opening that begins
+    before it, if the prompt holds that whole opening within ``limit`` tokens: the template's
+    own markup, the same in every conversation, never a message's text."""
+    best = n
+    for opening in openings:
+        for p in range(1, min(len(opening), n + 1)):
+            end = n - p + len(opening)
+            if end > best and end <= limit and list(prompt[n - p : end]) == list(opening):
+                best = end
+    return best
 
-    def __init__(self, max_bytes: int, is_control: Callable[[int], bool]) -> None:
+
+class SharedPrefixes:
+    """Copies of sequence states holding only a beginning that fresh prompts share.
+
+    ``openings`` are the token ids of the template's turn openings (markup only).
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        is_control: Callable[[int], bool],
+        openings: Sequence[Sequence[int]] = (),
+    ) -> None:
         self.max_bytes = max_bytes
         self._is_control = is_control
+        self._openings = [tuple(o) for o in openings if o]
         self._states: OrderedDict[tuple[int, ...], SavedState] = OrderedDict()
         self._recent: deque[tuple[str | None, tuple[int, ...]]] = deque(maxlen=REMEMBER)
 
@@ -69,7 +95,9 @@ class SharedPrefixes:
             if key is None or other_key != key:
                 shared = max(shared, common_prefix(other, prompt))
         self._recent.append((key, tuple(prompt[:COMPARED])))
-        n = whole_turns(min(shared, len(prompt) - 1), prompt, self._is_control)
+        limit = min(shared, len(prompt) - 1)
+        n = whole_turns(limit, prompt, self._is_control)
+        n = through_opening(n, prompt, limit, self._openings) if n else 0
         if n < MIN_USEFUL_PREFIX or tuple(prompt[:n]) in self._states:
             return 0
         return n

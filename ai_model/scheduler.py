@@ -155,6 +155,7 @@ class Scheduler:
         prefill_chunk: int,
         parking: Parking,
         shared_prefix_bytes: int = 0,
+        openings: Sequence[Sequence[int]] = (),
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -167,7 +168,9 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.parking = parking
         self.shared = SharedPrefixes(
-            shared_prefix_bytes, lambda t: bool(llama_cpp.llama_vocab_is_control(vocab, t))
+            shared_prefix_bytes,
+            lambda t: bool(llama_cpp.llama_vocab_is_control(vocab, t)),
+            openings,
         )
         self.seqs = [_Seq(i) for i in range(parallel)]
         internals: Any = _internals
@@ -287,13 +290,23 @@ class Scheduler:
             for seq in idle:
                 if seq.key == key:
                     return seq
+        # Each sequence is a KV stream of its own, and llama.cpp decodes every stream between
+        # the lowest and the highest sequence of a batch: four generations on sequences 0, 2,
+        # 5 and 7 cost what eight do (55 ms a step against 31 ms on 0-3, 135M model, 2 cores).
+        # A new generation takes the free sequence that keeps the busy ones closest together.
+        busy = [s.id for s in self.seqs if s.req is not None]
+
+        def span(seq: _Seq) -> int:
+            ids = [*busy, seq.id]
+            return max(ids) - min(ids)
+
         empty = [s for s in idle if not s.tokens]
         if empty:
-            return empty[0]
+            return min(empty, key=lambda s: (span(s), s.id))
         # What a request without a conversation (a summary job) left is of use to nobody: it
         # goes before any conversation's state, which would have to be parked.
         anonymous = [s for s in idle if s.key is None]
-        return min(anonymous or idle, key=lambda s: s.used)
+        return min(anonymous or idle, key=lambda s: (span(s), s.used))
 
     def _clear(self, seq: _Seq) -> None:
         import llama_cpp
@@ -316,7 +329,7 @@ class Scheduler:
             log.info("%s: the parked state of %s no longer matches: dropped", self.name, key)
             return "cold"
         if not self._load(seq, state):
-            log.warning("%s: llama.cpp refused the parked state of %s", self.name, key)
+            log.warning("%s: could not restore the parked state of %s", self.name, key)
             self._clear(seq)
             return "cold"
         return tier
@@ -388,27 +401,17 @@ class Scheduler:
 
         began = time.perf_counter()
         batch = self._batch.batch
-        rows: list[tuple[_Seq, int, bool]] = []  # (sequence, token, wants logits)
-        placed: dict[int, int] = {}  # tokens of each sequence in this batch so far
-
-        def add(seq: _Seq, token: int, logits: bool) -> None:
-            i = len(rows)
-            offset = placed.get(seq.id, 0)
-            placed[seq.id] = offset + 1
-            batch.token[i] = token
-            batch.pos[i] = len(seq.tokens) + offset
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq.id
-            batch.logits[i] = logits
-            rows.append((seq, token, logits))
-
         running = self._running()
+        # What each sequence evaluates this step: its sampled token, or else a chunk of its
+        # prompt.  Generating sequences come first, then prompts in arrival order, within
+        # n_batch.
+        work: dict[int, list[int]] = {}
         decoded = []
         for seq in running:
             if seq.next_token is not None:
-                add(seq, seq.next_token, True)
+                work[seq.id] = [seq.next_token]
                 decoded.append(seq.id)
-        budget = self.n_batch - len(rows)
+        budget = self.n_batch - len(work)
         prefill = []
         for seq in running:
             if not seq.pending or budget <= 0 or seq.req is None:
@@ -417,11 +420,26 @@ class Scheduler:
             if seq.share_at > len(seq.tokens):  # the shared beginning ends a chunk
                 size = min(size, seq.share_at - len(seq.tokens))
             chunk = seq.pending[:size]
-            last = len(chunk) == len(seq.pending)
-            for j, token in enumerate(chunk):
-                add(seq, token, last and j == len(chunk) - 1)
+            work[seq.id] = chunk
             budget -= len(chunk)
             prefill.append((seq.id, len(chunk)))
+        # Rows in ascending sequence order: llama.cpp takes a batch's KV streams as one range
+        # when they come in order, and gathers them one by one otherwise (54 ms against 31 ms a
+        # step for four generations, 135M model, 2 cores).
+        rows: list[tuple[_Seq, int, bool]] = []  # (sequence, token, wants logits)
+        for seq_id in sorted(work):
+            seq = self.seqs[seq_id]
+            tokens = work[seq_id]
+            last = seq.next_token is not None or len(tokens) == len(seq.pending)
+            for j, token in enumerate(tokens):
+                i = len(rows)
+                logits = last and j == len(tokens) - 1
+                batch.token[i] = token
+                batch.pos[i] = len(seq.tokens) + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = logits
+                rows.append((seq, token, logits))
         batch.n_tokens = len(rows)
         start = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)

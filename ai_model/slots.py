@@ -174,7 +174,7 @@ class SlotPool:
             return False
         slot.ctx.kv_cache_clear()
         if not write_sequence(slot.ctx.ctx, 0, found):
-            log.warning("llama.cpp refused the saved state of %s: ignored", key)
+            log.warning("could not restore the saved state of %s: ignored", key)
             slot.ctx.kv_cache_clear()
             slot.n_tokens = 0
             return False

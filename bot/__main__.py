@@ -55,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         help="with llama-server: two processes sharing one server, three ways of picking slots",
     )
     bench.add_argument(
+        "--flash-attn",
+        action="store_true",
+        help="with llama-server: flash attention on, on both sides (default: off on both)",
+    )
+    bench.add_argument(
         "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
     )
     bench.add_argument(
@@ -117,7 +122,9 @@ def _dispatch(
         if args.backend == "llama-server":
             from bot.bench import remote as bench_remote
 
-            return bench_remote.main(url=args.url, quick=args.quick, shared=args.shared)
+            return bench_remote.main(
+                url=args.url, quick=args.quick, shared=args.shared, flash_attn=args.flash_attn
+            )
         from bot.bench import figures as bench
 
         return bench.main(quick=args.quick, gpu_layers=args.gpu_layers)

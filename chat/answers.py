@@ -11,13 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Protocol
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from ai_model.base import ChatModel, ModelError
 from chat.access import Access, Requester
@@ -28,7 +25,7 @@ from chat.faults import KillPoints
 from chat.limits import shorten
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind, notice
 from chat.metrics import Metrics
-from chat.prompt.building import PromptBuilder
+from chat.prompt.building import Built, PromptBuilder
 from chat.prompt.history import HistoryCache
 from chat.prompt.memory import MemoryKeeper
 from chat.prompt.too_long import too_long
@@ -38,6 +35,17 @@ from chat.roleplay.characters import Character, CharacterLibrary
 from chat.roleplay.scene import choose_speakers
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
 from chat.shown import shown, tokens_of_reply
+from chat.tools.registry import Tools
+from chat.tools.rounds import GAVE_UP, ToolRounds, could_be_call, format_has_tools, tools_on
+from chat.turn_texts import (
+    APOLOGY,
+    NOT_STORED,
+    RESTARTING,
+    SLOW_STORAGE,
+    SLOW_STORAGE_S,
+    Once,
+    trace_wanted,
+)
 from storage.records import (
     ASSISTANT,
     FAILED,
@@ -49,28 +57,7 @@ from storage.records import (
 from storage.store import STORAGE_ERRORS, Store
 
 log = logging.getLogger(__name__)
-
-APOLOGY = (
-    "Sorry, something went wrong while I was writing the reply. Your message is saved; "
-    "please try again in a moment."
-)
-NOT_STORED = (
-    "Sorry, I could not save your message because of a storage problem on my side. "
-    "Please send it again in a moment."
-)
-SLOW_STORAGE = (
-    "Saving messages is slow on my side right now. Yours is not lost: I will answer as soon "
-    "as I can."
-)
-SLOW_STORAGE_S = 2.0  # storing a message for longer than this gets the sender a notice
-RESTARTING = (
-    "I am restarting right now and could not take your message. Please send it again in a minute."
-)
-
-
-def trace_wanted(exc: BaseException) -> bool:
-    """Whether a failure deserves a traceback in the log: not for the expected kinds."""
-    return not isinstance(exc, ModelError | SQLAlchemyError | OSError)
+Rounds = ToolRounds | None
 
 
 class ModelProvider(Protocol):
@@ -101,6 +88,7 @@ class Answers:
         metrics: Metrics,
         rng: random.Random,
         opening: Callable[[Conversation, bool, str], Awaitable[OutgoingReply | None]],
+        tools: Tools | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -118,9 +106,8 @@ class Answers:
         self.metrics = metrics
         self.rng = rng
         self._opening = opening  # the scene's greeting, for a roleplay conversation not opened
+        self.tools = tools or Tools([])  # what the office model may do (chat.tools.builtin)
         self.closing = False  # set by a graceful stop: no new work is taken
-
-    # -- intake -------------------------------------------------------------------------------
 
     async def respond(
         self,
@@ -146,7 +133,7 @@ class Answers:
         answers already queued here or for this user (stored, not answered), or a storage
         failure (nothing stored, the user is asked to send it again).
         """
-        settled = _Once(on_stored)
+        settled = Once(on_stored)
         key = msg.conversation_key
         arrival = arrival or self.queues.arrive(key)
         ticket: Ticket | None = None
@@ -195,7 +182,9 @@ class Answers:
                         opening = await self._opening(conv, msg.is_dm, name)
                         conv = await self.conversations.get(msg.platform, key)
                     reply_all = self.settings.platform(msg.platform).roleplay_reply_all
-                    named = roleplay and (reply_all or self._names_cast(conv, msg.text))
+                    named = roleplay and (
+                        reply_all or self.conversations.names_cast(conv, msg.text)
+                    )
                     wanted = msg.addresses_bot or named
                     if wanted:
                         refusal = self.queues.refusal(key, user_key)
@@ -224,6 +213,8 @@ class Answers:
                 else:
                     if wanted and refusal is None:
                         ticket = self.queues.ticket(key, user_key)
+                    elif not wanted:  # chatter: its turn is encoded now, not at the mention
+                        await self.prompts.prepare(conv, "roleplay" if roleplay else "work", user)
                 finally:
                     settled()
             if opening is not None:
@@ -247,6 +238,12 @@ class Answers:
             if ticket is not None:
                 ticket.release()
 
+    async def _rounds(self, model: ChatModel, platform: str, key: str, asked: int) -> Rounds:
+        if not format_has_tools(model.template):  # the tool rounds of a reply, for its asker
+            return None
+        found = await self.store.messages.get(asked)
+        return ToolRounds.acting_for(found, platform, key, self.tools, self.settings.tools)
+
     async def _seen_before(self, conv: Conversation, msg: IncomingMessage) -> bool:
         """Whether this platform message was stored already (delivered again after a crash:
         it is answered, or recovered at start-up, from its first delivery)."""
@@ -256,14 +253,6 @@ class Answers:
         if found is not None:
             log.info("%s: message %s was stored before; skipped", conv.key, msg.platform_message_id)
         return found is not None
-
-    def _names_cast(self, conv: Conversation, text: str) -> bool:
-        return any(
-            re.search(rf"(?<!\w){re.escape(c.display_name)}(?!\w)", text, re.IGNORECASE)
-            for c in self.conversations.cast_of(conv)
-        )
-
-    # -- the turn -----------------------------------------------------------------------------
 
     async def answer_turn(
         self,
@@ -359,12 +348,19 @@ class Answers:
         text = ""
         began = time.monotonic()
         outcome = self.metrics.failed.labels(platform, role)
+        rounds: Rounds = None
         try:
             model = await self.models.get(role)
+            if tools_on(conv, mode == "roleplay", self.settings.tools):
+                rounds = await self._rounds(model, platform, key, user_id)
+
+            def prompt() -> Awaitable[Built]:
+                tools = rounds.prompt if rounds else None
+                reserve = sampling.max_tokens
+                return self.prompts.build(conv, model, user_id, char, reserve, group, tools)
+
             try:
-                built = await self.prompts.build(
-                    conv, model, user_id, char, sampling.max_tokens, replacing=group
-                )
+                built = await prompt()
             except PromptTooLong as exc:
                 outcome.inc()
                 text = await too_long(self.store, self.history, conv, model, user_id, exc)
@@ -374,17 +370,34 @@ class Answers:
             others = [s.strip("\n:") for s in built.stops]
             reasoning = model.template.reasoning
             async with self.memory.replying(key, role):
-                async for piece in model.stream(built.tokens, sampling, built.stops, slot=key):
-                    if not text and piece:
-                        self.metrics.first_token.labels(role).observe(time.monotonic() - began)
-                    text += piece
-                    yield replace(base, text=shown(text, char, others, reasoning), delta=piece)
+                while True:  # one generation, or one per tool round
+                    text, sent = "", 0
+                    async for piece in model.stream(built.tokens, sampling, built.stops, slot=key):
+                        if not text and piece:
+                            self.metrics.first_token.labels(role).observe(time.monotonic() - began)
+                        text += piece
+                        if rounds is not None and could_be_call(text):
+                            continue  # a call is the bot's business, not the user's
+                        delta, sent = text[sent:], len(text)
+                        yield replace(base, text=shown(text, char, others, reasoning), delta=delta)
+                    if rounds is None or not await rounds.after(text):
+                        break
+                    try:
+                        built = await prompt()
+                    except PromptTooLong:
+                        rounds.gave_up = "their results do not fit in my context window"
+                        break
         except (ModelError, RuntimeError, *STORAGE_ERRORS) as exc:
             log.error("generation failed in %s: %s", key, exc, exc_info=trace_wanted(exc))
             if isinstance(exc, STORAGE_ERRORS):
                 self.metrics.storage_errors.inc()
             outcome.inc()
             yield replace(base, text=APOLOGY, final=True, kind=ReplyKind.ERROR)
+            return
+        if rounds is not None and rounds.gave_up:
+            outcome.inc()
+            text = GAVE_UP.format(why=rounds.gave_up)
+            yield replace(base, text=text, final=True, kind=ReplyKind.NOTICE)
             return
         reply = shown(text, char, others, reasoning).strip()
         if not reply:
@@ -398,6 +411,10 @@ class Answers:
         except ModelError as exc:  # a remote tokenizer went away: the reply is still good
             log.warning("could not count the reply's tokens in %s: %s", key, exc)
             reply_tokens, generated = len(reply) // 3 + 1, ()
+        if footer := rounds.footer() if rounds is not None else "":
+            # Which tools ran: the bot's line, as the sources line below is.
+            reply = f"{reply}\n\n{footer}"
+            reply_tokens += len(footer) // 3 + 1
         if sources := built.excerpts.sources_line(reply):
             # The reply names the documents it drew on; the model's own tokens stay as
             # generated (the line is the bot's, counted roughly).
@@ -438,17 +455,3 @@ class Answers:
             await self.conversations.update_settings(conv, last_speaker=char.name)
         self.kill_points.reached("replied")
         yield replace(base, text=reply, final=True, stored_id=stored.id)
-
-
-class _Once:
-    """Calls ``callback`` (if any) the first time it is called."""
-
-    __slots__ = ("_callback",)
-
-    def __init__(self, callback: Callable[[], None] | None) -> None:
-        self._callback = callback
-
-    def __call__(self) -> None:
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback()

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import replace
 
 from ai_model.base import ModelError
-from chat.answers import APOLOGY, ModelProvider, trace_wanted
+from chat.answers import ModelProvider
 from chat.conversations import Conversations
 from chat.delivery import STILL_SENDING
 from chat.messages import OutgoingReply, notice
@@ -25,6 +25,7 @@ from chat.prompt.window import PromptTooLong
 from chat.queues import Arrival, Queues
 from chat.roleplay.characters import Character, CharacterLibrary
 from chat.settings import ROLE_FOR_MODE
+from chat.turn_texts import APOLOGY, trace_wanted
 from storage.records import Conversation, StoredMessage
 from storage.store import STORAGE_ERRORS, Store
 

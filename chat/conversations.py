@@ -6,6 +6,7 @@ is never dropped from the cache: what its queue is doing must see the row it sta
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -100,3 +101,10 @@ class Conversations:
         """The characters of the channel's scene: the chosen one, or several for a group."""
         names = conv.settings.get("cast") or [conv.character]
         return [self.characters.get(name) for name in names]
+
+    def names_cast(self, conv: Conversation, text: str) -> bool:
+        """Whether ``text`` names a character of the channel's scene (as a whole word)."""
+        return any(
+            re.search(rf"(?<!\w){re.escape(c.display_name)}(?!\w)", text, re.IGNORECASE)
+            for c in self.cast_of(conv)
+        )

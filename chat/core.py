@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 
 from chat.access import Access
 from chat.actions import Actions
-from chat.answers import APOLOGY, Answers, ModelProvider
+from chat.answers import Answers, ModelProvider
 from chat.commands import CommandSet
 from chat.continuation import Continuation
 from chat.conversations import Conversations
@@ -52,6 +52,8 @@ from chat.roleplay.library import Library
 from chat.settings import Settings
 from chat.steering import Steering
 from chat.summarize import Summaries
+from chat.tools.builtin import Toolbox
+from chat.turn_texts import APOLOGY
 from chat.versions import Versions
 from storage.store import Store
 
@@ -121,6 +123,10 @@ class ConversationCore:
         self.delivery = Delivery(store, kills)
         self.access = Access(settings.access, settings.is_owner)
         self.postings = Postings(self.documents, self.conversations, self.access, self.queues)
+        self.reminders = Reminders(
+            settings.reminders, store, self.conversations, metrics=self.metrics
+        )
+        toolbox = Toolbox(store, self.conversations, self.reminders, self.documents)
         self.answers = Answers(
             settings,
             store,
@@ -138,6 +144,7 @@ class ConversationCore:
             metrics=self.metrics,
             rng=rng or random.Random(),
             opening=lambda conv, is_dm, user: self.actions.open(conv, is_dm, user),
+            tools=toolbox.tools(),
         )
         self.versions = Versions(
             store,
@@ -173,9 +180,6 @@ class ConversationCore:
         self.summaries = Summaries(store, models, self.conversations, self.queues, self.memory)
         self.recovery = Recovery(
             settings, store, self.conversations, self.queues, self.answers, self.started_at
-        )
-        self.reminders = Reminders(
-            settings.reminders, store, self.conversations, metrics=self.metrics
         )
         self.commands = CommandSet(self)
 

@@ -39,6 +39,7 @@ from chat.setting_checks import (
     suggest,
     webhook_secret,
 )
+from chat.tools.rounds import ToolSettings
 
 __all__ = [
     "MODES",
@@ -167,6 +168,8 @@ class Settings:
     documents: DocumentSettings = field(default_factory=DocumentSettings)
     # /remind (chat/reminders): caps, the shortest recurrence, delivery pacing.
     reminders: ReminderSettings = field(default_factory=ReminderSettings)
+    # The office model's tools (chat/tools): where they are on, how many per reply.
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
     def platform(self, name: str) -> PlatformSettings:
         return self.platforms.get(name, PlatformSettings())
@@ -234,6 +237,15 @@ def _reminders(table: Mapping[str, Any]) -> ReminderSettings:
     return reminders
 
 
+def _tools(table: Mapping[str, Any]) -> ToolSettings:
+    tools = cast(ToolSettings, build(ToolSettings, dict(table), "tools"))
+    try:
+        tools.validate()
+    except ValueError as exc:
+        raise SettingsError(f"invalid value in [tools]: {exc}") from exc
+    return tools
+
+
 def parse_settings(
     raw: Mapping[str, Any], env: Mapping[str, str], config_path: Path | None = None
 ) -> Settings:
@@ -249,6 +261,7 @@ def parse_settings(
         raise SettingsError(str(exc)) from None
     documents = _documents(expect_table(raw.pop("documents", {}), "documents"))
     reminders = _reminders(expect_table(raw.pop("reminders", {}), "reminders"))
+    tools = _tools(expect_table(raw.pop("tools", {}), "tools"))
     if raw:
         raise SettingsError(f"unknown top-level table(s): {', '.join(sorted(raw))}")
 
@@ -384,6 +397,7 @@ def parse_settings(
         access=access,
         documents=documents,
         reminders=reminders,
+        tools=tools,
         **limits,
     )
 

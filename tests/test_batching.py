@@ -20,7 +20,7 @@ from ai_model.embedded import embedded_model_path
 from ai_model.local import LocalModel
 from ai_model.parking import SavedState
 from ai_model.prefixes import KEEP, SharedPrefixes
-from ai_model.templates import encode
+from ai_model.templates import Piece, encode
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage, ReplyKind
 from tests.test_window import sentence
@@ -338,6 +338,7 @@ async def test_fresh_conversations_start_from_the_beginning_others_shared(tmp_pa
     model = await load(tmp_path, parallel=2, state_dir="")
     plain = await load(tmp_path, parallel=2, state_dir="", shared_prefix_mb=0)
     system_part = len([*model.bos, *encode(model.template.turn("system", SYSTEM), model)])
+    opening = len(encode([Piece(model.template.open["user"], True)], model))
     try:
         prompts = [with_system(model, text) for text in FRESH]
         short = replace(SAMPLING, max_tokens=16)
@@ -351,10 +352,12 @@ async def test_fresh_conversations_start_from_the_beginning_others_shared(tmp_pa
     # The first two are evaluated whole; from the third on, only what is their own.
     assert [e.event for e in events] == ["cold", "cold", "shared", "shared"]
     assert [e.event for e in plain_events] == ["cold"] * 4
-    # The shared part is the system turn and the next turn's opening control token: never the
-    # users' text, though the first three messages begin with the same words.
-    assert all(e.reused == system_part + 1 for e in events[2:])
-    assert events[2].computed == len(prompts[2]) - system_part - 1
+    # The shared part is the system turn and the next turn's opening markup (ChatML's
+    # "<|im_start|>user\n"): never the users' text, though the first three messages begin
+    # with the same words.
+    assert opening > 1
+    assert all(e.reused == system_part + opening for e in events[2:])
+    assert events[2].computed == len(prompts[2]) - system_part - opening
     assert replies == unshared and all(r.strip() for r in replies)
 
 
@@ -372,6 +375,14 @@ def test_shared_beginnings_end_at_a_turn_and_come_from_other_conversations() -> 
     assert shared.find([*base[:20], 9]) is None  # too little in common to be worth it
     shared.add(SavedState(tuple(range(200, 260)), bytearray(6_000)))  # past the budget
     assert shared.find([*base, 1]) is None and shared.nbytes == 6_000
+    # With the template's openings known, a beginning takes in the rest of the opening that
+    # its last control token starts (50 opens a turn as 50, 60, 61), and no further.
+    opened = SharedPrefixes(10_000, lambda t: t in control, openings=[(50, 60, 61)])
+    opened.boundary("a", [*base[:51], 60, 61, 100, 101])
+    assert opened.boundary("b", [*base[:51], 60, 61, 100, 102]) == 53
+    other = SharedPrefixes(10_000, lambda t: t in control, openings=[(50, 60, 61)])
+    other.boundary("a", [*base[:51], 60, 62, 1])
+    assert other.boundary("b", [*base[:51], 60, 62, 2]) == 51  # not a whole opening: at 50
     roomy = SharedPrefixes(10**9, lambda t: t in control)
     for n in range(KEEP + 2):  # more beginnings than are held: the oldest go first
         roomy.add(SavedState(tuple(range(1000 * n, 1000 * n + 40)), bytearray(10)))

@@ -14,6 +14,7 @@ from chat.messages import IncomingMessage, ReplyKind
 from chat.prompt.window import PromptTooLong, Turn, fit_window
 from storage.records import NOTICE
 from tests.scripted import ScriptedModel
+from tests.waiting import wait_until
 
 
 def turns(sizes: list[int]) -> list[Turn]:
@@ -183,3 +184,38 @@ async def test_a_mention_after_long_chatter_frames_no_more_than_a_window(
     again = make_core({"office": model, "character": model}, models=small)
     conv = await again.conversations.get("telegram", key)
     assert len(await again.history.get(conv)) <= 1024 // 2 + 1
+
+
+async def test_chatter_is_encoded_as_it_arrives_in_a_running_bot(
+    make_core,  # type: ignore[no-untyped-def]
+) -> None:
+    """Once the bot has answered in a channel, each unaddressed message's turn is encoded as
+    it arrives (off the event loop), named as the prompt will name it: the mention after the
+    chatter tokenizes only itself, and its prompt still names every speaker."""
+    model = ScriptedModel(["Noted."] * 3, n_ctx=1024)  # one token per byte
+    tokenized: list[int] = []
+    original = model.tokenize
+
+    def counting(text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        tokenized.append(len(text))
+        return original(text, add_bos, special)
+
+    model.tokenize = counting  # type: ignore[method-assign]
+    small = {role: ModelSettings(n_ctx=1024) for role in ("office", "character")}
+    core = make_core({"office": model, "character": model}, models=small)
+    key = "telegram:-1008"
+    first = IncomingMessage("telegram", key, "1", "Ann", "Hello there.")
+    assert [r async for r in core.answers.respond(first)][-1].kind is ReplyKind.ANSWER
+    for i in range(300):
+        who, name = ("2", "Bob") if i % 2 else ("3", "Cid")
+        line = f"chatter line {i} about the weather and the trains"
+        quiet = IncomingMessage("telegram", key, who, name, line, mentions_bot=False)
+        assert [r async for r in core.answers.respond(quiet)] == []
+    await wait_until(lambda: core.prompts.preparing == 0)
+    tokenized.clear()
+    ask = IncomingMessage("telegram", key, "1", "Ann", "What did Bob say last?")
+    replies = [r async for r in core.answers.respond(ask)]
+    assert replies[-1].kind is ReplyKind.ANSWER
+    assert sum(tokenized) <= 200  # the mention and the reply's frames, not the chatter
+    shown = model.detokenize(model.prompts[-1])
+    assert "Bob: chatter line 299 about" in shown and "Cid: chatter line 298 about" in shown

@@ -1,8 +1,13 @@
 """``python -m bot bench --backend llama-server``: the office role through a llama-server beside
 the same role in-process, measured in one run, through the whole core.
 
-Both sides get the same sampling (greedy, fixed seed) and reply budget, alternately, so that
-the machine's noise falls on both alike; every conversation asks a question no other one asks.
+Both sides get the same sampling (greedy, fixed seed), reply budget and flash-attention setting
+(the server is started with ``-fa`` set as the in-process side has it: llama-server's own
+default, ``auto``, turns it on for a CPU, where it is faster over short contexts and twice as
+slow over long ones), alternately, so that the machine's noise falls on both alike.  Within a
+side every conversation asks a question no other one asks; each round gives both sides the
+same questions, so that greedy decoding writes replies of the same lengths on both (the
+tokens each side wrote are reported beside its figures).
 Figures, for 1, 4 and 8 conversations sending at the same instant: the median and the worst
 first token and the aggregate tokens/s, on each side and as in-process over server; and one
 conversation's streamed tokens/s.  Without ``--url`` the bench starts its own llama-server (the
@@ -67,10 +72,12 @@ CONCURRENCY = (1, 4, 8)
 
 
 def questions() -> Iterator[str]:
-    """Distinct questions: subject, number and request differ from one to the next."""
+    """Distinct questions: number, subject and request differ from one to the next, from the
+    first token on (a question that began with its subject would share that word with the
+    one 16 before it, which llama-server would find in a slot and reuse)."""
     for n in itertools.count(1):
         subject = SUBJECTS[n % len(SUBJECTS)]
-        yield f"{subject} matter {n}: {ASKS[(n // len(SUBJECTS)) % len(ASKS)]}."
+        yield f"{n * 7919 % 100_003}: {subject} matter. {ASKS[(n // len(SUBJECTS)) % len(ASKS)]}."
 
 
 def server_binary() -> str:
@@ -82,14 +89,16 @@ def server_binary() -> str:
     return binary
 
 
-def start_server(folder: Path, slots: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    folder: Path, slots: int, flash_attn: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:  # a free port, asked of the system
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
     threads = str(os.cpu_count() or 1)
     command = [server_binary(), "-m", str(embedded_model_path()), "--host", "127.0.0.1"]
     command += ["--port", str(port), "-np", str(slots), "-c", str(slots * 8192), "-t", threads]
-    command += ["--metrics"]
+    command += ["-fa", "on" if flash_attn else "off", "--metrics"]
     out = (folder / "llama-server.log").open("wb")
     process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -180,32 +189,54 @@ def _figures(name: str, n: int, runs: list[list[tuple[float, float, int]]]) -> d
     }
 
 
-async def measure(url: str, folder: Path, rounds: int, max_tokens: int = 96) -> dict[str, Any]:
+async def measure(
+    url: str, folder: Path, rounds: int, max_tokens: int = 96, flash_attn: bool = False
+) -> dict[str, Any]:
     """The peer table: 1, 4 and 8 conversations at once on each side, alternating sides."""
-    sampling = SamplingSettings(max_tokens=max_tokens, temperature=0.0, seed=5)
+    # Greedy, without the repeat penalty: llama-server feeds the prompt to the penalty's
+    # window and the in-process path does not, so with one the two sides would write other
+    # replies, of other lengths, from the same prompt.
+    sampling = SamplingSettings(max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, seed=5)
     parallel = max(CONCURRENCY)
-    local = Side("local", ModelSettings(sampling=sampling, state_dir="", parallel=parallel), folder)
+    local = Side(
+        "local",
+        ModelSettings(sampling=sampling, state_dir="", parallel=parallel, flash_attn=flash_attn),
+        folder,
+    )
     remote = Side(
         "server", ModelSettings(backend="llama-server", url=url, sampling=sampling), folder
     )
     sides = (local, remote)
     asked = questions()
+    warm_up = next(asked)
     for side in sides:
         await side.open()
-        await side.ask(next(asked))  # loads the model, warms caches
+        await side.ask(warm_up)  # loads the model, warms caches
     runs: dict[tuple[str, int], list[list[tuple[float, float, int]]]] = {}
     streamed: dict[str, list[float]] = {s.name: [] for s in sides}
+    written: dict[str, int] = {s.name: 0 for s in sides}
     for i in range(rounds):
+        alone = next(asked)
+        together = {n: [next(asked) for _ in range(n)] for n in CONCURRENCY}
         for side in sides if i % 2 == 0 else sides[::-1]:
-            _first, rate, _n = await side.ask(next(asked))
+            _first, rate, n_tokens = await side.ask(alone)
             streamed[side.name].append(rate)
+            written[side.name] += n_tokens
             for n in CONCURRENCY:
-                run = await side.concurrent([next(asked) for _ in range(n)])
+                run = await side.concurrent(together[n])
                 runs.setdefault((side.name, n), []).append(run)
+                written[side.name] += sum(r[2] for r in run)
         log(f"round {i + 1}/{rounds} done")
     for side in sides:
         await side.close()
-    out: dict[str, Any] = {"rounds": rounds, "server_url": url, "max_tokens": sampling.max_tokens}
+    out: dict[str, Any] = {
+        "rounds": rounds,
+        "server_url": url,
+        "max_tokens": sampling.max_tokens,
+        "flash_attn": flash_attn,
+    }
+    for name, count in written.items():
+        out[f"{name}_tokens_written"] = count
     for (name, n), found in runs.items():
         out.update(_figures(name, n, found))
     for n, shares in local.overhead.items():
@@ -226,19 +257,20 @@ async def measure(url: str, folder: Path, rounds: int, max_tokens: int = 96) -> 
     return out
 
 
-def main(url: str = "", quick: bool = False, shared: bool = False) -> int:
+def main(url: str = "", quick: bool = False, shared: bool = False, flash_attn: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="localbot-bench-remote-") as name:
         folder = Path(name)
         process = None
         if not url:
             # The peer table needs a slot per conversation; the shared-server modes use four.
-            process, url = start_server(folder, 4 if shared else max(CONCURRENCY))
+            slots = 4 if shared else max(CONCURRENCY)
+            process, url = start_server(folder, slots, flash_attn)
         try:
             if shared:
                 results = asyncio.run(measure_shared(url, 2 if quick else 4))
             else:
                 rounds, budget = (1, 16) if quick else (6, 96)
-                results = asyncio.run(measure(url, folder, rounds, budget))
+                results = asyncio.run(measure(url, folder, rounds, budget, flash_attn))
         finally:
             if process is not None:
                 process.terminate()

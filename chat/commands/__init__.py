@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from chat.access import REFUSED, Requester
-from chat.commands import conversation, documents, memory, reminders, replies
+from chat.commands import conversation, documents, memory, reminders, replies, tools
 from chat.commands.conversation import allowed
 from chat.commands.spec import (
     Answer,
@@ -61,6 +61,7 @@ class CommandSet:
             *memory.COMMANDS,
             *documents.COMMANDS,
             *reminders.COMMANDS,
+            *tools.COMMANDS,
             help_,
         )
 

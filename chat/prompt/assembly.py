@@ -19,7 +19,7 @@ Two rules shape it:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ai_model.base import ChatModel
 from chat.limits import MAX_PINNED_SHARE
@@ -35,6 +35,8 @@ from chat.roleplay.scene import (
     stop_strings,
     story_text,
 )
+from chat.tools import llama3
+from chat.tools.rounds import ToolPrompt
 from storage.records import USER, StoredMessage
 
 RECENT_SPEAKERS = 60  # messages scanned for the names that get stop strings
@@ -100,9 +102,15 @@ def personas_text(
     return "\n".join([PERSONAS_HEAD, *kept]) if kept else ""
 
 
-def _cost(encoder: TurnEncoder, text: str, role: str = "system") -> int:
-    """The tokens of a block of text as a turn of its own (0 for none)."""
-    return len(encoder.user(text) if role == "user" else encoder.system(text)) if text else 0
+def _cost(encoder: TurnEncoder, part: Part | str) -> int:
+    """The tokens of a part (or of a block of system text) as a turn of its own (0 for none)."""
+    if isinstance(part, str):
+        part = Part("system", part)
+    if part.pieces:
+        return len(encoder.framed(part.pieces))
+    if not part.text:
+        return 0
+    return len(encoder.user(part.text) if part.role == "user" else encoder.system(part.text))
 
 
 def assemble(
@@ -117,13 +125,17 @@ def assemble(
     memory: Memory = Memory(),
     players: Sequence[str] = (),
     documents: str = "",
+    tools: ToolPrompt | None = None,
 ) -> Prompt:
     """The prompt for the reply after ``history``, within ``model.n_ctx - reserve`` tokens.
 
     ``players`` are the conversation's players in the order they first spoke (stable from turn
     to turn); without it, those of the last messages.  ``documents`` (retrieved excerpts)
     go right before the last user turn: the history before them stays a reusable prefix, and
-    the question still comes last.
+    the question still comes last.  ``tools`` (Llama 3.x formats only) frames the prompt as
+    Meta's tool format does: the system turn opens with ``Environment: ipython``, the
+    definitions go before the first message of the window, and this reply's calls and results
+    so far come last.
     """
 
     def count(text: str) -> int:
@@ -178,10 +190,19 @@ def assemble(
         if text
     ]
     summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
+    acting: list[Part] = []
+    if tools is not None:  # one system turn, Meta's (formats that merge system parts would)
+        merged = "\n\n".join(p.text for p in front)
+        pieces = llama3.system_turn(model.template, merged)
+        front = [Part("system", merged, label="pinned", pieces=pieces)]
+        for written, result in tools.rounds:
+            acting.append(Part("assistant", written, pieces=llama3.written_call_turn(written)))
+            acting.append(Part("ipython", result, pieces=llama3.result_turn(result)))
     fixed_cost = (
         len(model.bos)
         + len(encoder.head())
-        + sum(_cost(encoder, p.text, p.role) for p in (*front, *steer, *note, *excerpts, *back))
+        + sum(_cost(encoder, p) for p in (*front, *steer, *note, *excerpts, *back, *acting))
+        + (count(llama3.definitions(tools.definitions)) if tools is not None else 0)
     )
     budget = model.n_ctx - reserve - fixed_cost - len(cue)
     # Names go in front of turns only where they tell speakers apart: replies when several
@@ -222,6 +243,12 @@ def assemble(
     if excerpts:
         last = len(talk) - 1 if talk and talk[-1].role == "user" else len(talk)
         talk[last:last] = excerpts
-    parts = [*front, *examples, *steer, *talk, *back]
+    if tools is not None:  # the definitions go before the window's first message
+        for i, part in enumerate(talk):
+            if part.role == "user" and part.message is not None:
+                text = encoder.text_of(part.message, part.named)
+                talk[i] = replace(part, pieces=llama3.first_user_turn(tools.definitions, text))
+                break
+    parts = [*front, *examples, *steer, *talk, *back, *acting]
     tokens = [*model.bos, *encoder.compose(parts), *cue]
     return Prompt(tokens, stops, window, budget, summary_room, tuple(parts))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -27,11 +28,18 @@ from chat.personas import (
 from chat.prompt.assembly import LORE_SCAN, Memory, Prompt, Scene, assemble
 from chat.prompt.history import HistoryCache, position
 from chat.prompt.memory import MIN_FACT_BUDGET, MemoryKeeper, Plan, next_boundary
-from chat.prompt.window import Part, TurnEncoder
+from chat.prompt.window import Part, Turn, TurnEncoder, clean_name
 from chat.roleplay.characters import Character
 from chat.roleplay.lorebook import Lorebook, match_entries
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
+from chat.tools.rounds import ToolPrompt
 from storage.records import USER, Conversation, StoredMessage
+
+log = logging.getLogger(__name__)
+
+# Turns of unaddressed messages being encoded ahead at once; past it, a flood's turns are
+# encoded when the bot is next asked, a window's worth at most.
+MAX_PREPARING = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,8 @@ class PromptBuilder:
         self.memory = memory
         self.world_books = world_books
         self._encoders: dict[int, tuple[ChatModel, TurnEncoder]] = {}
+        self._role_models: dict[str, ChatModel] = {}  # the model each role last built with
+        self.preparing = 0
 
     def encoder(self, model: ChatModel) -> TurnEncoder:
         entry = self._encoders.get(id(model))
@@ -71,6 +81,48 @@ class PromptBuilder:
             entry = (model, TurnEncoder(model, model.template))
             self._encoders[id(model)] = entry
         return entry[1]
+
+    async def prepare(self, conv: Conversation, mode: Mode, message: StoredMessage) -> None:
+        """Note a message stored without an answer, and encode its turn, off the event loop, as
+        the next prompt of ``conv`` will show it.
+
+        Its author joins the conversation's players now (the prompt names speakers once a
+        second player has spoken), and the turn is encoded as it arrives: a mention after
+        hours of chatter finds its window's turns ready, and costs what a mention after a few
+        messages does.  Encoding is only for a role whose model already built a prompt here
+        (nothing is loaded for it), and at most :data:`MAX_PREPARING` turns at once; what is
+        skipped is encoded when needed.
+        """
+        if message.role != USER:
+            return
+        players = players_of(conv)
+        uid = message.author_id or clean_name(message.author_name)
+        if uid not in {known for known, _name in players}:
+            players.append((uid, clean_name(message.author_name)))
+            conv = await self.conversations.update_settings(
+                conv, players=[list(p) for p in players]
+            )
+        model = self._role_models.get(ROLE_FOR_MODE[mode])
+        if model is None or self.preparing >= MAX_PREPARING:
+            return
+        # The history is held from the first such message on, so that the mention reads
+        # nothing from the database (the cache follows every message stored after this).
+        await self.history.get(conv)
+        # The prompt shows a player under their persona's name (as build does).
+        persona = personas_of(conv).get(message.author_id or "")
+        if persona is not None and persona.name:
+            message = replace(message, author_name=persona.name)
+        encoder = self.encoder(model)
+        self.preparing += 1
+        job = asyncio.get_running_loop().run_in_executor(
+            None, encoder.turn, message, len(players) > 1
+        )
+        job.add_done_callback(self._prepared)
+
+    def _prepared(self, job: asyncio.Future[Turn]) -> None:
+        self.preparing -= 1
+        if not job.cancelled() and (exc := job.exception()) is not None:
+            log.warning("could not encode a turn ahead: %s", exc)
 
     def sampling(self, mode: Mode, char: Character | None) -> SamplingSettings:
         base = self.settings.models[ROLE_FOR_MODE[mode]].sampling
@@ -89,12 +141,14 @@ class PromptBuilder:
         char: Character | None,
         reserve: int,
         replacing: int | None = None,
+        tools: ToolPrompt | None = None,
     ) -> Built:
         """The prompt answering message ``upto_id``.
 
         ``replacing`` names a reply's version group that the new reply will replace: none of
         its versions is part of the prompt.
         """
+        self._role_models[ROLE_FOR_MODE["roleplay" if char is not None else "work"]] = model
         # What existed when message ``upto_id`` arrived, since the reset and the window start
         # (the cache is in conversation order: usually nothing, or little, is past the end).
         history = await self.history.get(conv)
@@ -146,6 +200,7 @@ class PromptBuilder:
             reserve=reserve,
             players=names,
             documents=excerpts.text,
+            tools=tools,
         )
         prompt = await asyncio.to_thread(build, window_start=conv.window_start_id, memory=memory)
         start = prompt.window.start

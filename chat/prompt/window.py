@@ -69,6 +69,9 @@ class Part:
     message: StoredMessage | None = None
     named: bool = False
     label: str = ""  # which part of the prompt this is (for the prompt inspector)
+    # A turn framed otherwise than the template frames ``role`` (tools: Meta's system turn,
+    # the definitions before the first message, calls and results), piece by piece.
+    pieces: tuple[Piece, ...] = ()
 
 
 class TurnEncoder:
@@ -165,6 +168,17 @@ class TurnEncoder:
                 self._system[(role, text)] = tokens
         return list(tokens)
 
+    def framed(self, pieces: tuple[Piece, ...]) -> list[int]:
+        key = ("pieces", "\x00".join(f"{int(p.control)}{p.text}" for p in pieces))
+        tokens = self._system.get(key)
+        if tokens is None:
+            tokens = tuple(encode(pieces, self.tokenizer))
+            with self._lock:
+                if len(self._system) >= 256:
+                    self._system.clear()
+                self._system[key] = tokens
+        return list(tokens)
+
     def cue(self) -> list[int]:
         if self._cue is None:
             self._cue = tuple(encode(self.template.generation_prompt(), self.tokenizer))
@@ -197,6 +211,8 @@ class TurnEncoder:
         return tokens
 
     def _tokens(self, part: Part) -> list[int]:
+        if part.pieces:
+            return self.framed(part.pieces)
         if part.message is not None:
             return list(self.turn(part.message, part.named).tokens)
         return self._fixed(part.role, part.text)

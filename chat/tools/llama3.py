@@ -75,9 +75,14 @@ def call_text(call: Call) -> str:
 
 
 def call_turn(call: Call) -> tuple[Piece, ...]:
+    return written_call_turn(call_text(call))
+
+
+def written_call_turn(written: str) -> tuple[Piece, ...]:
+    """A call as the model wrote it (content: a call is never markup, whatever it holds)."""
     return (
         Piece(HEADER.format(role="assistant"), True),
-        Piece(call_text(call), False),
+        Piece(written, False),
         Piece(END_OF_TURN, True),
     )
 

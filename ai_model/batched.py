@@ -27,6 +27,7 @@ from ai_model.handoff import Handoff
 from ai_model.jinja_format import template_for, token_text
 from ai_model.local import _llama_kwargs, special_token_check, state_fingerprint
 from ai_model.parking import Parking, StateFiles
+from ai_model.sampling import Grammar
 from ai_model.scheduler import Request, Scheduler
 from ai_model.templates import ChatTemplate
 
@@ -225,9 +226,11 @@ class BatchedModel:
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         """Yield reply text pieces for the prompt ``tokens``; ``slot`` names the conversation,
-        whose evaluated state is kept and reused."""
+        whose evaluated state is kept and reused; ``grammar`` holds the reply to a grammar
+        (:mod:`ai_model.sampling`)."""
         self._open()
         prompt = tuple(tokens)
         if not prompt or len(prompt) >= self.n_ctx:
@@ -246,6 +249,7 @@ class BatchedModel:
             cancel=handoff.cancel,
             # A step never waits on more than this much of a background prompt.
             prefill_chunk=BACKGROUND_CHUNK if background else None,
+            grammar=grammar,
         )
         self.scheduler.submit(request)
         # Leaving sets the cancel flag, which frees the sequence at the scheduler's next step.

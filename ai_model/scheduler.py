@@ -35,6 +35,7 @@ from ai_model.parking import (
     write_sequence,
 )
 from ai_model.prefixes import SharedPrefixes
+from ai_model.sampling import Grammar, GrammarCheck, held_back, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Request:
     prefill_chunk: int | None = None  # prompt tokens per step, if fewer than the model's
     cancel: threading.Event = field(default_factory=threading.Event)
     allowed_controls: frozenset[int] = frozenset()  # control tokens a reply may hold
+    grammar: Grammar | None = None  # what the reply must follow (see ai_model.sampling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,49 +98,11 @@ class _Seq:
         self.share_at = 0  # copy the state out once this many tokens are evaluated (0: never)
         self.next_token: int | None = None  # sampled, evaluated at the next step
         self.sampler: Any = None
+        self.check: GrammarCheck | None = None
         self.n_generated = 0
         self.decoder: codecs.IncrementalDecoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.text = ""
         self.sent = 0
-
-
-def make_sampler(sampling: SamplingSettings) -> Any:
-    """A llama.cpp sampler chain built exactly as llama-cpp-python builds its own, so that a
-    sequence alone samples what the serial path samples with the same seed."""
-    import llama_cpp
-    from llama_cpp import _internals
-
-    internals: Any = _internals  # its classes are untyped
-    sampler = internals.LlamaSampler()
-    sampler.add_penalties(
-        n_vocab=0,  # unused by llama.cpp's penalties sampler
-        penalty_last_n=sampling.repeat_last_n,
-        penalty_repeat=sampling.repeat_penalty,
-        penalty_freq=0.0,
-        penalty_present=0.0,
-    )
-    seed = sampling.seed if sampling.seed >= 0 else llama_cpp.LLAMA_DEFAULT_SEED
-    if sampling.temperature <= 0.0:
-        sampler.add_greedy()
-    else:
-        sampler.add_top_k(sampling.top_k)
-        sampler.add_typical(1.0, 1)
-        sampler.add_top_p(sampling.top_p, 1)
-        sampler.add_min_p(sampling.min_p, 1)
-        sampler.add_temp(sampling.temperature)
-        sampler.add_dist(seed)
-    return sampler
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of ``text`` could still become a stop string."""
-    hold = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
-                break
-    return hold
 
 
 class Scheduler:
@@ -184,6 +148,8 @@ class Scheduler:
         self.admissions: deque[Admission] = deque(maxlen=HISTORY)
         self.steps: deque[Step] = deque(maxlen=HISTORY)
         self.prompt_totals = [0, 0]  # prompt tokens reused and computed since load
+        self.grammar_checks = [0, 0]  # tokens checked against a grammar, and rejected
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab))
         self._thread = threading.Thread(target=self._run, name=f"llama-{name}", daemon=True)
         self._thread.start()
 
@@ -386,7 +352,9 @@ class Scheduler:
         seq.req, seq.admitted, seq.prompt_len = req, self._admitted, len(prompt)
         seq.pending = prompt[keep:]
         seq.next_token, seq.n_generated = None, 0
-        seq.sampler = make_sampler(req.sampling)
+        seq.sampler = make_sampler(req.sampling, pick=req.grammar is None)
+        if req.grammar is not None:
+            seq.check = GrammarCheck(self._vocab, self._n_vocab, req.grammar, req.sampling)
         seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         seq.text, seq.sent = "", 0
         seq.used = time.monotonic()
@@ -465,7 +433,10 @@ class Scheduler:
         for i, (seq, _token, logits) in enumerate(rows):
             if logits and seq.req is not None:
                 start = time.perf_counter()
-                token = int(seq.sampler.sample(self._ctx, i))
+                if seq.check is not None:
+                    token = seq.check.sample(seq.sampler.sampler, self._ctx.ctx, i)
+                else:
+                    token = int(seq.sampler.sample(self._ctx, i))
                 sampling += time.perf_counter() - start
                 self._accept(seq, token)
         total = time.perf_counter() - began
@@ -536,6 +507,11 @@ class Scheduler:
     def _release(self, seq: _Seq) -> None:
         if seq.sampler is not None:
             seq.sampler.close()
+        if seq.check is not None:
+            self.grammar_checks[0] += seq.check.checked
+            self.grammar_checks[1] += seq.check.rejected
+            seq.check.close()
+            seq.check = None
         seq.req, seq.sampler, seq.next_token, seq.pending = None, None, None, []
         seq.used = time.monotonic()
 

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
     )
     bench.add_argument(
+        "--grammar",
+        action="store_true",
+        help="tokens/s with the tool-call grammar held against free generation",
+    )
+    bench.add_argument(
         "--documents",
         action="store_true",
         help="documents: reading a 200-page PDF, searching 10,000 chunks, first token with them",
@@ -115,6 +120,10 @@ def _dispatch(
             print(line)
         return 0 if all(fits for fits, _ in found) else 1
     if command == "bench":
+        if args.grammar:
+            from bot.bench import grammar as bench_grammar
+
+            return bench_grammar.main(quick=args.quick)
         if args.documents:
             from bot.bench import documents as bench_documents
 

@@ -94,6 +94,9 @@ class Bench:
             state_dir=str(folder / "states"),
             parallel=PARALLEL,
             n_gpu_layers=gpu_layers,
+            # On a GPU as deployed (the seed settings): with the V cache transposed, a park or
+            # restore is thousands of row copies (README, Speed).
+            flash_attn=gpu_layers != 0,
             sampling=SamplingSettings(max_tokens=32, seed=7),
         )
         self.settings = bench_settings(folder / "bench.db", model)

@@ -3,24 +3,33 @@ builds its own, and, for a generation held to a grammar, llama.cpp's sample-then
 
 A :class:`Grammar` is GBNF text and the patterns that switch it on: a lazy grammar lets the
 model write freely until a trigger appears (a call marker), then holds it to the grammar.
-:class:`GrammarCheck` samples as llama.cpp's own common sampler does: the chain picks a token
-from the whole vocabulary; only that token is checked against the grammar; only when it is
-rejected are all candidates filtered by the grammar and the chain applied again.  Masking the
-whole vocabulary with the grammar on every token is what made grammar sampling cost 85 ms a
-token against a 10.6 ms forward pass (llama.cpp #7554).
+:class:`GrammarCheck` samples as llama.cpp's own common sampler does: the chain picks a
+token; only that token is checked against the grammar; only when it is rejected are candidates
+filtered by the grammar and the chain applied again (the likeliest ones first: see the class).
+Masking the whole vocabulary with the grammar on every token is what made grammar sampling
+cost 85 ms a token against a 10.6 ms forward pass (llama.cpp #7554).
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ai_model.config import SamplingSettings
+
+
+def schema_gbnf(schema: Mapping[str, Any]) -> str:
+    """GBNF for a JSON schema (llama-cpp-python's converter; its root rule is ``root``).  It
+    drops the schema features it cannot express: what follows it still needs validating."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return str(json_schema_to_gbnf(json.dumps(schema)))
 
 
 @dataclass(frozen=True, slots=True)

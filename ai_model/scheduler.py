@@ -433,10 +433,14 @@ class Scheduler:
         for i, (seq, _token, logits) in enumerate(rows):
             if logits and seq.req is not None:
                 start = time.perf_counter()
-                if seq.check is not None:
-                    token = seq.check.sample(seq.sampler.sampler, self._ctx.ctx, i)
-                else:
+                if seq.check is None:
                     token = int(seq.sampler.sample(self._ctx, i))
+                else:
+                    try:
+                        token = seq.check.sample(seq.sampler.sampler, self._ctx.ctx, i)
+                    except RuntimeError as exc:  # a grammar that allows nothing: this one alone
+                        self._fail(seq, exc)
+                        continue
                 sampling += time.perf_counter() - start
                 self._accept(seq, token)
         total = time.perf_counter() - began

@@ -153,12 +153,11 @@ async def test_a_message_too_long_for_the_window_gets_a_clear_reply_and_is_kept(
     assert all(m.role != NOTICE for m in history)
 
 
-async def test_a_mention_after_long_chatter_frames_no_more_than_a_window(
-    make_core,  # type: ignore[no-untyped-def]
-) -> None:
-    """Unaddressed messages are stored as they come; the mention after 2,000 of them reads
-    and tokenizes a window's worth, not the whole stretch since the last trim."""
-    model = ScriptedModel(["Noted."], n_ctx=1024)  # one token per byte
+SMALL = {role: ModelSettings(n_ctx=1024) for role in ("office", "character")}
+
+
+def count_tokenized(model: ScriptedModel) -> list[int]:
+    """The byte lengths of the texts ``model`` tokenizes from now on."""
     tokenized: list[int] = []
     original = model.tokenize
 
@@ -167,8 +166,17 @@ async def test_a_mention_after_long_chatter_frames_no_more_than_a_window(
         return original(text, add_bos, special)
 
     model.tokenize = counting  # type: ignore[method-assign]
-    small = {role: ModelSettings(n_ctx=1024) for role in ("office", "character")}
-    core = make_core({"office": model, "character": model}, models=small)
+    return tokenized
+
+
+async def test_a_mention_after_long_chatter_frames_no_more_than_a_window(
+    make_core,  # type: ignore[no-untyped-def]
+) -> None:
+    """Unaddressed messages are stored as they come; the mention after 2,000 of them reads
+    and tokenizes a window's worth, not the whole stretch since the last trim."""
+    model = ScriptedModel(["Noted."], n_ctx=1024)  # one token per byte
+    tokenized = count_tokenized(model)
+    core = make_core({"office": model, "character": model}, models=SMALL)
     key = "telegram:-1007"
     for i in range(2000):
         line = f"chatter line {i} about the weather and the trains"
@@ -181,7 +189,7 @@ async def test_a_mention_after_long_chatter_frames_no_more_than_a_window(
     assert sum(tokenized) <= 3 * 1024  # a window's worth of text, with its frames
     assert "line 1999 about" in model.detokenize(model.prompts[-1])
     # After a restart the history is read from the database, as many rows as could fit.
-    again = make_core({"office": model, "character": model}, models=small)
+    again = make_core({"office": model, "character": model}, models=SMALL)
     conv = await again.conversations.get("telegram", key)
     assert len(await again.history.get(conv)) <= 1024 // 2 + 1
 
@@ -193,16 +201,8 @@ async def test_chatter_is_encoded_as_it_arrives_in_a_running_bot(
     it arrives (off the event loop), named as the prompt will name it: the mention after the
     chatter tokenizes only itself, and its prompt still names every speaker."""
     model = ScriptedModel(["Noted."] * 3, n_ctx=1024)  # one token per byte
-    tokenized: list[int] = []
-    original = model.tokenize
-
-    def counting(text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        tokenized.append(len(text))
-        return original(text, add_bos, special)
-
-    model.tokenize = counting  # type: ignore[method-assign]
-    small = {role: ModelSettings(n_ctx=1024) for role in ("office", "character")}
-    core = make_core({"office": model, "character": model}, models=small)
+    tokenized = count_tokenized(model)
+    core = make_core({"office": model, "character": model}, models=SMALL)
     key = "telegram:-1008"
     first = IncomingMessage("telegram", key, "1", "Ann", "Hello there.")
     assert [r async for r in core.answers.respond(first)][-1].kind is ReplyKind.ANSWER

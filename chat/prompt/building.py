@@ -34,6 +34,7 @@ from chat.roleplay.lorebook import Lorebook, match_entries
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
 from chat.tools.rounds import ToolPrompt
 from storage.records import USER, Conversation, StoredMessage
+from storage.store import STORAGE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,12 @@ class PromptBuilder:
         """
         if message.role != USER:
             return
+        try:
+            await self._prepare(conv, mode, message)
+        except STORAGE_ERRORS as exc:  # only an optimisation: the mention does it otherwise
+            log.warning("could not prepare a turn of %s: %s", conv.key, exc)
+
+    async def _prepare(self, conv: Conversation, mode: Mode, message: StoredMessage) -> None:
         players = players_of(conv)
         uid = message.author_id or clean_name(message.author_name)
         if uid not in {known for known, _name in players}:

@@ -15,7 +15,7 @@ import functools
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ai_model.templates import ChatTemplate, Piece, Tokenizer, adapt, encode
@@ -159,20 +159,17 @@ class TurnEncoder:
         return self._fixed("user", text)
 
     def _fixed(self, role: str, text: str) -> list[int]:
-        tokens = self._system.get((role, text))
-        if tokens is None:
-            tokens = tuple(encode(self.template.turn(role, text), self.tokenizer))
-            with self._lock:
-                if len(self._system) >= 256:
-                    self._system.clear()
-                self._system[(role, text)] = tokens
-        return list(tokens)
+        return self._kept((role, text), lambda: self.template.turn(role, text))
 
     def framed(self, pieces: tuple[Piece, ...]) -> list[int]:
+        """The tokens of a turn framed piece by piece (a :class:`Part`'s ``pieces``); cached."""
         key = ("pieces", "\x00".join(f"{int(p.control)}{p.text}" for p in pieces))
+        return self._kept(key, lambda: pieces)
+
+    def _kept(self, key: tuple[str, str], pieces: Callable[[], Sequence[Piece]]) -> list[int]:
         tokens = self._system.get(key)
         if tokens is None:
-            tokens = tuple(encode(pieces, self.tokenizer))
+            tokens = tuple(encode(pieces(), self.tokenizer))
             with self._lock:
                 if len(self._system) >= 256:
                     self._system.clear()

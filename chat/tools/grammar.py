@@ -1,11 +1,11 @@
 """The call format for models without Meta's tool format, held to a grammar.
 
 A call is ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` (the form Hermes- and
-Qwen-style templates use).  :func:`call_grammar` turns the tools' own JSON schemas into a GBNF
-grammar (llama-cpp-python's converter) whose root is that form; lazy, it switches on only when
-the model opens a call, so replies in words are untouched.  The converter drops schema features
-it does not support, so a call that follows the grammar is still validated before it runs
-(:meth:`chat.tools.registry.Tools.check`).
+Qwen-style templates use).  :func:`call_grammar` turns the tools' own JSON schemas into a
+GBNF grammar (:func:`ai_model.sampling.schema_gbnf`) whose root is that form; lazy, it switches
+on only when the model opens a call, so replies in words are untouched.  The converter drops
+schema features it does not support, so a call that follows the grammar is still validated
+before it runs (:meth:`chat.tools.registry.Tools.check`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ai_model.sampling import Grammar
+from ai_model.sampling import Grammar, schema_gbnf
 from chat.tools.registry import Tools
 
 OPEN = "<tool_call>"
@@ -55,8 +55,6 @@ def _bounded(schema: Any) -> Any:
 def call_grammar(tools: Tools, lazy: bool = True) -> Grammar:
     """A grammar for one call of one of ``tools``; ``lazy``: only once the model writes
     :data:`OPEN` (else from the first token)."""
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     choices = [
         {
             "type": "object",
@@ -66,7 +64,7 @@ def call_grammar(tools: Tools, lazy: bool = True) -> Grammar:
         }
         for t in tools
     ]
-    body = json_schema_to_gbnf(json.dumps({"oneOf": choices}))
+    body = schema_gbnf({"oneOf": choices})
     body = re.sub(r"^root ::=", "call ::=", body, flags=re.MULTILINE)
     # JSON strings hold no raw control characters (the converter's own rule lets a newline in).
     body = re.sub(r"^char ::= .*$", lambda _: JSON_CHAR, body, flags=re.MULTILINE)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ai_model.config import SamplingSettings
+from ai_model.sampling import Grammar
 from ai_model.templates import ChatTemplate
 
 
@@ -68,4 +69,5 @@ class ChatModel(Protocol):
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]: ...

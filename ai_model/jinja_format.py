@@ -380,7 +380,7 @@ def _named(template: ChatTemplate) -> ChatTemplate:
             and known.head == template.head
             and known.trims == template.trims
         ):
-            return known
+            return replace(known, source=template.source)  # the source says what else it takes
     return template
 
 

@@ -12,10 +12,12 @@ import httpx
 from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.remote import Event, ServerInfo, ask_json, error_text, headers, int_or_none
+from ai_model.sampling import Grammar
 
 log = logging.getLogger(__name__)
 
 KIND = "llama-server"
+TRIGGER_PATTERN_FULL = 3  # common_grammar_trigger_type: a pattern the whole output matches
 
 
 class LlamaServerDialect:
@@ -74,6 +76,7 @@ class LlamaServerDialect:
         stops: list[str],
         slot: int | None,
         settings: ModelSettings,
+        grammar: Grammar | None = None,
     ) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
             "prompt": prompt,
@@ -94,6 +97,13 @@ class LlamaServerDialect:
         # No slot of this process's own: the server picks the idle slot whose cached prompt is
         # most like this one (prefix reuse), never one another process is using.
         body["id_slot"] = -1 if slot is None else slot
+        if grammar is not None:
+            body["grammar"] = grammar.gbnf
+            if grammar.triggers:  # matched against the whole output, as in-process
+                body["grammar_lazy"] = True
+                body["grammar_triggers"] = [
+                    {"type": TRIGGER_PATTERN_FULL, "value": t} for t in grammar.triggers
+                ]
         return "/completion", body
 
     def event(self, data: Any) -> Event:

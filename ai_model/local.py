@@ -18,6 +18,7 @@ from ai_model.base import BACKGROUND_CHUNK, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.handoff import DONE, Handoff
 from ai_model.jinja_format import template_for, token_text
+from ai_model.sampling import Grammar
 from ai_model.slots import SlotPool, common_prefix
 from ai_model.templates import ChatTemplate
 
@@ -230,10 +231,13 @@ class LocalModel:
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         """Yield reply text pieces for the prompt ``tokens``, waiting for our turn first.
 
         ``slot`` names the conversation, so that its evaluated state is kept and reused.
+        ``grammar`` is not held on this serial path (llama-cpp-python's completion takes no
+        lazy grammar): the caller validates what comes back, as it always does.
         """
         loop = asyncio.get_running_loop()
         handoff = Handoff()

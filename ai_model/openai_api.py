@@ -10,6 +10,7 @@ import httpx
 from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.remote import Event, ServerInfo, ask_json, int_or_none
+from ai_model.sampling import Grammar
 
 KIND = "OpenAI-compatible server"
 
@@ -64,6 +65,7 @@ class OpenAIDialect:
         stops: list[str],
         slot: int | None,
         settings: ModelSettings,
+        grammar: Grammar | None = None,  # not held: vLLM's grammars are not GBNF
     ) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
             "model": settings.model,

@@ -22,6 +22,7 @@ import httpx
 from ai_model.base import GenerationError, ModelError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.jinja_format import choose_template
+from ai_model.sampling import Grammar
 from ai_model.server_vocab import ServerTokenizer
 from ai_model.templates import ChatTemplate, UnknownTemplateError
 from ai_model.vocab import VocabModel
@@ -76,8 +77,10 @@ class Dialect(Protocol):
         stops: list[str],
         slot: int | None,
         settings: ModelSettings,
+        grammar: Grammar | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """The path and JSON body of a streaming completion."""
+        """The path and JSON body of a streaming completion; ``grammar`` where the engine can
+        hold one (llama-server; others leave it to the caller's validation)."""
         ...
 
     def event(self, data: Any) -> Event:
@@ -248,6 +251,7 @@ class RemoteModel:
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         """Yield reply text pieces; failures before the first piece are retried."""
         client, gate = self._client()
@@ -261,7 +265,7 @@ class RemoteModel:
                 for attempt in range(self.settings.retries + 1):
                     produced.clear()
                     try:
-                        events = self._events(client, prompt, sampling, stops, slot_id)
+                        events = self._events(client, prompt, sampling, stops, slot_id, grammar)
                         try:
                             async for event in events:
                                 if self._controls.intersection(event.tokens):
@@ -302,8 +306,9 @@ class RemoteModel:
         sampling: SamplingSettings,
         stops: list[str],
         slot: int | None,
+        grammar: Grammar | None,
     ) -> AsyncGenerator[Event, None]:
-        path, body = self.dialect.request(prompt, sampling, stops, slot, self.settings)
+        path, body = self.dialect.request(prompt, sampling, stops, slot, self.settings, grammar)
         try:
             async with client.stream(
                 "POST", self.url + path, json=body, headers=headers(self.settings)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ai_model.base import ModelError
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.sampling import Grammar
 from ai_model.templates import ChatTemplate
 
 
@@ -72,6 +73,7 @@ class VocabModel:
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         raise ModelError(f"{self.name} is loaded for its vocabulary only and cannot generate")
         yield ""  # pragma: no cover - makes this an async generator

@@ -36,9 +36,10 @@ from chat.roleplay.scene import choose_speakers
 from chat.settings import ROLE_FOR_MODE, Mode, Settings
 from chat.shown import shown, tokens_of_reply
 from chat.tools.registry import Tools
-from chat.tools.rounds import GAVE_UP, ToolRounds, could_be_call, format_has_tools, tools_on
+from chat.tools.rounds import GAVE_UP, ToolRounds, ToolUse, tools_on
 from chat.turn_texts import (
     APOLOGY,
+    NO_REPLY,
     NOT_STORED,
     RESTARTING,
     SLOW_STORAGE,
@@ -106,7 +107,8 @@ class Answers:
         self.metrics = metrics
         self.rng = rng
         self._opening = opening  # the scene's greeting, for a roleplay conversation not opened
-        self.tools = tools or Tools([])  # what the office model may do (chat.tools.builtin)
+        # What the office model may do (chat.tools.builtin), and where.
+        self.tool_use = ToolUse(tools or Tools([]), settings.tools, store)
         self.closing = False  # set by a graceful stop: no new work is taken
 
     async def respond(
@@ -229,7 +231,7 @@ class Answers:
             yield OutgoingReply(key, "", reply_to=msg.platform_message_id)
             await ticket.wait()
             async for reply in self.answer_turn(
-                msg.platform, key, msg.is_dm, user, msg.platform_message_id
+                msg.platform, key, msg.is_dm, user, msg.platform_message_id, asker=msg
             ):
                 yield reply
         finally:
@@ -237,12 +239,6 @@ class Answers:
             arrival.settle()
             if ticket is not None:
                 ticket.release()
-
-    async def _rounds(self, model: ChatModel, platform: str, key: str, asked: int) -> Rounds:
-        if not format_has_tools(model.template):  # the tool rounds of a reply, for its asker
-            return None
-        found = await self.store.messages.get(asked)
-        return ToolRounds.acting_for(found, platform, key, self.tools, self.settings.tools)
 
     async def _seen_before(self, conv: Conversation, msg: IncomingMessage) -> bool:
         """Whether this platform message was stored already (delivered again after a crash:
@@ -263,6 +259,7 @@ class Answers:
         reply_to: str | None,
         plan: Sequence[str | None] | None = None,
         done: Sequence[str | None] = (),
+        asker: IncomingMessage | None = None,
     ) -> AsyncIterator[OutgoingReply]:
         """The answers to stored message ``user``, once its turn has come.
 
@@ -271,7 +268,8 @@ class Answers:
         delivered.  After a restart, ``plan`` is the stored one and ``done`` the speakers whose
         replies already exist: only the others speak.  A message deleted while it waited gets
         no answer.  A turn that ends with a notice instead of an answer moves the message to
-        failed, with the reason.
+        failed, with the reason.  ``asker`` is ``user`` as it arrived (its author's rights and
+        mentions, for the tools), when it arrived in this process.
         """
         if self.edits.was_deleted(user.id):
             await self._set_state(user.id, FAILED, "deleted")
@@ -295,7 +293,8 @@ class Answers:
             if mode == "roleplay" and char is None:
                 char = self.conversations.cast_of(conv)[0]
             final: OutgoingReply | None = None
-            async for reply in self.answer(key, platform, mode, user.id, char, reply_to):
+            replies = self.answer(key, platform, mode, user.id, char, reply_to, asker=asker)
+            async for reply in replies:
                 if reply.final and reply.kind is not ReplyKind.ANSWER and not answered:
                     await self._set_state(user.id, FAILED, f"{reply.kind.value}: {reply.text}")
                 final = reply
@@ -327,9 +326,10 @@ class Answers:
         char: Character | None,
         reply_to: str | None,
         version_of: StoredMessage | None = None,
+        asker: IncomingMessage | None = None,
     ) -> AsyncIterator[OutgoingReply]:
-        """One speaker's reply to message ``user_id``; with ``version_of``, a new version of
-        that stored reply (/regenerate), written into the platform messages that show it."""
+        """One speaker's reply to message ``user_id`` (``asker``: see :meth:`answer_turn`);
+        with ``version_of``, a new version of that stored reply (/regenerate)."""
         conv = await self.conversations.get(platform, key)
         speaker = char.name if char is not None else None
         # A new version answers nothing new: only first answers are tracked.
@@ -352,7 +352,7 @@ class Answers:
         try:
             model = await self.models.get(role)
             if tools_on(conv, mode == "roleplay", self.settings.tools):
-                rounds = await self._rounds(model, platform, key, user_id)
+                rounds = await self.tool_use.rounds(model, platform, key, user_id, asker)
 
             def prompt() -> Awaitable[Built]:
                 tools = rounds.prompt if rounds else None
@@ -372,14 +372,20 @@ class Answers:
             async with self.memory.replying(key, role):
                 while True:  # one generation, or one per tool round
                     text, sent = "", 0
-                    async for piece in model.stream(built.tokens, sampling, built.stops, slot=key):
+                    grammar = rounds.next_grammar if rounds is not None else None
+                    pieces = model.stream(
+                        built.tokens, sampling, built.stops, slot=key, grammar=grammar
+                    )
+                    async for piece in pieces:
                         if not text and piece:
                             self.metrics.first_token.labels(role).observe(time.monotonic() - began)
                         text += piece
-                        if rounds is not None and could_be_call(text):
-                            continue  # a call is the bot's business, not the user's
-                        delta, sent = text[sent:], len(text)
-                        yield replace(base, text=shown(text, char, others, reasoning), delta=delta)
+                        # A call is the bot's business, not the user's.
+                        seen = rounds.visible(text) if rounds is not None else text
+                        if len(seen) <= sent:
+                            continue
+                        delta, sent = seen[sent:], len(seen)
+                        yield replace(base, text=shown(seen, char, others, reasoning), delta=delta)
                     if rounds is None or not await rounds.after(text):
                         break
                     try:
@@ -399,27 +405,24 @@ class Answers:
             text = GAVE_UP.format(why=rounds.gave_up)
             yield replace(base, text=text, final=True, kind=ReplyKind.NOTICE)
             return
+        if rounds is not None:
+            text = rounds.answer_text(text)
         reply = shown(text, char, others, reasoning).strip()
         if not reply:
             outcome.inc()
-            yield replace(
-                base, text="(no reply — try rephrasing)", final=True, kind=ReplyKind.NOTICE
-            )
+            yield replace(base, text=NO_REPLY, final=True, kind=ReplyKind.NOTICE)
             return
         try:
             reply_tokens, generated = await asyncio.to_thread(tokens_of_reply, model, key, reply)
         except ModelError as exc:  # a remote tokenizer went away: the reply is still good
             log.warning("could not count the reply's tokens in %s: %s", key, exc)
             reply_tokens, generated = len(reply) // 3 + 1, ()
-        if footer := rounds.footer() if rounds is not None else "":
-            # Which tools ran: the bot's line, as the sources line below is.
-            reply = f"{reply}\n\n{footer}"
-            reply_tokens += len(footer) // 3 + 1
-        if sources := built.excerpts.sources_line(reply):
-            # The reply names the documents it drew on; the model's own tokens stay as
-            # generated (the line is the bot's, counted roughly).
-            reply = f"{reply}\n\n{sources}"
-            reply_tokens += len(sources) // 3 + 1
+        # The documents the reply drew on and the tools that ran: the bot's lines, counted
+        # roughly (the model's own tokens stay as generated).
+        footer = rounds.footer() if rounds is not None else ""
+        for line in (built.excerpts.sources_line(reply), footer):
+            if line:
+                reply, reply_tokens = f"{reply}\n\n{line}", reply_tokens + len(line) // 3 + 1
         message = StoredMessage(
             0,
             ASSISTANT,

@@ -43,6 +43,10 @@ class IncomingMessage:
     # Discord: the author's role ids and the guild (for [access]); none elsewhere.
     roles: tuple[str, ...] = ()
     guild_id: str | None = None
+    # Other users the message mentions (id, name), and whether its author administers the
+    # conversation (asked only when a tool needs it; no rights without it), for the tools.
+    mentions: tuple[tuple[str, str], ...] = ()
+    is_admin: Callable[[], Awaitable[bool]] | None = None
 
     def __post_init__(self) -> None:
         # The one place platform text enters the bot: whatever a platform delivers, what the

@@ -12,6 +12,7 @@ APOLOGY = (
     "Sorry, something went wrong while I was writing the reply. Your message is saved; "
     "please try again in a moment."
 )
+NO_REPLY = "(no reply — try rephrasing)"
 NOT_STORED = (
     "Sorry, I could not save your message because of a storage problem on my side. "
     "Please send it again in a moment."

@@ -138,10 +138,10 @@ def record_prompts(model: Any) -> list[list[int]]:
     prompts: list[list[int]] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         if slot is not None:
             prompts.append(list(tokens))
-        return original(tokens, sampling, stop, slot, background)
+        return original(tokens, sampling, stop, slot, background, grammar)
 
     model.stream = recording
     return prompts

@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from ai_model.config import SamplingSettings
+from ai_model.sampling import Grammar
 from ai_model.templates import _MARKER as MARKER
 from ai_model.templates import CHATML, ChatTemplate, Tokenizer, template_markers
 
@@ -66,6 +67,7 @@ class ScriptedModel:
         self.prompts: list[list[int]] = []
         self.stops: list[list[str]] = []
         self.samplings: list[SamplingSettings] = []
+        self.grammars: list[Grammar | None] = []
         self.gate: asyncio.Event | None = None  # when set by a test, generation waits for it
         markers = [m for m in template_markers(template) if MARKER.fullmatch(m)]
         self._tokenizer = tokenizer or ByteTokenizer(markers)
@@ -97,6 +99,7 @@ class ScriptedModel:
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         async with self._turn:
             if len(tokens) + sampling.max_tokens > self.n_ctx:
@@ -104,6 +107,7 @@ class ScriptedModel:
             self.prompts.append(list(tokens))
             self.stops.append(list(stop))
             self.samplings.append(sampling)
+            self.grammars.append(grammar)
             if self.gate is not None:
                 await self.gate.wait()
             for word in re.findall(r"\S+\s*|\s+", self._reply(tokens)):

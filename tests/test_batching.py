@@ -249,9 +249,9 @@ async def test_the_window_holds_in_every_sequence(tmp_path: Path, make_core) -> 
     lengths: list[int] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         lengths.append(len(tokens))
-        return original(tokens, sampling, stop, slot, background)
+        return original(tokens, sampling, stop, slot, background, grammar)
 
     model.stream = recording  # type: ignore[method-assign]
     core: ConversationCore = make_core(

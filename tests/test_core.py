@@ -12,6 +12,7 @@ import pytest
 from ai_model.base import ChatModel, GenerationError
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
+from ai_model.sampling import Grammar
 from chat.core import APOLOGY, ConversationCore
 from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
 from chat.settings import Settings
@@ -66,9 +67,9 @@ async def test_routing_sends_roleplay_to_the_character_model_and_work_to_office(
             model = await registry.get(role)
             original = model.stream
 
-            def stream(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+            def stream(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
                 served.append((role, model, model.detokenize(tokens)))  # type: ignore[attr-defined]
-                return original(tokens, sampling, stop, slot, background)
+                return original(tokens, sampling, stop, slot, background, grammar)
 
             model.stream = stream  # type: ignore[method-assign]
             return model
@@ -174,6 +175,7 @@ class FailingModel(ScriptedModel):
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         yield "Half a th"
         raise GenerationError("llama_decode returned -1")

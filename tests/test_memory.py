@@ -18,6 +18,7 @@ import pytest
 
 from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.registry import ModelRegistry
+from ai_model.sampling import Grammar
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage, ReplyKind
 from chat.prompt.memory import MAX_CHUNKS_PER_JOB, next_boundary
@@ -52,6 +53,7 @@ class Tracking(ScriptedModel):
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         kind = "reply" if slot is not None else "summary"
         if kind == "summary":
@@ -221,9 +223,9 @@ async def test_edits_and_deletions_reach_the_real_model_and_keep_the_prefix_befo
     prompts: list[str] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         prompts.append(model.detokenize(tokens))  # type: ignore[attr-defined]
-        return original(tokens, sampling, stop, slot, background)
+        return original(tokens, sampling, stop, slot, background, grammar)
 
     model.stream = recording  # type: ignore[method-assign]
     core = ConversationCore(
@@ -281,9 +283,9 @@ async def test_continue_lengthens_the_same_telegram_message_and_the_note_sits_at
     prompts: list[list[int]] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         prompts.append(list(tokens))
-        return original(tokens, sampling, stop, slot, background)
+        return original(tokens, sampling, stop, slot, background, grammar)
 
     model.stream = recording  # type: ignore[method-assign]
     core = ConversationCore(

@@ -366,3 +366,20 @@ async def test_two_processes_on_one_server_never_queue_on_one_slot_while_another
     assert times["a"] and times["b"]
     # Each one's first token came before the other one finished: no queue behind one slot.
     assert times["b"][0] < times["a"][-1] and times["a"][0] < times["b"][-1]
+
+
+async def test_llama_server_holds_a_tool_call_to_the_grammar(core_for: Any, proxy: Proxy) -> None:
+    """The embedded model never calls a tool by itself, so the first generation must be a
+    call (``choice = "required"``): the server holds it to the grammar from its first token,
+    and holds the answer after it to the lazy grammar, with the trigger as in-process."""
+    from chat.tools.rounds import ToolSettings
+
+    sampling = SamplingSettings(max_tokens=120, temperature=0.0)
+    tools = ToolSettings(format="all", choice="required")
+    core = await core_for(remote(proxy.url, sampling=sampling), tools=tools)
+    final = (await answer(core, dm("How much is 12 times 19?")))[-1]
+    assert final.kind is ReplyKind.ANSWER and final.text.endswith("Tools used: calculate.")
+    first, second = proxy.completions()
+    assert first["grammar"].startswith('root ::= "<tool_call>"') and "grammar_lazy" not in first
+    assert second["grammar"] == first["grammar"] and second["grammar_lazy"] is True
+    assert [t["type"] for t in second["grammar_triggers"]] == [3]  # a whole-output pattern

@@ -259,10 +259,10 @@ async def test_real_model_forty_turn_scene_never_speaks_for_a_player(
     raw: list[str] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         async def pieces():  # type: ignore[no-untyped-def]
             written = ""
-            async for piece in original(tokens, sampling, stop, slot, background):
+            async for piece in original(tokens, sampling, stop, slot, background, grammar):
                 written += piece
                 yield piece
             if slot is not None:  # a reply, not a summary job

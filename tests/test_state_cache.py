@@ -122,9 +122,9 @@ async def test_the_next_prompt_reuses_the_reply_tokens_in_the_cache(
     seen: list[list[int]] = []
     original = model.stream
 
-    def spy(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def spy(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         seen.append(list(tokens))
-        return original(tokens, sampling, stop, slot, background)
+        return original(tokens, sampling, stop, slot, background, grammar)
 
     model.stream = spy  # type: ignore[method-assign]
     core = make_core(

@@ -108,10 +108,11 @@ async def test_channels_without_tools_and_other_formats_get_plain_prompts(make_c
     final = (await replies(core, dm(ASK)))[-1]
     assert final.text == CALCULATE  # said as it is: nothing runs without tools
     assert llama3.ENVIRONMENT not in office.detokenize(office.prompts[-1])
-    chatml = model([CALCULATE], template=CHATML)
+    chatml = model([CALCULATE], template=CHATML)  # a template that takes no tools
     core = make_core({"office": chatml})
     assert (await replies(core, dm(ASK, key="telegram:6")))[-1].text == CALCULATE
     assert "calculate" not in chatml.detokenize(chatml.prompts[-1])
+    assert chatml.grammars == [None]
 
 
 async def test_the_engines_tool_prompt_is_the_llama_3_1_templates_own_token_for_token(
@@ -153,7 +154,7 @@ async def test_the_engines_tool_prompt_is_the_llama_3_1_templates_own_token_for_
         },
         {"role": "tool", "content": "397.8"},
     ]
-    definitions = core.answers.tools.definitions()
+    definitions = core.answers.tool_use.tools.definitions()
     text = render(messages, True, tools=definitions).removeprefix(begin)
     theirs = [*bos, *llm.tokenize(text.encode(), add_bos=False, special=True)]
     assert office.prompts[1] == theirs

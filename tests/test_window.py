@@ -107,9 +107,9 @@ async def test_the_real_model_answers_a_conversation_that_outgrows_its_window(
     prompts: list[int] = []
     original = model.stream
 
-    def recording(tokens, sampling, stop=(), slot=None, background=False):  # type: ignore[no-untyped-def]
+    def recording(tokens, sampling, stop=(), slot=None, background=False, grammar=None):  # type: ignore[no-untyped-def]
         prompts.append(len(tokens))
-        return original(tokens, sampling, stop, slot, background)
+        return original(tokens, sampling, stop, slot, background, grammar)
 
     model.stream = recording  # type: ignore[method-assign]
     core: ConversationCore = make_core(

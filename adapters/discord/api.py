@@ -45,6 +45,15 @@ class DiscordOptions:
             shard_ids=settings.shard_ids,
         )
 
+    def administers(self, user: discord.abc.User, perms: discord.Permissions | None) -> bool:
+        """Whether ``user`` may change a conversation where they have ``perms`` (none: a DM,
+        where anyone may): a listed admin or role, or managing the channel."""
+        if perms is None or user.id in self.admin_user_ids:
+            return True
+        if any(role.id in self.admin_role_ids for role in getattr(user, "roles", [])):
+            return True
+        return bool(perms.manage_channels or perms.administrator)
+
     def owns_shard(self, guild_id: int | None) -> bool:
         """Whether this process runs the shard of ``guild_id`` (DMs belong to shard 0)."""
         if self.shard_ids is None:

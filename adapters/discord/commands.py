@@ -221,16 +221,8 @@ class SlashCommands:
         Discord resolves ``interaction.permissions`` for the channel the command was used in,
         counting its permission overwrites; a thread's come from its parent channel.
         """
-        if interaction.guild is None:
-            return True
-        user = interaction.user
-        if user.id in self.options.admin_user_ids:
-            return True
-        roles = getattr(user, "roles", [])
-        if any(role.id in self.options.admin_role_ids for role in roles):
-            return True
-        perms = interaction.permissions
-        return bool(perms.manage_channels or perms.administrator)
+        perms = interaction.permissions if interaction.guild is not None else None
+        return self.options.administers(interaction.user, perms)
 
 
 def _ack(answer: Answer, first: OutgoingReply | None) -> str:

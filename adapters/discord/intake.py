@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -80,6 +80,21 @@ class Intake:
                 return True  # a reply to one of our character posts
         return False
 
+    def mentioned(self, message: discord.Message) -> tuple[tuple[str, str], ...]:
+        """The people ``message`` mentions (not bots, not us), as the tools see them."""
+        return tuple(
+            (str(user.id), user.display_name) for user in message.mentions if not user.bot
+        )[:20]
+
+    def _admin_check(self, message: discord.Message) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            author, channel = message.author, message.channel
+            if message.guild is None or not isinstance(author, discord.Member):
+                return message.guild is None
+            return self.options.administers(author, channel.permissions_for(author))
+
+        return check
+
     def clean_text(self, text: str) -> str:
         me = self.client.user
         if me is None:
@@ -126,6 +141,8 @@ class Intake:
                 platform_message_id=str(message.id),
                 roles=role_ids(message.author),
                 guild_id=str(message.guild.id) if message.guild is not None else None,
+                mentions=self.mentioned(message),
+                is_admin=self._admin_check(message),
             )
             sink = ChannelSink(self.webhooks, message.channel, reference=message)
             await self.stream(

@@ -17,9 +17,19 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from telegram import Bot, Update
-from telegram.error import Forbidden, InvalidToken, RetryAfter, TelegramError
+from telegram import Bot, Message, Update
+from telegram.constants import ChatMemberStatus, ChatType
+from telegram.error import (
+    BadRequest,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+)
 from telegram.ext import Application
+
+from chat.commands.spec import RightsUnknown
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +160,33 @@ class Poller:
                     "telegram: %d update(s) not stored after %.0fs", len(late), STORE_WAIT_S
                 )
             self._offset = updates[-1].update_id + 1
+
+
+ADMIN_STATUSES = {ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER}
+
+
+def admin_check(bot: Bot, message: Message) -> Callable[[], Awaitable[bool]]:
+    """Whether the sender of ``message`` administers its chat, asked of Telegram only when
+    needed; :class:`RightsUnknown` when Telegram cannot say."""
+
+    async def check() -> bool:
+        if message.chat.type == ChatType.PRIVATE:
+            return True
+        if message.sender_chat is not None and message.sender_chat.id == message.chat_id:
+            return True  # sent as the group itself: an anonymous administrator
+        if message.from_user is None:
+            return False
+        user_id = message.from_user.id
+        for attempt in range(2):
+            try:
+                member = await retrying(lambda: bot.get_chat_member(message.chat_id, user_id))
+                return member.status in ADMIN_STATUSES
+            except NetworkError as exc:  # a timeout or a dropped connection: once more
+                if attempt or isinstance(exc, BadRequest):  # (BadRequest is one too)
+                    raise RightsUnknown(str(exc)) from exc
+                log.warning("telegram: getChatMember failed (%s); trying again", exc)
+            except TelegramError as exc:
+                raise RightsUnknown(str(exc)) from exc
+        raise AssertionError("unreachable")
+
+    return check

@@ -4,22 +4,19 @@ command, and a card file sent with the caption ``/character import``."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 from telegram import Bot, BotCommand, Document, Message, Update
-from telegram.constants import ChatMemberStatus, ChatType
-from telegram.error import BadRequest, NetworkError, TelegramError
+from telegram.constants import ChatType
 
-from adapters.telegram.api import retrying
+from adapters.telegram.api import admin_check
 from adapters.telegram.intake import PLATFORM, Intake, conversation_key
 from chat.commands import Answer, Command, CommandSet, Parsed
-from chat.commands.spec import Invocation, RightsUnknown, Terms
+from chat.commands.spec import Invocation, Terms
 from chat.core import ConversationCore
 from chat.messages import Attachment
 
 log = logging.getLogger(__name__)
 
-ADMIN_STATUSES = {ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER}
 TERMS = Terms(admins="chat administrators", place="group", platform_name="Telegram")
 
 
@@ -75,7 +72,7 @@ class TelegramCommands:
             message.chat.type == ChatType.PRIVATE,
             parsed.args,
             [_attachment(document)] if document is not None else [],
-            is_admin=self._admin_check(message),
+            is_admin=admin_check(self.bot, message),
             arrival=self.intake.arrival(update),
             terms=TERMS,
         )
@@ -90,32 +87,6 @@ class TelegramCommands:
             await self.intake.stream(chat_id, answer.stream, None)
         if answer.posts is not None:
             await self.intake.stream(chat_id, answer.posts, None)
-
-    def _admin_check(self, message: Message) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:
-            """Whether the sender administers this chat; a message sent as the group
-            itself comes from an anonymous administrator."""
-            if message.chat.type == ChatType.PRIVATE:
-                return True
-            if message.sender_chat is not None and message.sender_chat.id == message.chat_id:
-                return True
-            assert message.from_user is not None
-            user_id = message.from_user.id
-            for attempt in range(2):
-                try:
-                    member = await retrying(
-                        lambda: self.bot.get_chat_member(message.chat_id, user_id)
-                    )
-                    return member.status in ADMIN_STATUSES
-                except NetworkError as exc:  # a timeout or a dropped connection: once more
-                    if attempt or isinstance(exc, BadRequest):  # (BadRequest is one too)
-                        raise RightsUnknown(str(exc)) from exc
-                    log.warning("telegram: getChatMember failed (%s); trying again", exc)
-                except TelegramError as exc:
-                    raise RightsUnknown(str(exc)) from exc
-            raise AssertionError("unreachable")
-
-        return check
 
 
 def _document(message: Message) -> Document | None:

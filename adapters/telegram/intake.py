@@ -20,7 +20,7 @@ from telegram.error import BadRequest, TelegramError
 from telegram.ext import ContextTypes
 
 from adapters.streaming import StreamLimits, chain, single, stream_reply
-from adapters.telegram.api import retrying
+from adapters.telegram.api import admin_check, retrying
 from adapters.telegram.sinks import MAX_MESSAGE_CHARS, ChatSink
 from adapters.text import to_telegram_html
 from chat.commands import TEXT_ONLY, CommandSet
@@ -44,6 +44,22 @@ def conversation_key(chat_id: int) -> str:
 
 def chat_id_of(key: str) -> int:
     return int(key.split(":", 1)[1])
+
+
+def mentioned(message: Message) -> tuple[tuple[str, str], ...]:
+    """The people ``message`` names with an id (the tools act only for those): those it
+    mentions by name without a username, and the author of the message it replies to.  An
+    @username mention carries no id the Bot API can resolve."""
+    users = [e.user for e in message.entities or () if e.type == MessageEntityType.TEXT_MENTION]
+    replied = message.reply_to_message
+    if replied is not None:
+        users.append(replied.from_user)
+    found = {
+        str(user.id): user.full_name or user.username or str(user.id)
+        for user in users
+        if user is not None and not user.is_bot
+    }
+    return tuple(found.items())[:20]
 
 
 class Intake:
@@ -86,6 +102,8 @@ class Intake:
             mentions_bot=mentions,
             is_dm=message.chat.type == ChatType.PRIVATE,
             platform_message_id=str(message.message_id),
+            mentions=mentioned(message),
+            is_admin=admin_check(self.bot, message),
         )
 
     def mentions_bot(self, message: Message, text: str) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ai_model.base import ChatModel
 from ai_model.config import ModelSettings, SamplingSettings
+from ai_model.sampling import Grammar
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from chat.settings import Settings
@@ -101,6 +102,7 @@ class InstantModel:
         stop: Sequence[str] = (),
         slot: str | None = None,
         background: bool = False,
+        grammar: Grammar | None = None,
     ) -> AsyncIterator[str]:
         yield "OK."
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 from chat.commands.spec import Answer, Command, Engine, Invocation, Rights
 from chat.tools.rounds import tools_on
 
-ONLY_LLAMA3 = "They work with models framed as Llama 3.x (Meta's tool format)."
+ONLY_LLAMA3 = " They work with models framed as Llama 3.x (Meta's tool format) only."
 
 
 async def tools_show(engine: Engine, inv: Invocation) -> Answer:
     conv = await engine.conversations.get(inv.platform, inv.key)
     roleplay = engine.conversations.mode_of(conv, inv.is_dm) == "roleplay"
-    names = ", ".join(tool.name for tool in engine.answers.tools)
+    names = ", ".join(tool.name for tool in engine.answers.tool_use.tools)
     if tools_on(conv, roleplay, engine.settings.tools):
-        text = f"Tools are on here: {names}. {ONLY_LLAMA3}"
+        native = engine.settings.tools.format == "native"
+        text = f"Tools are on here: {names}.{ONLY_LLAMA3 if native else ''}"
     else:
         text = f"Tools are off here. {names and f'Available: {names}. '}/tools on turns them on."
     return Answer(text=text, private=True)

@@ -35,7 +35,7 @@ from chat.roleplay.scene import (
     stop_strings,
     story_text,
 )
-from chat.tools import llama3
+from chat.tools import llama3, tagged
 from chat.tools.rounds import ToolPrompt
 from storage.records import USER, StoredMessage
 
@@ -110,7 +110,7 @@ def _cost(encoder: TurnEncoder, part: Part | str) -> int:
         return len(encoder.framed(part.pieces))
     if not part.text:
         return 0
-    return len(encoder.user(part.text) if part.role == "user" else encoder.system(part.text))
+    return len(encoder.fixed(part.role, part.text))
 
 
 def assemble(
@@ -132,10 +132,11 @@ def assemble(
     ``players`` are the conversation's players in the order they first spoke (stable from turn
     to turn); without it, those of the last messages.  ``documents`` (retrieved excerpts)
     go right before the last user turn: the history before them stays a reusable prefix, and
-    the question still comes last.  ``tools`` (Llama 3.x formats only) frames the prompt as
-    Meta's tool format does: the system turn opens with ``Environment: ipython``, the
-    definitions go before the first message of the window, and this reply's calls and results
-    so far come last.
+    the question still comes last.  ``tools`` in Meta's format (Llama 3.x) frames the prompt as
+    that format does: the system turn opens with ``Environment: ipython``, the definitions go
+    before the first message of the window, and this reply's calls and results so far come
+    last.  In the tagged format (any other model) the tools are offered at the end of the
+    system text, and calls and results are assistant and user turns, last.
     """
 
     def count(text: str) -> int:
@@ -191,18 +192,25 @@ def assemble(
     ]
     summary_room = memory.budget - (count(memory_text("", memory.facts)) if memory.facts else 0)
     acting: list[Part] = []
-    if tools is not None:  # one system turn, Meta's (formats that merge system parts would)
+    meta = tools is not None and tools.style == "llama3"
+    if tools is not None and meta:  # one system turn, Meta's (formats that merge would)
         merged = "\n\n".join(p.text for p in front)
         pieces = llama3.system_turn(model.template, merged)
         front = [Part("system", merged, label="pinned", pieces=pieces)]
         for written, result in tools.rounds:
             acting.append(Part("assistant", written, pieces=llama3.written_call_turn(written)))
             acting.append(Part("ipython", result, pieces=llama3.result_turn(result)))
+    elif tools is not None:  # tagged calls: offered in the bot's own system text
+        pinned = replace(front[0], text=tagged.system_text(tools.definitions, front[0].text))
+        front[0] = pinned
+        for written, result in tools.rounds:
+            acting.append(Part("assistant", written, label="tool call"))
+            acting.append(Part("user", tagged.result_text(result), label="tool result"))
     fixed_cost = (
         len(model.bos)
         + len(encoder.head())
         + sum(_cost(encoder, p) for p in (*front, *steer, *note, *excerpts, *back, *acting))
-        + (count(llama3.definitions(tools.definitions)) if tools is not None else 0)
+        + (count(llama3.definitions(tools.definitions)) if tools is not None and meta else 0)
     )
     budget = model.n_ctx - reserve - fixed_cost - len(cue)
     # Names go in front of turns only where they tell speakers apart: replies when several
@@ -243,7 +251,7 @@ def assemble(
     if excerpts:
         last = len(talk) - 1 if talk and talk[-1].role == "user" else len(talk)
         talk[last:last] = excerpts
-    if tools is not None:  # the definitions go before the window's first message
+    if tools is not None and meta:  # the definitions go before the window's first message
         for i, part in enumerate(talk):
             if part.role == "user" and part.message is not None:
                 text = encoder.text_of(part.message, part.named)

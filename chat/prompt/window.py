@@ -158,6 +158,10 @@ class TurnEncoder:
         """A user turn that is not a message (what players wrote to steer); cached."""
         return self._fixed("user", text)
 
+    def fixed(self, role: str, text: str) -> list[int]:
+        """A turn of ``role`` that is not a stored message (a tool call or result); cached."""
+        return self._fixed(role, text)
+
     def _fixed(self, role: str, text: str) -> list[int]:
         return self._kept((role, text), lambda: self.template.turn(role, text))
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from chat.commands.spec import RightsUnknown
 from chat.conversations import Conversations
 from chat.documents.library import DocumentLibrary
 from chat.limits import shorten
@@ -25,6 +26,14 @@ SNIPPET_CHARS = 300
 
 def _string(maximum: int, description: str) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": maximum, "description": description}
+
+
+async def _admin(ctx: ToolContext) -> bool:
+    """Whether the caller administers the conversation; refused when the platform cannot say."""
+    try:
+        return await ctx.is_admin()
+    except RightsUnknown:
+        raise ToolRefused("your rights could not be checked just now; try again") from None
 
 
 class Toolbox:
@@ -86,7 +95,7 @@ class Toolbox:
                         "properties": {
                             "when": _string(100, "in 2 hours, tomorrow 9:00, every Monday 10:00"),
                             "what": _string(500, "What to remind of"),
-                            "for_user": _string(64, "Another user's id, if they were mentioned"),
+                            "for_user": _string(64, "A mentioned user's id or name"),
                         },
                         "required": ["when", "what"],
                         "additionalProperties": False,
@@ -156,14 +165,15 @@ class Toolbox:
 
     async def set_reminder(self, ctx: ToolContext, args: Mapping[str, Any]) -> str:
         user_id, user_name = ctx.user_id, ctx.user_name
-        other = args.get("for_user")
-        if other and str(other) != ctx.user_id:
-            mentioned = dict(ctx.mentions)
-            if str(other) not in mentioned:
+        other = str(args.get("for_user") or "").strip().removeprefix("@")
+        other = other.removeprefix("<@").removeprefix("!").removesuffix(">")  # <@id> as typed
+        if other and other not in (ctx.user_id, ctx.user_name):
+            chosen = [(i, n) for i, n in ctx.mentions if other in (i, n) or other == n.lower()]
+            if not chosen:
                 raise ToolRefused("a reminder for someone else needs their mention in the message")
-            if not ctx.is_dm and not await ctx.is_admin():
+            if not ctx.is_dm and not await _admin(ctx):
                 raise ToolRefused("only admins may set reminders for someone else")
-            user_id, user_name = str(other), mentioned[str(other)]
+            user_id, user_name = chosen[0]
         request = f"{args['when']} {args['what']}"
         return await self.reminders.add(ctx.platform, ctx.key, user_id, user_name, request)
 
@@ -176,7 +186,7 @@ class Toolbox:
         if not 1 <= number <= len(held):
             raise ToolRefused(f"there is no reminder {number} here")
         chosen = held[number - 1]
-        if chosen.user_id != ctx.user_id and not ctx.is_dm and not await ctx.is_admin():
+        if chosen.user_id != ctx.user_id and not ctx.is_dm and not await _admin(ctx):
             raise ToolRefused("only whoever set it, or admins, can cancel that reminder")
         return await self.reminders.cancel(ctx.platform, ctx.key, chosen)
 
@@ -185,7 +195,9 @@ class Toolbox:
         if not words:
             raise ToolRefused("give a word or two to look for")
         conv = await self.conversations.get(ctx.platform, ctx.key)
-        found = await self.store.messages.search(conv.id, conv.reset_after_id, words, HISTORY_HITS)
+        found = await self.store.messages.search(
+            conv.id, conv.reset_after_id, words, HISTORY_HITS, before_id=ctx.message_id
+        )
         if not found:
             return "No earlier message holds all of: " + " ".join(words)
         lines = []

@@ -38,6 +38,7 @@ class ToolContext:
     is_admin: Callable[[], Awaitable[bool]]
     # Users the message mentions (id, name): a reminder may be set for one of them only.
     mentions: tuple[tuple[str, str], ...] = ()
+    message_id: int | None = None  # the message being answered (searches look before it)
 
 
 Run = Callable[[ToolContext, Mapping[str, Any]], Awaitable[str]]

@@ -315,11 +315,17 @@ class MessageQueries:
         return [message_of(r) for r in reversed(rows)]
 
     async def search(
-        self, conversation_id: int, after_id: int, words: Sequence[str], limit: int
+        self,
+        conversation_id: int,
+        after_id: int,
+        words: Sequence[str],
+        limit: int,
+        before_id: int | None = None,
     ) -> list[StoredMessage]:
-        """The newest ``limit`` user and bot messages since ``after_id`` (the reset) that hold
-        every one of ``words`` (any case), newest first.  ``words`` are literal text: LIKE's
-        wildcards in them are escaped."""
+        """The newest ``limit`` user and bot messages since ``after_id`` (the reset) and before
+        ``before_id`` (the question being answered) that hold every one of ``words`` (any
+        case), newest first.  ``words`` are literal text: LIKE's wildcards in them are
+        escaped."""
 
         def pattern(word: str) -> str:
             escaped = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -328,6 +334,7 @@ class MessageQueries:
         query = select(messages).where(
             messages.c.conversation_id == conversation_id,
             messages.c.id > after_id,
+            *((messages.c.id < before_id,) if before_id is not None else ()),
             messages.c.role.in_((USER, ASSISTANT)),
             messages.c.deleted_at.is_(None),
             *(func.lower(messages.c.text).like(pattern(w), escape="\\") for w in words),

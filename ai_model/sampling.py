@@ -102,6 +102,15 @@ def held_back(text: str, stops: Sequence[str]) -> int:
 RESAMPLE = 2048  # likeliest tokens a rejected pick is made again among, before all of them
 
 
+def narrows(sampling: SamplingSettings) -> bool:
+    """Whether a sequence without a grammar samples faster through :class:`GrammarCheck`'s
+    narrowed chain: a random draw after top-k keeps only tokens among the ``top_k +
+    repeat_last_n`` highest logits, so the chain run on those picks what it picks from the
+    whole vocabulary (the same candidates, in the same order, for the same draw), without
+    penalizing and sorting all of it.  A greedy pick is cheap already."""
+    return sampling.temperature > 0 and sampling.top_k > 0
+
+
 class GrammarCheck:
     """One sequence's grammar, checked against each token the sequence's chain picks.
 
@@ -114,11 +123,16 @@ class GrammarCheck:
     none is allowed is the whole vocabulary filtered (llama.cpp filters it at every rejection).
     """
 
-    def __init__(self, vocab: Any, n_vocab: int, grammar: Grammar, sampling: SamplingSettings):
+    def __init__(
+        self, vocab: Any, n_vocab: int, grammar: Grammar | None, sampling: SamplingSettings
+    ):
         import llama_cpp
 
-        text, root = grammar.gbnf.encode(), grammar.root.encode()
-        if grammar.triggers:
+        self._grammar: Any = None  # none: only the narrowed chain (see narrows)
+        if grammar is None:
+            pass
+        elif grammar.triggers:
+            text, root = grammar.gbnf.encode(), grammar.root.encode()
             patterns = (ctypes.c_char_p * len(grammar.triggers))(
                 *(t.encode() for t in grammar.triggers)
             )
@@ -126,8 +140,9 @@ class GrammarCheck:
                 vocab, text, root, patterns, len(grammar.triggers), None, 0
             )
         else:
+            text, root = grammar.gbnf.encode(), grammar.root.encode()
             self._grammar = llama_cpp.llama_sampler_init_grammar(vocab, text, root)
-        if not self._grammar:
+        if grammar is not None and not self._grammar:
             raise ValueError("llama.cpp refused the grammar")
         self._pick = make_pick(sampling)
         kept = sampling.top_k if sampling.temperature > 0 and sampling.top_k > 0 else 1
@@ -195,6 +210,10 @@ class GrammarCheck:
         candidates = self._candidates(ctx, row, self.narrow)
         llama_cpp.llama_sampler_apply(chain, ctypes.byref(candidates))
         token = self._pick_from(candidates)
+        if self._grammar is None:
+            llama_cpp.llama_sampler_accept(chain, token)
+            llama_cpp.llama_sampler_accept(self._pick.sampler, token)
+            return token
         self.checked += 1
         if not self._allows(token):
             # Made again among what the grammar allows: of the RESAMPLE likeliest tokens (the
@@ -219,4 +238,6 @@ class GrammarCheck:
         if self._grammar:
             llama_cpp.llama_sampler_free(self._grammar)
             self._grammar = None
+        if self._pick is not None:
             self._pick.close()
+            self._pick = None

@@ -35,7 +35,7 @@ from ai_model.parking import (
     write_sequence,
 )
 from ai_model.prefixes import SharedPrefixes
-from ai_model.sampling import Grammar, GrammarCheck, held_back, make_sampler
+from ai_model.sampling import Grammar, GrammarCheck, held_back, make_sampler, narrows
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +352,9 @@ class Scheduler:
         seq.req, seq.admitted, seq.prompt_len = req, self._admitted, len(prompt)
         seq.pending = prompt[keep:]
         seq.next_token, seq.n_generated = None, 0
-        seq.sampler = make_sampler(req.sampling, pick=req.grammar is None)
-        if req.grammar is not None:
+        narrowed = req.grammar is not None or narrows(req.sampling)
+        seq.sampler = make_sampler(req.sampling, pick=not narrowed)
+        if narrowed:
             seq.check = GrammarCheck(self._vocab, self._n_vocab, req.grammar, req.sampling)
         seq.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         seq.text, seq.sent = "", 0

@@ -48,3 +48,16 @@ def test_the_documents_bench_prints_its_figures(tmp_path: Path) -> None:
     assert 0 < figures["search_p50_ms"] <= figures["search_p99_ms"]
     assert figures["search_recall_at_10k"] >= 0.9
     assert figures["ttft_with_documents_s"] > 0 and figures["ttft_without_documents_s"] > 0
+
+
+def test_the_grammar_bench_counts_the_tokens_generated(tmp_path: Path) -> None:
+    result = run_bot(["bench", "--grammar", "--quick"], tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    written = figures["tokens_written"]
+    # Four replies a round, two rounds, one token each before the timing starts: free replies
+    # in words run to their 96-token budget; calls are shorter, and counted as generated (a
+    # call held to the grammar is written in more tokens than its text tokenizes into).
+    assert written["free"] > 8 * 60 and 8 * 10 < written["held"] < written["free"], written
+    assert figures["grammar_over_free_tokens_per_s"] > 0
+    assert 0 < figures["grammar_rejected_share"] < 1

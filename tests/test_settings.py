@@ -78,6 +78,8 @@ def test_environment_supplies_secrets_database_and_api_urls() -> None:
             r"\[models.office.sampling\] temperature = 'hot'",
         ),
         ({"models": {"office": {"flash_attn": 1}}}, "flash_attn = 1: input should be a valid bool"),
+        ({"tools": {"format": "xml"}}, r'\[tools\]: format must be "auto", "all" or "native"'),
+        ({"tools": {"choice": "always"}}, r'\[tools\]: choice must be "auto" or "required"'),
     ],
 )
 def test_invalid_settings_are_reported_clearly(raw: dict[str, object], message: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,12 @@ async def test_the_built_in_tools_act_in_their_own_conversation(make_core: Any) 
         in (await tools.run(Call("search_history", {"query": "launch"}), other))[1]
     )
     assert (await run("search_history", query="100%"))[1].startswith("No earlier message")
+    conv = await core.conversations.get("telegram", key)
+    launch = (await core.store.messages.search(conv.id, 0, ["launch"], 1))[0]
+    asked = replace(ctx, message_id=launch.id)  # answering the launch message itself
+    assert (await tools.run(Call("search_history", {"query": "launch"}), asked))[1].startswith(
+        "No earlier message"
+    )
 
     assert await run("calculate", expression="17/100*2340") == (True, "397.8")
     done, said = await run("calculate", expression="9**9**9")

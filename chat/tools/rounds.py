@@ -101,7 +101,7 @@ def style_for(template: ChatTemplate, settings: ToolSettings) -> str | None:
     """The tool format a model gets: ``llama3``, ``tagged``, or none.  Under ``auto`` a model
     gets tagged calls when its own (GGUF) chat template takes tools: a model never trained
     with tools (SmolLM2, Gemma 2, Phi-3.5) pays the offer's ~900 tokens in every prompt and
-    does not call them (the embedded 135M model answered four of four sums in words)."""
+    does not call them (the embedded 135M model answered seven of seven questions in words)."""
     if format_has_tools(template):
         return "llama3"
     if settings.format == "all" or (settings.format == "auto" and "tools" in template.source):

@@ -96,7 +96,9 @@ def test_every_template_encodes_content_without_specials(template: ChatTemplate)
 
 
 def test_chatml_is_detected_from_the_embedded_model_metadata(smollm: LocalModel) -> None:
-    assert smollm.template is CHATML
+    # Read as ChatML, with the file's own template kept (it says whether tools are taken).
+    assert smollm.template == CHATML and smollm.template.name == "chatml"
+    assert "<|im_start|>" in smollm.template.source and "tools" not in smollm.template.source
 
 
 def _closed_turn(model: LocalModel) -> list[int]:

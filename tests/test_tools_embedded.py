@@ -1,9 +1,10 @@
 """Tools end to end on the real embedded model (SmolLM2-135M, ChatML: the tagged format, held
 to the call grammar).
 
-The 135M model never chooses a tool by itself (asked "What's 17% of 2,340?" with tools
-offered, it answers "… = 5.68."), so these replies run with ``choice = "required"``: the
-first generation is a call held to the grammar from its first token.  Everything after is the
+SmolLM2's own template takes no tools, so they are offered with ``format = "all"``; and the
+135M model never chooses a tool by itself (asked "What's 17% of 2,340?" with tools offered, it
+answers "… = 5.68."), so these replies run with ``choice = "required"``: the first generation
+is a call held to the grammar from its first token.  Everything after is the
 model's own: which tool, its arguments, and the answer written from the result.
 """
 
@@ -21,7 +22,7 @@ from chat.messages import IncomingMessage
 from chat.tools.rounds import ToolSettings
 
 GREEDY = {"office": ModelSettings(sampling=SamplingSettings(temperature=0.0, max_tokens=120))}
-REQUIRED = ToolSettings(choice="required")
+REQUIRED = ToolSettings(format="all", choice="required")  # SmolLM2's template takes none
 
 
 class Recorded:

@@ -10,10 +10,11 @@ from dataclasses import replace
 from typing import Any
 
 from ai_model.templates import CHATML
-from chat.messages import IncomingMessage, OutgoingReply, ReplyKind
+from chat.messages import IncomingMessage, ReplyKind
 from chat.tools import llama3, tagged
 from chat.tools.grammar import CLOSE, OPEN
 from tests.scripted import ScriptedModel
+from tests.test_tool_rounds import dm, replies
 
 CALL = f'{OPEN}\n{{"name": "calculate", "arguments": {{"expression": "17/100*2340"}}}}\n{CLOSE}'
 ASK = "What's 17% of 2,340?"
@@ -25,14 +26,6 @@ TAKES_TOOLS = replace(CHATML, source="{%- if tools %}<tools>{{ tools }}</tools>{
 
 def model(script: Sequence[str]) -> ScriptedModel:
     return ScriptedModel(list(script), template=TAKES_TOOLS)
-
-
-def dm(text: str, key: str = "telegram:5") -> IncomingMessage:
-    return IncomingMessage("telegram", key, "5", "Ann", text, is_dm=True)
-
-
-async def replies(core: Any, msg: IncomingMessage) -> list[OutgoingReply]:
-    return [r async for r in core.answers.respond(msg) if r.text]
 
 
 async def test_a_tagged_call_is_held_to_the_grammar_run_and_its_result_answered(

@@ -62,6 +62,12 @@ class ChatModel(Protocol):
         """The token ids the last generation for ``slot`` produced (and evaluated)."""
         ...
 
+    def upcoming(self, slot: str | None) -> None:
+        """A reply for ``slot`` is about to be asked for: its prompt is being built.  The
+        in-process batched model may hold an idle step briefly for it, so that prompts sent
+        together are evaluated together (:mod:`ai_model.arrivals`); others ignore it."""
+        ...
+
     def stream(
         self,
         tokens: Sequence[int],

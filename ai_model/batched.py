@@ -27,8 +27,9 @@ from ai_model.handoff import Handoff
 from ai_model.jinja_format import template_for, token_text
 from ai_model.local import _llama_kwargs, special_token_check, state_fingerprint
 from ai_model.parking import Parking, StateFiles
+from ai_model.requests import Request
 from ai_model.sampling import Grammar
-from ai_model.scheduler import Request, Scheduler
+from ai_model.scheduler import Scheduler
 from ai_model.templates import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class BatchedModel:
             prefill_chunk=settings.prefill_chunk,
             parking=parking,
             shared_prefix_bytes=settings.shared_prefix_mb * 2**20,
+            wait_s=settings.batch_wait_ms / 1000,
             openings=[
                 tuple(model.tokenize(text.encode(), False, True))
                 for text in set(template.open.values())
@@ -218,6 +220,9 @@ class BatchedModel:
 
     def usage(self) -> ModelUsage:
         return self.scheduler.usage()
+
+    def upcoming(self, slot: str | None) -> None:
+        self.scheduler.announce(slot)
 
     async def stream(
         self,

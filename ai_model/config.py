@@ -70,6 +70,10 @@ class ModelSettings:
     # In-process, batched: RAM for evaluated states of conversations whose sequence was
     # handed to another one; past it they go to state_dir (or are dropped without one).
     park_mb: int = 1024
+    # In-process, batched: how long an idle model may hold a prompt for the replies announced
+    # to follow it (their prompts being built), so that messages sent together are evaluated
+    # in one step (0: never held; see ai_model/arrivals.py).
+    batch_wait_ms: int = 50
     # In-process, batched: RAM for the prompt beginnings fresh conversations share (the system
     # prompt, a character card), so a new channel evaluates only what is its own (0: off).
     shared_prefix_mb: int = 256
@@ -121,6 +125,8 @@ class ModelSettings:
             raise ValueError("parallel must be between 1 and 256")
         if not 1 <= self.prefill_chunk <= self.n_batch:
             raise ValueError("prefill_chunk must be between 1 and n_batch")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError("batch_wait_ms must be between 0 and 1000")
         if self.park_mb < 0:
             raise ValueError("park_mb must be 0 (no RAM tier) or more")
         if self.shared_prefix_mb < 0:

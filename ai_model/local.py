@@ -221,6 +221,9 @@ class LocalModel:
     def generated(self, slot: str | None) -> Sequence[int]:
         return self._generated.get(slot, ())
 
+    def upcoming(self, slot: str | None) -> None:
+        """One reply at a time: nothing to gather."""
+
     def detokenize(self, tokens: Sequence[int]) -> str:
         return bytes(self._llm.detokenize(list(tokens))).decode("utf-8", errors="replace")
 

@@ -235,6 +235,9 @@ class RemoteModel:
     def generated(self, slot: str | None) -> Sequence[int]:
         return self._generated.get(slot, ())
 
+    def upcoming(self, slot: str | None) -> None:
+        """The server batches what it receives by itself."""
+
     def _client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if self._session is None or self._session[0] is not loop:

@@ -105,10 +105,15 @@ RESAMPLE = 2048  # likeliest tokens a rejected pick is made again among, before 
 def narrows(sampling: SamplingSettings) -> bool:
     """Whether a sequence without a grammar samples faster through :class:`GrammarCheck`'s
     narrowed chain: a random draw after top-k keeps only tokens among the ``top_k +
-    repeat_last_n`` highest logits, so the chain run on those picks what it picks from the
-    whole vocabulary (the same candidates, in the same order, for the same draw), without
-    penalizing and sorting all of it.  A greedy pick is cheap already."""
-    return sampling.temperature > 0 and sampling.top_k > 0
+    repeat_last_n`` highest logits, and a greedy pick the highest one of the ``1 +
+    repeat_last_n``, so the chain run on those picks what it picks from the whole vocabulary
+    (the same candidates, in the same order, for the same draw), without penalizing and
+    sorting all of it: 0.16 ms a token for a greedy pick over SmolLM2's 49,152 tokens, against
+    0.04 ms.  Only while the repeat penalty lowers logits (at least 1; a character card may
+    set less, which raises the logits of recent tokens, wherever they ranked)."""
+    if sampling.repeat_penalty < 1.0:
+        return False
+    return sampling.temperature <= 0 or sampling.top_k > 0
 
 
 class GrammarCheck:
@@ -145,9 +150,12 @@ class GrammarCheck:
         if grammar is not None and not self._grammar:
             raise ValueError("llama.cpp refused the grammar")
         self._pick = make_pick(sampling)
-        kept = sampling.top_k if sampling.temperature > 0 and sampling.top_k > 0 else 1
+        if sampling.temperature > 0:
+            kept = sampling.top_k if sampling.top_k > 0 else n_vocab
+        else:
+            kept = 1
         penalized = max(sampling.repeat_last_n, 0) if sampling.repeat_penalty != 1.0 else 0
-        self.narrow = min(n_vocab, kept + penalized) if kept < n_vocab else n_vocab
+        self.narrow = min(n_vocab, kept + penalized) if narrows(sampling) else n_vocab
         self.n_vocab = n_vocab
         self._all = (llama_cpp.llama_token_data * n_vocab)()
         self._view: Any = np.ctypeslib.as_array(self._all)  # the same memory, as numpy
@@ -166,8 +174,14 @@ class GrammarCheck:
             llama_cpp.llama_get_logits_ith(ctx, row), shape=(self.n_vocab,)
         )
         n = min(most, self.n_vocab)
-        if n < self.n_vocab:
-            ids = np.argpartition(logits, self.n_vocab - n)[self.n_vocab - n :]
+        if n == 1:  # the first highest, as a greedy pick over the whole vocabulary takes it
+            ids = np.argmax(logits).reshape(1)
+            self._view["id"][:1] = ids
+            self._view["logit"][:1] = logits[ids]
+        elif n < self.n_vocab:
+            # In the vocabulary's order, as the whole of it would come: among equal logits a
+            # greedy pick takes the first.
+            ids = np.sort(np.argpartition(logits, self.n_vocab - n)[self.n_vocab - n :])
             self._view["id"][:n] = ids
             self._view["logit"][:n] = logits[ids]
         else:

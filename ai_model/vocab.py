@@ -66,6 +66,9 @@ class VocabModel:
     def generated(self, slot: str | None) -> Sequence[int]:
         return ()
 
+    def upcoming(self, slot: str | None) -> None:
+        """Nothing is generated here."""
+
     async def stream(
         self,
         tokens: Sequence[int],

@@ -341,8 +341,7 @@ class Answers:
             key, "", speaker=speaker, reply_to=reply_to, answers=answers, replaces=replaces
         )
         group = version_of.swipe_group if version_of is not None else None
-        sampling = self.prompts.sampling(mode, char)
-        role = ROLE_FOR_MODE[mode]
+        sampling, role = self.prompts.sampling(mode, char), ROLE_FOR_MODE[mode]
         others: list[str] = []
         reasoning: tuple[str, str] | None = None
         text = ""
@@ -351,6 +350,7 @@ class Answers:
         rounds: Rounds = None
         try:
             model = await self.models.get(role)
+            model.upcoming(key)  # its prompt follows: it may join the same step as others
             if tools_on(conv, mode == "roleplay", self.settings.tools):
                 rounds = await self.tool_use.rounds(model, platform, key, user_id, asker)
 

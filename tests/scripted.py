@@ -68,6 +68,7 @@ class ScriptedModel:
         self.stops: list[list[str]] = []
         self.samplings: list[SamplingSettings] = []
         self.grammars: list[Grammar | None] = []
+        self.announced: list[str | None] = []  # slots announced by the engine (upcoming)
         self.gate: asyncio.Event | None = None  # when set by a test, generation waits for it
         markers = [m for m in template_markers(template) if MARKER.fullmatch(m)]
         self._tokenizer = tokenizer or ByteTokenizer(markers)
@@ -86,6 +87,9 @@ class ScriptedModel:
 
     def generated(self, slot: str | None) -> Sequence[int]:
         return ()  # scripted replies are not generated token by token
+
+    def upcoming(self, slot: str | None) -> None:
+        self.announced.append(slot)
 
     def _reply(self, tokens: Sequence[int]) -> str:
         if callable(self._script):

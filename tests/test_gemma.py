@@ -86,6 +86,9 @@ class Recording:
     def generated(self, slot: str | None) -> Sequence[int]:
         return self.model.generated(slot)
 
+    def upcoming(self, slot: str | None) -> None:
+        self.model.upcoming(slot)
+
     async def stream(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> AsyncIterator[str]:
         self.prompts.append(list(tokens))
         async for piece in self.model.stream(tokens, *args, **kwargs):

@@ -95,6 +95,9 @@ class InstantModel:
     def generated(self, slot: str | None) -> Sequence[int]:
         return ()
 
+    def upcoming(self, slot: str | None) -> None:
+        """Instant replies: nothing to gather."""
+
     async def stream(
         self,
         tokens: Sequence[int],

@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,29 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench.common import bench_settings, log
-from bot.bench.shared_server import measure_shared
+from bot.bench.shared_server import _prompt_tokens_evaluated, measure_shared
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from storage import Store, open_database
 
-# Every conversation of a run asks its own question, from its first word: neither side can
-# reuse another conversation's user text (llama-server picks the slot whose cached prompt is
-# most like the request's, and would otherwise find the same question in it).
+# Every conversation of a run asks its own question, from its first token: neither side can
+# reuse another conversation's user text.  llama-server gives a request the slot whose cached
+# prompt shares the longest beginning with it; a question that began with a number shared its
+# first digits (tokens of their own) with one of the eight cached questions most of the time, so
+# the server evaluated one or two tokens fewer a question than the in-process side, which never
+# shares a message's text.  Questions now begin with a word whose first token no question
+# among the ``len(openers)`` before it began with.
+_WORDS = """
+Apple Arrow Anchor Autumn Bamboo Banner Beacon Bridge Candle Canyon Castle Cedar Comet Copper
+Coral Crystal Delta Desert Dragon Eagle Echo Ember Falcon Feather Forest Fountain Galaxy Garden
+Glacier Granite Harbor Hazel Horizon Island Ivory Jasmine Jungle Kettle Lantern Lemon Lotus
+Magnet Maple Marble Meadow Mirror Nebula Needle Ocean Olive Orchid Panther Pebble Pepper Planet
+Quartz Quill Rabbit Raven Ribbon River Rocket Saddle Salmon Shadow Silver Spruce Summit Thunder
+Tiger Timber Tulip Umbrella Valley Velvet Violet Walnut Willow Window Winter Yellow Zebra
+Zenith Acorn Badger Cactus Dolphin Gazelle Heron Iris Juniper Koala Lilac Mango Nectar Otter
+Parrot Quince Robin Sparrow Thistle Urchin Viper Wombat Yarrow Amber Basil Clover Daisy Elm Fig
+Ginger Holly Indigo Jade Kelp Laurel Moss Nutmeg Onyx Pine Rose Sage Teal Vine Wheat"""
+OPENERS = _WORDS.split()
 SUBJECTS = [
     "Budget",
     "Invoice",
@@ -69,15 +84,29 @@ ASKS = [
     "describe a simple plan for the next quarter",
 ]
 CONCURRENCY = (1, 4, 8)
+MIN_OPENERS = 32  # more than the questions a run asks between two uses of one server slot
 
 
-def questions() -> Iterator[str]:
-    """Distinct questions: number, subject and request differ from one to the next, from the
-    first token on (a question that began with its subject would share that word with the
-    one 16 before it, which llama-server would find in a slot and reuse)."""
+def openers(first_token: Callable[[str], int]) -> list[str]:
+    """The words of :data:`OPENERS` whose first token (``first_token``) no earlier one has."""
+    seen: set[int] = set()
+    kept = []
+    for word in OPENERS:
+        if (token := first_token(word)) not in seen:
+            seen.add(token)
+            kept.append(word)
+    if len(kept) < MIN_OPENERS:
+        raise SystemExit(f"the tokenizer leaves {len(kept)} distinct openers (< {MIN_OPENERS})")
+    return kept
+
+
+def questions(words: Sequence[str]) -> Iterator[str]:
+    """Distinct questions, each beginning with a token that none of the ``len(words)`` before it
+    began with (see :data:`OPENERS`)."""
     for n in itertools.count(1):
         subject = SUBJECTS[n % len(SUBJECTS)]
-        yield f"{n * 7919 % 100_003}: {subject} matter. {ASKS[(n // len(SUBJECTS)) % len(ASKS)]}."
+        ask = ASKS[(n // len(SUBJECTS)) % len(ASKS)]
+        yield f"{words[n % len(words)]}: {subject} matter {n * 7919 % 100_003}. {ask}."
 
 
 def server_binary() -> str:
@@ -207,11 +236,20 @@ async def measure(
         "server", ModelSettings(backend="llama-server", url=url, sampling=sampling), folder
     )
     sides = (local, remote)
-    asked = questions()
-    warm_up = next(asked)
     for side in sides:
         await side.open()
+    office = await local.registry.get("office")
+    asked = questions(openers(lambda word: office.tokenize(word.encode(), False, False)[0]))
+    warm_up = next(asked)
+    for side in sides:
         await side.ask(warm_up)  # loads the model, warms caches
+    # Prompt tokens each side evaluated (not found cached): equal when neither reused more.
+
+    def computed() -> float:
+        return sum(u.prompt_computed for u in local.registry.usage().values())
+
+    evaluated = {"local": -computed()}
+    evaluated["server"] = -await asyncio.to_thread(_prompt_tokens_evaluated, url)
     runs: dict[tuple[str, int], list[list[tuple[float, float, int]]]] = {}
     streamed: dict[str, list[float]] = {s.name: [] for s in sides}
     written: dict[str, int] = {s.name: 0 for s in sides}
@@ -227,6 +265,8 @@ async def measure(
                 runs.setdefault((side.name, n), []).append(run)
                 written[side.name] += sum(r[2] for r in run)
         log(f"round {i + 1}/{rounds} done")
+    evaluated["local"] += computed()
+    evaluated["server"] += await asyncio.to_thread(_prompt_tokens_evaluated, url)
     for side in sides:
         await side.close()
     out: dict[str, Any] = {
@@ -237,6 +277,7 @@ async def measure(
     }
     for name, count in written.items():
         out[f"{name}_tokens_written"] = count
+        out[f"{name}_prompt_tokens_evaluated"] = int(evaluated[name])
     for (name, n), found in runs.items():
         out.update(_figures(name, n, found))
     for n, shares in local.overhead.items():

@@ -7,7 +7,8 @@ evaluated alone and the other three wait for that step to end, then go in one st
 An idle scheduler instead holds its first step for the prompts announced to follow, for at
 most ``wait_s`` after each announcement, and evaluates them in one decode, as vLLM's scheduler
 delay does.  It never holds a step while a reply is generating: a prompt arriving then joins
-the next step, one token's time later.
+the next step, one token's time later.  It is off unless ``batch_wait_ms`` is set: on a CPU
+the prompts' compute adds up the same either way, and holding only delays the first one.
 """
 
 from __future__ import annotations

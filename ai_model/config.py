@@ -72,8 +72,11 @@ class ModelSettings:
     park_mb: int = 1024
     # In-process, batched: how long an idle model may hold a prompt for the replies announced
     # to follow it (their prompts being built), so that messages sent together are evaluated
-    # in one step (0: never held; see ai_model/arrivals.py).
-    batch_wait_ms: int = 50
+    # in one step (0: never held; see ai_model/arrivals.py).  Off by default: on a CPU four
+    # prompts cost four prompts' compute together or apart, and holding the first only
+    # delays it (the peer bench's median first token of four went from 1.13-1.16 x the
+    # server's to 1.22-1.35 x); on a GPU, where a batch of prompts costs about one, it can pay.
+    batch_wait_ms: int = 0
     # In-process, batched: RAM for the prompt beginnings fresh conversations share (the system
     # prompt, a character card), so a new channel evaluates only what is its own (0: off).
     shared_prefix_mb: int = 256

@@ -50,6 +50,7 @@ def test_environment_supplies_secrets_database_and_api_urls() -> None:
         ({"models": {"writer": {}}}, "unknown model role"),
         ({"platforms": {"telegram": {"default_mode": "party"}}}, "roleplay' or 'work'"),
         ({"models": {"office": {"kv_cache_type": "f8"}}}, "kv_cache_type"),
+        ({"models": {"office": {"batch_wait_ms": 5000}}}, "batch_wait_ms must be between"),
         ({"bot": {"default_character": "Nobody"}}, "Nobody"),
         ({"bot": {"recover_window": "soon"}}, "recover_window"),
         ({"bot": {"offline_notice": "yes"}}, "offline_notice"),

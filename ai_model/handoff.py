@@ -22,7 +22,8 @@ class Mailbox:
     a step.  Posting only sets an event, which releases no GIL; the mailbox's thread wakes the
     loop once the poster next releases the GIL (in ``llama_decode``), so the loop takes the
     pieces while the next token is computed.  Items posted before the loop is woken ride on
-    one wake-up.
+    one wake-up.  (On 2 cores the loop's work then shares the cores with the decode: four
+    streams gained 1.1 % tokens/s, one stream nothing measurable.)
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -195,7 +195,7 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            self._flush()  # what the last step wrote, before anything can wait
+            self._flush()  # what the last step wrote, before anything can wait or run
             with self._cond:
                 while not self._queue and not self._running() and not self._closing:
                     self._cond.wait()
@@ -393,7 +393,6 @@ class Scheduler:
                 batch.logits[i] = logits
                 rows.append((seq, token, logits))
         batch.n_tokens = len(rows)
-        self._flush()  # the event loop takes the last step's pieces while this one decodes
         start = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx.ctx, batch)
         decode = time.perf_counter() - start
@@ -487,10 +486,9 @@ class Scheduler:
         self._release(seq)
 
     def _send(self, req: Request, item: object) -> None:
-        """Hand ``item`` to ``req``'s consumer at the next :meth:`_flush`: just before the
-        next decode, or before the thread waits.  An emit wakes the event loop, which takes
-        the GIL from this thread until it is done with the piece (0.15 ms a token on 2
-        cores); handed over as llama_decode starts, the piece is taken while it runs."""
+        """Hand ``item`` to ``req``'s consumer at the next :meth:`_flush`, with the rest of the
+        step's items: the event loop is woken once a step, not once a piece (see
+        :class:`ai_model.handoff.Mailbox`, which wakes it as the next decode starts)."""
         self._outbox.append((req, item))
 
     def _flush(self) -> None:

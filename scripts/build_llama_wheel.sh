@@ -2,14 +2,15 @@
 # Build (once) and print the path of a llama-cpp-python wheel compiled without AMX.
 #
 # Why: a native build on AMX-capable Xeons segfaults in ggml_backend_amx_mul_mat on the first
-# multi-token decode (llama.cpp #20824), so we pin the CPU features explicitly.  pip caches wheels
-# built from an sdist regardless of CMAKE_ARGS, so we never let pip's cache decide: the wheel lives
-# in a project-owned folder keyed by the version and the exact build flags.
+# multi-token decode (llama.cpp #20824), so we pin the CPU features explicitly
+# (scripts/llama_cpu_flags.sh: AVX-512 where the CPU has it).  pip caches wheels built from an
+# sdist regardless of CMAKE_ARGS, so we never let pip's cache decide: the wheel lives in a
+# project-owned folder keyed by the version and the exact build flags.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 VERSION=${LLAMA_CPP_VERSION:?LLAMA_CPP_VERSION must be set}
-FLAGS=${LLAMA_CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"}
+FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX-512 where the CPU has it, never AMX
 KEY=$(printf '%s|%s' "$VERSION" "$FLAGS" | sha256sum | cut -c1-16)
 CACHE_ROOT=${LOCALBOT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/localbot/wheels}
 DEST="$CACHE_ROOT/llama-cpp-python-$VERSION-$KEY"

@@ -12,9 +12,14 @@ from tests.test_cli import run_bot
 
 
 def test_quick_bench_prints_every_figure_as_json(tmp_path: Path) -> None:
-    result = run_bot(["bench", "--quick"], tmp_path, timeout=1200)
+    history = tmp_path / "history.jsonl"  # an earlier quick run far faster than any can be
+    history.write_text(json.dumps({"quick": True, "core_msgs_per_s": 1e9, "core_p99_ms": 1e-9}))
+    result = run_bot(["bench", "--quick", "--history", str(history)], tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
+    guards = figures["regression_guards"]
+    assert guards["core_msgs_per_s"]["held"] is False and guards["core_p99_ms"]["held"] is False
+    assert json.loads(history.read_text().splitlines()[-1])["core_msgs_per_s"] > 0
     for name in TARGETS:
         assert isinstance(figures[name], int | float), name
     assert figures["restart_path"] == "disk"  # the restart used the saved state

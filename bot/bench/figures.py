@@ -443,9 +443,17 @@ async def run(quick: bool = False, gpu_layers: int = 0) -> dict[str, Any]:
 
 
 def main(quick: bool = False, gpu_layers: int = 0, history: Path | None = None) -> int:
+    try:  # read first: an unreadable file is reported at once, not after half an hour
+        earlier = earlier_runs(history, quick) if history is not None else []
+    except OSError as exc:
+        log(f"cannot read the bench history {history}: {exc}")
+        return 2
     results = asyncio.run(run(quick, gpu_layers))
     if history is not None:  # the core's speed is guarded against earlier runs, not a target
-        results["regression_guards"] = check(results, earlier_runs(history, quick))
-        record(results, history)
+        results["regression_guards"] = check(results, earlier)
+        try:
+            record(results, history)
+        except OSError as exc:  # the figures are printed all the same
+            log(f"cannot add this run to the bench history {history}: {exc}")
     print(json.dumps(results, sort_keys=True))
     return 0

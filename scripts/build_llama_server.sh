@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Build (once) and print the path of llama.cpp's `llama-server`, from the llama.cpp sources that
-# the sdist of the pinned llama-cpp-python vendors (vendor/llama.cpp, tools/server included).
+# the sdist of the pinned llama-cpp-python vendors (vendor/llama.cpp, tools/server included),
+# with the same patches as the bot's wheel (scripts/llama_sources.sh).
 #
 # Same CPU flags as scripts/build_llama_wheel.sh (no AMX: llama.cpp #20824), and the web UI is
 # not downloaded (LLAMA_USE_PREBUILT_UI=OFF): nothing but the package registry is reached.  The
-# binary lives in a project-owned cache keyed by the version and the exact build flags.
+# binary lives in a project-owned cache keyed by the version, the exact build flags and the
+# patches.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
 VERSION=${LLAMA_CPP_VERSION:-0.3.36}
-FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX2; AVX-512 if asked for; never AMX
+FLAGS=$("$(dirname "$0")/llama_cpu_flags.sh")  # AVX2; AVX-512 where the CPU has it; never AMX
+PATCHES=$("$(dirname "$0")/llama_sources.sh" --key)
 SERVER_FLAGS="-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release"
-KEY=$(printf '%s|%s|%s' "$VERSION" "$FLAGS" "$SERVER_FLAGS" | sha256sum | cut -c1-16)
+KEY=$(printf '%s|%s|%s|%s' "$VERSION" "$FLAGS" "$SERVER_FLAGS" "$PATCHES" | sha256sum | cut -c1-16)
 CACHE_ROOT=${LOCALBOT_SERVER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/localbot/llama-server}
 DEST="$CACHE_ROOT/llama-server-$VERSION-$KEY"
 
@@ -20,10 +23,7 @@ if [ ! -x "$DEST/llama-server" ]; then
   mkdir -p "$CACHE_ROOT"
   work=$(mktemp -d "$CACHE_ROOT.tmp.XXXXXX")
   trap 'rm -rf "$work"' EXIT
-  "$PY" -m pip download --no-deps --no-binary :all: --no-cache-dir -q \
-    "llama-cpp-python==$VERSION" -d "$work" >&2
-  tar -xzf "$work"/llama_cpp_python-"$VERSION".tar.gz -C "$work"
-  src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
+  src="$(PYTHON="$PY" "$(dirname "$0")/llama_sources.sh" "$VERSION" "$work")/vendor/llama.cpp"
   CMAKE=$(command -v cmake || true)
   if [ -z "$CMAKE" ]; then  # a fresh machine: CMake from the package registry
     "$PY" -m pip install -q "cmake>=3.21" >&2

@@ -3,13 +3,11 @@
 # build with AMX segfaults in ggml_backend_amx_mul_mat on the first multi-token decode (llama.cpp
 # #20824), which is why the build does not simply use -march=native.
 #
-# AVX-512 is opt-in (LOCALBOT_LLAMA_AVX512=1, where /proc/cpuinfo lists it): it makes the
-# attention over a long history much faster, but a token's logits then depend on how a step
-# groups the tokens (llama.cpp's AVX-512 tinyBLAS path for two or more tokens of a sequence
-# against its plain dot product for one), so a batched reply is no longer the reply the same
-# prompt gets alone.  Measured on the 2-core Xeon of CI, embedded model: 31 new tokens after
-# 6,132 cached took 412 ms with AVX2 and 302 ms with AVX-512; logits moved by up to 0.36 between
-# two groupings of the same tokens with AVX-512, and by 0 with AVX2 (README, Speed).
+# AVX-512 and its extensions are added where /proc/cpuinfo lists them (LOCALBOT_LLAMA_AVX512=0
+# leaves them out): the attention over a long history is much faster with them.  Measured on the
+# 2-core Xeon of CI, embedded model: 31 new tokens after 6,132 cached took 412 ms with AVX2 and
+# 302 ms with AVX-512 (README, Speed).  (With either build, stock llama.cpp's logits depend on
+# how a step groups a sequence's tokens; scripts/patches/llama.cpp/ fixes that.)
 #
 # Both build scripts use these flags, so the bot and the llama-server it is measured against
 # are built alike.  LLAMA_CMAKE_ARGS, when set, replaces them.  LOCALBOT_CPUINFO names another
@@ -21,7 +19,7 @@ if [ -n "${LLAMA_CMAKE_ARGS:-}" ]; then
   exit 0
 fi
 flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-if [ "${LOCALBOT_LLAMA_AVX512:-0}" = "1" ]; then
+if [ "${LOCALBOT_LLAMA_AVX512:-1}" != "0" ]; then
   have=" $(grep -m1 '^flags' "${LOCALBOT_CPUINFO:-/proc/cpuinfo}" 2>/dev/null | cut -d: -f2 || true) "
   has() { for f in "$@"; do [[ "$have" == *" $f "* ]] || return 1; done; }
   if has avx512f avx512cd avx512vl avx512dq avx512bw; then  # what GGML_AVX512 compiles for

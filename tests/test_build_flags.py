@@ -1,4 +1,4 @@
-"""The CPU flags llama.cpp is built with: AVX2, AVX-512 only if asked for, never AMX."""
+"""The CPU flags llama.cpp is built with: AVX2, AVX-512 where the CPU has it, never AMX."""
 
 from __future__ import annotations
 
@@ -34,34 +34,31 @@ def flags(tmp_path: Path, cpuinfo: str, **env: str) -> list[str]:
     return result.stdout.split()
 
 
-def test_avx512_is_opt_in(tmp_path: Path) -> None:
-    # Off by default: with it, a batched reply is not the reply the prompt gets alone.
+def test_an_avx512_cpu_gets_its_extensions_but_never_amx(tmp_path: Path) -> None:
     got = flags(tmp_path, f"processor\t: 0\nflags\t\t: {SAPPHIRE_RAPIDS}\n")
-    assert "-DGGML_AVX2=ON" in got and "-DGGML_NATIVE=OFF" in got
-    assert not [f for f in got if "AVX512" in f or "AMX" in f]
-
-
-def test_an_avx512_cpu_asking_for_it_gets_its_extensions_but_never_amx(tmp_path: Path) -> None:
-    cpuinfo = f"processor\t: 0\nflags\t\t: {SAPPHIRE_RAPIDS}\n"
-    got = flags(tmp_path, cpuinfo, LOCALBOT_LLAMA_AVX512="1")
     for name in ("AVX2", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AVX_VNNI"):
         assert f"-DGGML_{name}=ON" in got, name
     assert "-DGGML_NATIVE=OFF" in got  # -march=native would turn AMX on (llama.cpp #20824)
     assert not [f for f in got if "AMX" in f and f.endswith("=ON")]
 
 
+def test_avx512_can_be_left_out(tmp_path: Path) -> None:
+    cpuinfo = f"processor\t: 0\nflags\t\t: {SAPPHIRE_RAPIDS}\n"
+    got = flags(tmp_path, cpuinfo, LOCALBOT_LLAMA_AVX512="0")
+    assert "-DGGML_AVX2=ON" in got and "-DGGML_NATIVE=OFF" in got
+    assert not [f for f in got if "AVX512" in f or "AMX" in f]
+
+
 def test_a_cpu_without_all_of_avx512s_parts_gets_avx2_only(tmp_path: Path) -> None:
     partial = SAPPHIRE_RAPIDS.replace("avx512bw ", "")  # GGML_AVX512 compiles for BW too
-    got = flags(tmp_path, f"flags\t\t: {partial}\n", LOCALBOT_LLAMA_AVX512="1")
+    got = flags(tmp_path, f"flags\t\t: {partial}\n")
     assert "-DGGML_AVX2=ON" in got
     assert not [f for f in got if "AVX512" in f]
 
 
 def test_a_cpuinfo_without_flags_and_a_users_args(tmp_path: Path) -> None:
     # An ARM machine lists "Features": the base flags, and no failure.
-    assert "-DGGML_NATIVE=OFF" in flags(
-        tmp_path, "Features\t: fp asimd\n", LOCALBOT_LLAMA_AVX512="1"
-    )
+    assert "-DGGML_NATIVE=OFF" in flags(tmp_path, "Features\t: fp asimd\n")
     assert flags(tmp_path, "", LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON") == ["-DGGML_CUDA=ON"]
 
 
